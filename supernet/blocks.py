@@ -1,0 +1,163 @@
+"""Elastic blocks of the supernet: residual (regular convs) and MBConv, with optional channel and skip gates.
+
+Every block is called with its active kernel and width; gates come in as per-sample tensors (0/1 in eval,
+relaxed in training). Gating is applied after the hidden activation and, for skip gates, to the whole
+residual branch; :mod:`supernet.static_blocks` computes the same function while skipping the gated-off work.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search_spaces.schema import StageSpec
+from supernet.dynamic.gates import SkipGate
+from supernet.dynamic.heads import ACTIVATIONS
+from supernet.ops.elastic import ElasticBatchNorm2d, ElasticConv2d, static_conv
+from supernet.static_blocks import StaticBasicBlock, StaticBlock, StaticMBConvBlock
+
+
+def _mask(h: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+    return h if gate is None else h * gate[:, :, None, None]
+
+
+class ElasticBlock(nn.Module):
+    """What both block types share: geometry, the optional skip gate, and the gated residual sum."""
+
+    def __init__(self, spec: StageSpec, in_ch: int, stride: int, skip_gate: bool):
+        super().__init__()
+        self.spec, self.in_ch, self.out_ch, self.stride = spec, in_ch, spec.out_channels, stride
+        self.hidden_max = spec.hidden_channels(max(spec.widths), in_ch)
+        self.skip_gate = SkipGate(in_ch) if skip_gate else None
+
+    def hidden(self, width: int) -> int:
+        return self.spec.hidden_channels(width, self.in_ch)
+
+    def branch(self, x: torch.Tensor, kernel: int, width: int, gate: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def combine(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, kernel: int, width: int, gate: Optional[torch.Tensor] = None,
+                skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        branch = self.branch(x, kernel, width, gate)
+        if skip is not None:
+            branch = branch * skip[:, None, None, None]
+        return self.combine(x, branch)
+
+    def out_size(self, size: int) -> int:
+        return (size - 1) // self.stride + 1
+
+    def gate_unit_macs(self, size: int, kernel: int, width: int) -> tuple[float, float]:
+        """(MACs that one hidden filter costs, MACs of the whole residual branch) at input size ``size``."""
+        raise NotImplementedError
+
+    def importance_order(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int) -> StaticBlock:
+        raise NotImplementedError
+
+    def _static_skip_gate(self, gate: str) -> Optional[SkipGate]:
+        return copy.deepcopy(self.skip_gate) if gate == "skip" else None
+
+
+class ElasticBasicBlock(ElasticBlock):
+    """Residual block of two k x k regular convs; elastic kernel and hidden width."""
+
+    def __init__(self, spec: StageSpec, in_ch: int, stride: int, skip_gate: bool):
+        super().__init__(spec, in_ch, stride, skip_gate)
+        self.conv1 = ElasticConv2d(in_ch, self.hidden_max, spec.kernels, stride)
+        self.bn1 = ElasticBatchNorm2d(self.hidden_max)
+        self.conv2 = ElasticConv2d(self.hidden_max, self.out_ch, spec.kernels, 1)
+        self.bn2 = nn.BatchNorm2d(self.out_ch)
+        nn.init.zeros_(self.bn2.weight)  # zero-init residual: each block starts as identity
+        self.shortcut: nn.Module = nn.Sequential()
+        if stride != 1 or in_ch != self.out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, self.out_ch, 1, stride, bias=False), nn.BatchNorm2d(self.out_ch))
+
+    def branch(self, x: torch.Tensor, kernel: int, width: int, gate: Optional[torch.Tensor]) -> torch.Tensor:
+        h = _mask(F.relu(self.bn1(self.conv1(x, self.hidden(width), kernel))), gate)
+        return self.bn2(self.conv2(h, self.out_ch, kernel))
+
+    def combine(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.shortcut(x) + branch)
+
+    def gate_unit_macs(self, size: int, kernel: int, width: int) -> tuple[float, float]:
+        pixels = self.out_size(size) ** 2
+        unit = pixels * kernel * kernel * (self.in_ch + self.out_ch)
+        return float(unit), float(unit * self.hidden(width))
+
+    def importance_order(self) -> torch.Tensor:
+        # OFA's criterion: L1 norm of the weights that read each hidden channel.
+        return torch.argsort(self.conv2.weight.detach().abs().sum(dim=(0, 2, 3)), descending=True)
+
+    def permute_hidden(self, order: torch.Tensor) -> None:
+        self.conv1.permute_out(order)
+        self.bn1.permute(order)
+        self.conv2.permute_in(order)
+
+    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int) -> StaticBlock:
+        hidden = self.hidden(width)
+        with torch.no_grad():
+            conv1 = static_conv(self.conv1.kernel_weight(hidden, self.in_ch, kernel), self.stride, False)
+            conv2 = static_conv(self.conv2.kernel_weight(self.out_ch, hidden, kernel), 1, False)
+        return StaticBasicBlock(conv1, self.bn1.sliced(hidden), conv2, copy.deepcopy(self.bn2),
+                                copy.deepcopy(self.shortcut), gate, gate_start, gate_end, self._static_skip_gate(gate))
+
+
+class ElasticMBConvBlock(ElasticBlock):
+    """Inverted residual (MobileNetV2/V3) with elastic depthwise kernel and expand ratio."""
+
+    def __init__(self, spec: StageSpec, in_ch: int, stride: int, skip_gate: bool):
+        super().__init__(spec, in_ch, stride, skip_gate)
+        hid = self.hidden_max
+        self.expand = ElasticConv2d(in_ch, hid, (1,))
+        self.bn1 = ElasticBatchNorm2d(hid)
+        self.dw = ElasticConv2d(hid, hid, spec.kernels, stride, depthwise=True)
+        self.bn2 = ElasticBatchNorm2d(hid)
+        self.project = ElasticConv2d(hid, self.out_ch, (1,))
+        self.bn3 = nn.BatchNorm2d(self.out_ch)
+        self.act = ACTIVATIONS[spec.act]()
+        self.residual = stride == 1 and in_ch == self.out_ch
+        if self.residual:
+            nn.init.zeros_(self.bn3.weight)
+
+    def branch(self, x: torch.Tensor, kernel: int, width: int, gate: Optional[torch.Tensor]) -> torch.Tensor:
+        h = self.act(self.bn1(self.expand(x, self.hidden(width), 1)))
+        h = _mask(self.act(self.bn2(self.dw(h, 0, kernel))), gate)
+        return self.bn3(self.project(h, self.out_ch, 1))
+
+    def combine(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return branch + x if self.residual else branch
+
+    def gate_unit_macs(self, size: int, kernel: int, width: int) -> tuple[float, float]:
+        unit = size * size * self.in_ch + self.out_size(size) ** 2 * (kernel * kernel + self.out_ch)
+        return float(unit), float(unit * self.hidden(width))
+
+    def importance_order(self) -> torch.Tensor:
+        return torch.argsort(self.project.weight.detach().abs().sum(dim=(0, 2, 3)), descending=True)
+
+    def permute_hidden(self, order: torch.Tensor) -> None:
+        self.expand.permute_out(order)
+        self.bn1.permute(order)
+        self.dw.permute_out(order)
+        self.bn2.permute(order)
+        self.project.permute_in(order)
+
+    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int) -> StaticBlock:
+        hid = self.hidden(width)
+        with torch.no_grad():
+            expand = static_conv(self.expand.kernel_weight(hid, self.in_ch, 1), 1, False)
+            dw = static_conv(self.dw.kernel_weight(hid, hid, kernel), self.stride, True)
+            project = static_conv(self.project.kernel_weight(self.out_ch, hid, 1), 1, False)
+        return StaticMBConvBlock(expand, self.bn1.sliced(hid), dw, self.bn2.sliced(hid), project,
+                                 copy.deepcopy(self.bn3), copy.deepcopy(self.act), self.residual,
+                                 gate, gate_start, gate_end, self._static_skip_gate(gate))
+
+
+BLOCK_TYPES: dict[str, type[ElasticBlock]] = {"basic": ElasticBasicBlock, "mbconv": ElasticMBConvBlock}

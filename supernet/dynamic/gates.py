@@ -1,0 +1,66 @@
+"""Gating modules: GaterNet's global gater (per-filter gates) and a per-block skip gate."""
+from __future__ import annotations
+
+import copy
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GlobalGater(nn.Module):
+    """GaterNet's gater: a small CNN reads the input and emits one gate logit per filter of every gated block.
+
+    ``fc2`` has one row per gateable filter of the supernet (at maximum widths); a subnet uses the rows of its
+    channel-gated blocks only, and :meth:`extract` keeps just those rows.
+    """
+
+    def __init__(self, in_ch: int, channels: tuple[int, ...], hidden: int, num_gates: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c in channels:
+            layers += [nn.Conv2d(in_ch, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            in_ch = c
+        self.features = nn.Sequential(*layers)
+        self.fc1 = nn.Linear(in_ch, hidden)
+        self.fc2 = nn.Linear(hidden, num_gates)
+        nn.init.constant_(self.fc2.bias, 2.0)  # start with gates open: the backbone trains first
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)))
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Gate logits; ``rows`` selects which filters' gates to compute (all when None)."""
+        h = self.embed(x)
+        if rows is None:
+            return self.fc2(h)
+        return F.linear(h, self.fc2.weight[rows], self.fc2.bias[rows])
+
+    def extract(self, rows: torch.Tensor) -> "GlobalGater":
+        """A copy whose output holds only ``rows`` (in that order)."""
+        gater = copy.deepcopy(self)
+        gater.fc2 = nn.Linear(self.fc2.in_features, len(rows))
+        with torch.no_grad():
+            gater.fc2.weight.copy_(self.fc2.weight[rows])
+            gater.fc2.bias.copy_(self.fc2.bias[rows])
+        return gater
+
+    def permute_rows(self, start: int, order: torch.Tensor) -> None:
+        """Re-order the gates of one block (rows ``start ...``) together with its filters."""
+        idx = order + start
+        n = len(order)
+        self.fc2.weight.data[start : start + n] = self.fc2.weight.data[idx]
+        self.fc2.bias.data[start : start + n] = self.fc2.bias.data[idx]
+
+
+class SkipGate(nn.Module):
+    """SkipNet / ConvNet-AIG style gate: pooled block input -> MLP -> one logit; > 0 runs the branch."""
+
+    def __init__(self, in_ch: int, hidden: int = 16):
+        super().__init__()
+        self.fc1 = nn.Linear(in_ch, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+        nn.init.constant_(self.fc2.bias, 2.0)  # start open
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+        return self.fc2(h).squeeze(1)

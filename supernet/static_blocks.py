@@ -1,0 +1,138 @@
+"""Standalone blocks of an extracted subnet: plain modules, copied weights, and real skipping.
+
+Gated-off work is not computed: a channel gate narrows the convs to the filters that are on for at least
+one sample of the batch (at batch 1, exactly that sample's filters), and a skip gate runs the residual
+branch only on the samples whose gate is on. The code is TorchScript-friendly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from supernet.dynamic.gates import SkipGate
+
+
+def _active_filters(mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Filters on for at least one sample, and whether some of them are off for some sample.
+
+    With every filter off the branch still produces BN's constant output, so one filter is kept and
+    masked to zero: the result equals computing all filters and multiplying by the gates.
+    """
+    keep = mask.any(0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return torch.zeros(1, dtype=torch.long, device=mask.device), True
+    return keep, not bool(mask.index_select(1, keep).all())
+
+
+class StaticBlock(nn.Module):
+    """Shared gating logic of the extracted blocks; subclasses define ``branch`` and the output activation."""
+
+    def __init__(self, gate_kind: str, gate_start: int, gate_end: int, skip_gate: Optional[SkipGate]):
+        super().__init__()
+        self.gate_kind = gate_kind
+        self.gate_start = gate_start
+        self.gate_end = gate_end
+        self.skip_gate = skip_gate
+        self.eps = 1e-5  # BatchNorm2d's default, used by every hidden BN of the supernet
+
+    def run(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def bn_rows(x: torch.Tensor, mean: Optional[torch.Tensor], var: Optional[torch.Tensor], weight: torch.Tensor,
+                bias: torch.Tensor, eps: float, keep: torch.Tensor) -> torch.Tensor:
+        """Eval-mode BatchNorm over the ``keep`` channels only."""
+        assert mean is not None and var is not None
+        return F.batch_norm(x, mean[keep], var[keep], weight[keep], bias[keep], False, 0.0, eps)
+
+    def post(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decisions(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+        """Per-sample binary decisions of this block's gate (N x filters, N x 1, or N x 0)."""
+        if self.gate_kind == "channel":
+            return gate_logits[:, self.gate_start : self.gate_end] > 0
+        skip_gate = self.skip_gate
+        if skip_gate is not None:
+            return (skip_gate(x) > 0).unsqueeze(1)
+        return torch.zeros(x.shape[0], 0, dtype=torch.bool, device=x.device)
+
+    def forward(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+        if self.gate_kind == "channel":
+            return self.run(x, gate_logits[:, self.gate_start : self.gate_end] > 0)
+        skip_gate = self.skip_gate
+        if skip_gate is None:
+            return self.run(x, None)
+        on = skip_gate(x) > 0
+        if bool(on.all()):
+            return self.run(x, None)
+        if not bool(on.any()):
+            return self.post(x)
+        idx = on.nonzero().squeeze(1)
+        out = self.post(x).clone()
+        out.index_copy_(0, idx, self.run(x.index_select(0, idx), None))
+        return out
+
+
+class StaticBasicBlock(StaticBlock):
+    """Residual block: conv k x k -> BN -> ReLU -> conv k x k -> BN, plus shortcut, ReLU."""
+
+    def __init__(self, conv1: nn.Conv2d, bn1: nn.BatchNorm2d, conv2: nn.Conv2d, bn2: nn.BatchNorm2d,
+                 shortcut: nn.Module, gate_kind: str = "none", gate_start: int = 0, gate_end: int = 0,
+                 skip_gate: Optional[SkipGate] = None):
+        super().__init__(gate_kind, gate_start, gate_end, skip_gate)
+        self.conv1, self.bn1, self.conv2, self.bn2, self.shortcut = conv1, bn1, conv2, bn2, shortcut
+        # Plain ints: TorchScript does not expose a submodule's constants to its parent.
+        self.stride, self.padding = conv1.stride[0], conv1.padding[0]
+
+    def post(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x)
+
+    def run(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if mask is None:
+            h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        else:
+            keep, partial = _active_filters(mask)
+            b1 = self.bn1
+            h = F.conv2d(x, self.conv1.weight.index_select(0, keep), None, self.stride, self.padding)
+            h = F.relu(self.bn_rows(h, b1.running_mean, b1.running_var, b1.weight, b1.bias, self.eps, keep))
+            if partial:
+                h = h * mask.index_select(1, keep).to(h.dtype)[:, :, None, None]
+            h = self.bn2(F.conv2d(h, self.conv2.weight.index_select(1, keep), None, 1, self.padding))
+        return F.relu(self.shortcut(x) + h)
+
+
+class StaticMBConvBlock(StaticBlock):
+    """Inverted residual: 1x1 expand -> BN -> act -> depthwise k x k -> BN -> act -> 1x1 project -> BN."""
+
+    def __init__(self, expand: nn.Conv2d, bn1: nn.BatchNorm2d, dw: nn.Conv2d, bn2: nn.BatchNorm2d,
+                 project: nn.Conv2d, bn3: nn.BatchNorm2d, act: nn.Module, residual: bool,
+                 gate_kind: str = "none", gate_start: int = 0, gate_end: int = 0,
+                 skip_gate: Optional[SkipGate] = None):
+        super().__init__(gate_kind, gate_start, gate_end, skip_gate)
+        self.expand, self.bn1, self.dw, self.bn2 = expand, bn1, dw, bn2
+        self.project, self.bn3, self.act, self.residual = project, bn3, act, residual
+        self.stride, self.padding = dw.stride[0], dw.padding[0]
+
+    def post(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def run(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if mask is None:
+            h = self.act(self.bn2(self.dw(self.act(self.bn1(self.expand(x))))))
+            h = self.bn3(self.project(h))
+        else:
+            keep, partial = _active_filters(mask)
+            b1, b2 = self.bn1, self.bn2
+            h = F.conv2d(x, self.expand.weight.index_select(0, keep))
+            h = self.act(self.bn_rows(h, b1.running_mean, b1.running_var, b1.weight, b1.bias, self.eps, keep))
+            w = self.dw.weight.index_select(0, keep)
+            h = F.conv2d(h, w, None, self.stride, self.padding, 1, keep.numel())
+            h = self.act(self.bn_rows(h, b2.running_mean, b2.running_var, b2.weight, b2.bias, self.eps, keep))
+            if partial:
+                h = h * mask.index_select(1, keep).to(h.dtype)[:, :, None, None]
+            h = self.bn3(F.conv2d(h, self.project.weight.index_select(1, keep)))
+        return h + x if self.residual else h

@@ -1,0 +1,116 @@
+"""`SubNet`: a standalone dynamic subnet extracted from the supernet (plain modules, no supernet inside).
+
+Inference really skips: samples that pass an exit's threshold are emitted and only the rest continue
+(batch compaction — at batch 1 the rest of the network does not run), and gated blocks skip gated-off work
+(:mod:`supernet.static_blocks`). Batch order is preserved. TorchScript-friendly, so control flow survives
+``torch.jit.script``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from supernet.dynamic.gates import GlobalGater
+from supernet.dynamic.heads import ExitHead, confidence
+from supernet.static_blocks import StaticBlock
+
+
+def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Bilinear resize to the subnet's input resolution (no-op when it already matches)."""
+    if x.shape[-1] == resolution and x.shape[-2] == resolution:
+        return x
+    return F.interpolate(x, size=[resolution, resolution], mode="bilinear", align_corners=False)
+
+
+class Segment(nn.Module):
+    """Blocks up to an exit, and that exit's head (the final classifier for the last segment)."""
+
+    def __init__(self, blocks: List[StaticBlock], head: ExitHead, threshold: float, final: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.threshold = threshold
+        self.final = final
+
+    def body(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            h = blk(h, gates)
+        return h
+
+
+class SubNet(nn.Module):
+    """A standalone dynamic subnet. ``forward`` gives each sample's logits from the exit it leaves at."""
+
+    def __init__(self, resolution: int, stem: nn.Module, gater: Optional[GlobalGater], segments: List[Segment],
+                 criterion: str, num_classes: int):
+        super().__init__()
+        self.resolution = resolution
+        self.stem = stem
+        self.gater = gater
+        self.segments = nn.ModuleList(segments)
+        self.criterion = criterion
+        self.num_classes = num_classes
+
+    def _prepare(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = resize(x, self.resolution)
+        gater = self.gater
+        if gater is not None:
+            return x, gater(x)
+        return x, torch.zeros(x.shape[0], 0, dtype=x.dtype, device=x.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_exits(x)[0]
+
+    @torch.jit.export
+    def forward_with_exits(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits, index of the exit each sample left at; the final classifier is the last index)."""
+        x, gates = self._prepare(x)
+        n = x.shape[0]
+        out = torch.zeros(n, self.num_classes, dtype=x.dtype, device=x.device)
+        exit_index = torch.full([n], -1, dtype=torch.long, device=x.device)
+        idx = torch.arange(n, device=x.device)
+        h = self.stem(x)
+        alive = True  # TorchScript unrolls loops over modules and allows no `break` in them
+        for i, seg in enumerate(self.segments):
+            if alive:
+                h = seg.body(h, gates)
+                logits = seg.head(h)
+                if seg.final:
+                    out.index_copy_(0, idx, logits)
+                    exit_index.index_fill_(0, idx, i)
+                else:
+                    done = confidence(logits, self.criterion) >= seg.threshold
+                    if bool(done.any()):
+                        leave = done.nonzero().squeeze(1)
+                        out.index_copy_(0, idx.index_select(0, leave), logits.index_select(0, leave))
+                        exit_index.index_fill_(0, idx.index_select(0, leave), i)
+                        stay = (~done).nonzero().squeeze(1)
+                        alive = stay.numel() > 0
+                        idx, h, gates = idx.index_select(0, stay), h.index_select(0, stay), gates.index_select(0, stay)
+        return out, exit_index
+
+    @torch.jit.export
+    def forward_all(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Logits of every exit in order, then the final classifier; no sample stops early."""
+        x, gates = self._prepare(x)
+        h = self.stem(x)
+        outs: List[torch.Tensor] = []
+        for seg in self.segments:
+            h = seg.body(h, gates)
+            outs.append(seg.head(h))
+        return outs
+
+    @torch.jit.export
+    def gate_decisions(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample binary decisions of every gate along the full path (N x total gates), in block order."""
+        x, gates = self._prepare(x)
+        h = self.stem(x)
+        parts: List[torch.Tensor] = []
+        for seg in self.segments:
+            for blk in seg.blocks:
+                parts.append(blk.decisions(h, gates))
+                h = blk(h, gates)
+        return torch.cat(parts, dim=1)
