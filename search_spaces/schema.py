@@ -215,7 +215,7 @@ def parse_space(data: Mapping[str, Any], source: str = "<space>", cls: type = Sp
     problems: list[str] = []
     _unknown_keys(problems, "space", data, SpaceSpec)
     raw_stages = data.get("stages")
-    if not isinstance(raw_stages, list) or not raw_stages:
+    if not isinstance(raw_stages, (list, tuple)) or not raw_stages:
         problems.append("stages: expected a non-empty list of stages")
         raw_stages = []
     stages = tuple(s for i, r in enumerate(raw_stages) if (s := _parse_stage(problems, i, r)) is not None)

@@ -1,0 +1,59 @@
+"""Atomic file writes and safe checkpoint loading, shared by training, search and export."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from nas4dyn.errors import CheckpointError
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], binary: bool = True) -> None:
+    """Write ``path`` through ``write(fileobj)`` into a temp file in the same folder, fsync, then rename:
+    readers see the old file or the whole new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load(..., weights_only=True)``; a missing, truncated or corrupt file raises CheckpointError.
+
+    Raises:
+        CheckpointError: naming the file and what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged files
+        raise CheckpointError(
+            f"{path}: cannot load checkpoint ({type(exc).__name__}); the file is truncated or corrupt — "
+            "delete it and rerun"
+        ) from None
