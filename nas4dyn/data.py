@@ -1,0 +1,241 @@
+"""Datasets: Fashion-MNIST (IDX files), any ImageFolder directory, and a synthetic set for tests.
+
+Every source gives the same :class:`DataBundle`: ``train`` (augmented), ``train_eval`` (the same images
+without augmentation, for BN recalibration), ``val`` (carved from the training set by a fixed seed: search and
+threshold calibration use it), ``test`` (final reports only), and :class:`DataInfo` — channels, resolution and
+class count come from the data, never from constants. Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import gzip
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from nas4dyn.errors import DataError
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about its data (stored with every supernet and export)."""
+
+    dataset: str
+    channels: int
+    num_classes: int
+    resolution: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    train_eval: Dataset
+    val: Dataset
+    test: Dataset
+    info: DataInfo
+
+
+class TensorImageDataset(Dataset):
+    """In-memory uint8 images (N x C x H x W) with labels; ``transform`` maps a uint8 image to a float tensor."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+# ---- readers ------------------------------------------------------------------------------------------------
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally .gz) into a numpy array (the format of MNIST-like datasets)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated IDX file ({body.size} bytes for shape {dims})")
+    return body.reshape(dims)
+
+
+def _find_idx(root: Path, stem: str) -> Optional[Path]:
+    for folder in (root, root / "FashionMNIST" / "raw", root / "raw"):
+        for name in (stem + ".gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def load_fashion_mnist(data_root: Optional[str] = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"train": (images N x 1 x 28 x 28 uint8, labels), "test": (...)} from IDX files.
+
+    Raises:
+        DataError: no files found — the message says how to install them.
+    """
+    roots = [Path(data_root)] if data_root else [Path(d) for d in FASHION_MNIST_DIRS]
+    for root in roots:
+        found = {split: [_find_idx(root, stem) for stem in stems] for split, stems in _IDX_FILES.items()}
+        if all(p is not None for paths in found.values() for p in paths):
+            out = {}
+            for split, (img_path, lbl_path) in found.items():
+                images = torch.from_numpy(read_idx(img_path).copy()).unsqueeze(1)
+                labels = torch.from_numpy(read_idx(lbl_path).astype(np.int64))
+                if len(images) != len(labels):
+                    raise DataError(f"{img_path}: {len(images)} images but {len(labels)} labels")
+                out[split] = (images, labels)
+            return out
+    where = data_root or ", ".join(FASHION_MNIST_DIRS)
+    raise DataError(
+        f"Fashion-MNIST IDX files not found in {where}: run `apt-get install dataset-fashion-mnist` "
+        "or pass --data-root DIR holding train-images-idx3-ubyte[.gz] and friends"
+    )
+
+
+def make_synthetic(n_train: int = 600, n_test: int = 200, num_classes: int = 10, channels: int = 1,
+                   resolution: int = 16, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A small deterministic dataset: each class is a fixed random smooth pattern plus noise (learnable)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, channels, 4, 4, generator=g)
+    templates = torch.nn.functional.interpolate(coarse, size=resolution, mode="bilinear", align_corners=False)
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = torch.arange(n) % num_classes
+        labels = labels[torch.randperm(n, generator=g)]
+        noise = 0.25 * torch.randn(n, channels, resolution, resolution, generator=g)
+        out[split] = (((templates[labels] + noise).clamp(0, 1) * 255).to(torch.uint8), labels)
+    return out
+
+
+# ---- transforms and splits ----------------------------------------------------------------------------------
+def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images[:10000].float().div(255)
+    return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+
+
+def eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def train_transform(resolution: int, mean: Sequence[float], std: Sequence[float], flip: bool = True) -> v2.Compose:
+    steps = [v2.RandomCrop(resolution, padding=max(1, resolution // 14))]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + [eval_transform(mean, std)])
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices: a fixed-seed permutation, disjoint and covering ``range(n)``."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(round(n * val_fraction)))
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def _bundle_from_tensors(name: str, splits: dict, classes: Sequence[str], val_fraction: float, seed: int,
+                         augment: bool) -> DataBundle:
+    images, labels = splits["train"]
+    mean, std = _stats(images)
+    res = images.shape[-1]
+    evaluate = eval_transform(mean, std)
+    train_tf = train_transform(res, mean, std) if augment else evaluate
+    train_idx, val_idx = split_indices(len(labels), val_fraction, seed)
+    info = DataInfo(name, images.shape[1], len(classes), res, mean, std, tuple(classes))
+    return DataBundle(
+        train=Subset(TensorImageDataset(images, labels, train_tf), train_idx),
+        train_eval=Subset(TensorImageDataset(images, labels, evaluate), train_idx),
+        val=Subset(TensorImageDataset(images, labels, evaluate), val_idx),
+        test=TensorImageDataset(*splits["test"], evaluate),
+        info=info,
+    )
+
+
+def _image_folder(root: Path, val_fraction: float, seed: int, augment: bool) -> DataBundle:
+    """ImageFolder layout: ``train/`` (+ ``val/`` or ``test/`` as the held-out split), or one folder of class
+    folders that is split by seed into train and held-out test."""
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    held_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    try:
+        probe = datasets.ImageFolder(str(train_dir))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"{root}: not an ImageFolder dataset ({exc}); expected class sub-folders of images") from None
+    first = probe.loader(probe.samples[0][0])
+    channels = 1 if first.mode in ("L", "1", "I;16") else 3
+    res = min(first.size)
+    to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize(res, antialias=True), v2.CenterCrop(res)])
+    mode = "L" if channels == 1 else "RGB"
+
+    def load(folder: str) -> datasets.ImageFolder:
+        return datasets.ImageFolder(folder, transform=to_tensor,
+                                    loader=lambda p: datasets.folder.default_loader(p).convert(mode))
+
+    def materialise(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [ds[i] for i in range(len(ds))]
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+    full = load(str(train_dir))
+    if held_dir is None:
+        train_idx, test_idx = split_indices(len(full), 0.2, seed + 1)
+        train = materialise(Subset(full, train_idx))
+        test = materialise(Subset(full, test_idx))
+    else:
+        train, test = materialise(full), materialise(load(str(held_dir)))
+    return _bundle_from_tensors(str(root), {"train": train, "test": test}, full.classes, val_fraction, seed, augment)
+
+
+def load_data(source: str, data_root: Optional[str] = None, val_fraction: float = 0.1, seed: int = 0,
+              augment: bool = True, synthetic: Optional[dict[str, int]] = None) -> DataBundle:
+    """Load ``fashion-mnist``, ``synthetic`` (options in ``synthetic``), or an ImageFolder directory.
+
+    Raises:
+        DataError: unknown source or missing files, with how to fix it.
+    """
+    if source == "fashion-mnist":
+        splits = load_fashion_mnist(data_root)
+        return _bundle_from_tensors(source, splits, FASHION_MNIST_CLASSES, val_fraction, seed, augment)
+    if source == "synthetic":
+        opts = dict(synthetic or {})
+        splits = make_synthetic(**opts)
+        classes = [f"class{i}" for i in range(opts.get("num_classes", 10))]
+        return _bundle_from_tensors(source, splits, classes, val_fraction, seed, augment)
+    path = Path(source)
+    if path.is_dir():
+        return _image_folder(path, val_fraction, seed, augment)
+    raise DataError(f"unknown data source {source!r}: use fashion-mnist, synthetic, or an ImageFolder directory")
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                limit: Optional[int] = None) -> DataLoader:
+    """A single-process DataLoader (both cores go to compute); ``limit`` keeps a fixed-seed random subset."""
+    if limit is not None and limit < len(dataset):
+        idx = random.Random(seed).sample(range(len(dataset)), limit)
+        dataset = Subset(dataset, sorted(idx))
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator)

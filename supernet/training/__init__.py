@@ -1,0 +1,1 @@
+"""Supernet training: schedule, sandwich steps, distillation, budget loss, BN recalibration, checkpoints."""
