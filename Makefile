@@ -31,7 +31,7 @@ data:
 demo: install data
 	$(BIN)/python scripts/demo.py --out $(DEMO_DIR)
 
-test: install
+test: install data
 	$(BIN)/python -m pytest -q tests
 
 clean:

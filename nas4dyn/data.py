@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -186,9 +187,9 @@ def _image_folder(root: Path, val_fraction: float, seed: int, augment: bool) -> 
         probe = datasets.ImageFolder(str(train_dir))
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"{root}: not an ImageFolder dataset ({exc}); expected class sub-folders of images") from None
-    first = probe.loader(probe.samples[0][0])
-    channels = 1 if first.mode in ("L", "1", "I;16") else 3
-    res = min(first.size)
+    with Image.open(probe.samples[0][0]) as first:  # the raw file: ImageFolder's loader converts to RGB
+        channels = 1 if first.mode in ("L", "1", "I", "I;16") else 3
+        res = min(first.size)
     to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize(res, antialias=True), v2.CenterCrop(res)])
     mode = "L" if channels == 1 else "RGB"
 

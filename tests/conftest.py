@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny spaces and supernets whose gates and exits take varied decisions."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import nas4dyn
+from supernet.dynamic.gates import SkipGate
+
+torch.set_num_threads(2)
+
+
+def make_decisive(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Perturb an untrained supernet so that gates open and close and exits fire: random BN statistics,
+    gate biases around zero, and sharper exit heads. Returns the net in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(0.4 * torch.rand(m.num_features, generator=g) - 0.2)
+            if isinstance(m, SkipGate):
+                m.fc2.bias.uniform_(-0.5, 0.5, generator=g)
+        if getattr(net, "gater", None) is not None:
+            net.gater.fc2.bias.uniform_(-0.5, 0.5, generator=g)
+        for head in list(getattr(net, "exit_heads", {}).values()):
+            head.fc.weight.mul_(8.0)
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_space():
+    return nas4dyn.load_space("tiny")
+
+
+@pytest.fixture()
+def tiny_net(tiny_space):
+    torch.manual_seed(0)
+    return make_decisive(nas4dyn.build_supernet(tiny_space))
+
+
+@pytest.fixture()
+def rng():
+    return random.Random(0)
