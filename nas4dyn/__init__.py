@@ -18,6 +18,8 @@ _PUBLIC = {
     "SubNet": "supernet.subnet",
     "build_supernet": "nas4dyn.api",
     "load_supernet": "nas4dyn.api",
+    "export_subnet": "nas4dyn.export",
+    "load_exported": "nas4dyn.export",
     "Nas4dynError": "nas4dyn.errors",
     "InvalidArchError": "nas4dyn.errors",
     "SpaceError": "nas4dyn.errors",

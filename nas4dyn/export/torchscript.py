@@ -1,0 +1,58 @@
+"""TorchScript export: ``model.ts`` keeps the data-dependent control flow (exits, gates) and needs only torch.
+
+``torch.jit.script`` is deprecated in recent torch releases (it warns so) but still works; a scripted module is
+still the one format that carries Python control flow and loads with nothing but ``torch``.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from nas4dyn.errors import CheckpointError
+from nas4dyn.io import atomic_write
+from nas4dyn.export.runtime import ExportedModel
+
+MODEL_FILE = "model.ts"
+
+
+@contextlib.contextmanager
+def _quiet_deprecation() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*TorchScript.* deprecated", category=DeprecationWarning)
+        yield
+
+
+def script_model(model: ExportedModel) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` of the exported model (eval mode), without the deprecation warning noise."""
+    with _quiet_deprecation():
+        return torch.jit.script(model.eval())
+
+
+def save_torchscript(model: ExportedModel | torch.jit.ScriptModule, path: str | Path) -> torch.jit.ScriptModule:
+    """Script ``model`` (unless it already is) and write it atomically to ``path``; returns the scripted module."""
+    scripted = model if isinstance(model, torch.jit.ScriptModule) else script_model(model)
+    atomic_write(path, lambda f: torch.jit.save(scripted, f))
+    return scripted
+
+
+def load_exported(path: str | Path) -> torch.jit.ScriptModule:
+    """The exported model of an export directory (its ``model.ts``), or of a ``.ts`` file, in eval mode.
+
+    Raises:
+        CheckpointError: no ``model.ts`` there, or the file cannot be loaded.
+    """
+    path = Path(path)
+    file = path / MODEL_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no {MODEL_FILE} here; create one with `nas4dyn export --out {path}`")
+    try:
+        with _quiet_deprecation():
+            return torch.jit.load(str(file), map_location="cpu").eval()
+    except Exception as exc:  # torch raises RuntimeError and others for damaged archives
+        raise CheckpointError(f"{file}: cannot load TorchScript model ({type(exc).__name__}); the file is "
+                              "truncated or corrupt — export again") from None
