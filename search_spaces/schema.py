@@ -13,7 +13,8 @@ from typing import Any, Mapping
 from nas4dyn.errors import SpaceError
 
 BLOCK_TYPES = ("basic", "mbconv")
-GATE_KINDS = ("none", "channel", "skip")
+GATE_KINDS = ("none", "channel", "skip", "emg")
+EMG_MIN_KERNEL = 5  # the small kernel is the (k-2) x (k-2) centre, so k >= 5
 EXIT_CRITERIA = ("max_softmax", "entropy")
 BINARIZERS = ("semhash", "gumbel")
 ACTIVATIONS = ("relu", "hswish")
@@ -94,10 +95,16 @@ class SpaceSpec:
             return True
         return st.stride == 1 and self.stage_in_channels(stage) == st.out_channels
 
-    def allowed_gates(self, stage: int, block: int) -> tuple[str, ...]:
-        kinds = self.stages[stage].gates
+    def allowed_gates(self, stage: int, block: int, kernel: int | None = None) -> tuple[str, ...]:
+        """Gate kinds allowed on a block: skip gates need an identity shortcut; EMG gates need a basic block
+        and a kernel of at least 5 (with ``kernel`` None: some kernel choice of the stage)."""
+        st = self.stages[stage]
+        kinds = st.gates
         if not self.has_identity_shortcut(stage, block):
             kinds = tuple(k for k in kinds if k != "skip")
+        largest = max(st.kernels) if kernel is None else kernel
+        if st.block != "basic" or largest < EMG_MIN_KERNEL:
+            kinds = tuple(k for k in kinds if k != "emg")
         return kinds if "none" in kinds else ("none",) + kinds
 
     @property

@@ -28,7 +28,8 @@ class SearchSpace(SpaceSpec):
         widths = tuple(tuple(rng.choice(st.widths) for _ in range(d)) for st, d in zip(self.stages, depths))
         if dynamic:
             gates = tuple(
-                tuple(rng.choice(self.allowed_gates(s, b)) for b in range(d)) for s, d in enumerate(depths)
+                tuple(rng.choice(self.allowed_gates(s, b, kernels[s][b])) for b in range(d))
+                for s, d in enumerate(depths)
             )
             exits = tuple(
                 ExitChoice(s, b, rng.choice(self.exits.thresholds))
@@ -81,9 +82,11 @@ class SearchSpace(SpaceSpec):
                 problems.append(f"arch.kernels ({where}): {blk.kernel} is not one of {list(st.kernels)}")
             if blk.width not in st.widths:
                 problems.append(f"arch.widths ({where}): {blk.width} is not one of {list(st.widths)}")
-            allowed = self.allowed_gates(blk.stage, blk.block)
+            allowed = self.allowed_gates(blk.stage, blk.block, blk.kernel)
             if blk.gate not in allowed:
-                problems.append(f"arch.gates ({where}): {blk.gate!r} is not one of {list(allowed)}")
+                problems.append(
+                    f"arch.gates ({where}, kernel {blk.kernel}): {blk.gate!r} is not one of {list(allowed)}"
+                )
         for e in arch.exits:
             if (e.stage, e.block) not in self.exits.positions:
                 allowed_pos = [list(p) for p in self.exits.positions]
@@ -141,8 +144,8 @@ class SearchSpace(SpaceSpec):
             for d in st.depths:
                 ways = 1
                 for b in range(d):
-                    gates = len(self.allowed_gates(s, b)) if dynamic else 1
-                    ways *= len(st.kernels) * len(st.widths) * gates
+                    per_kernel = [len(self.allowed_gates(s, b, k)) if dynamic else 1 for k in st.kernels]
+                    ways *= sum(per_kernel) * len(st.widths)
                 per_depth += ways
             total *= per_depth
         if dynamic:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search_spaces.schema import StageSpec
+from supernet.dynamic.emg import EMGGate
 from supernet.dynamic.gates import SkipGate
 from supernet.dynamic.heads import ACTIVATIONS
 from supernet.ops.elastic import ElasticBatchNorm2d, ElasticConv2d, static_conv
@@ -27,24 +28,29 @@ def _mask(h: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
 class ElasticBlock(nn.Module):
     """What both block types share: geometry, the optional skip gate, and the gated residual sum."""
 
-    def __init__(self, spec: StageSpec, in_ch: int, stride: int, skip_gate: bool):
+    def __init__(self, spec: StageSpec, in_ch: int, stride: int, gates: tuple[str, ...]):
         super().__init__()
         self.spec, self.in_ch, self.out_ch, self.stride = spec, in_ch, spec.out_channels, stride
         self.hidden_max = spec.hidden_channels(max(spec.widths), in_ch)
-        self.skip_gate = SkipGate(in_ch) if skip_gate else None
+        self.skip_gate = SkipGate(in_ch) if "skip" in gates else None
+        self.emg_gate = EMGGate(self.hidden_max) if "emg" in gates else None
+        self.emg_values: Optional[torch.Tensor] = None  # the EMG gates of the last forward (N x hidden)
 
     def hidden(self, width: int) -> int:
         return self.spec.hidden_channels(width, self.in_ch)
 
-    def branch(self, x: torch.Tensor, kernel: int, width: int, gate: Optional[torch.Tensor]) -> torch.Tensor:
+    def branch(self, x: torch.Tensor, kernel: int, width: int, gate: Optional[torch.Tensor],
+               emg: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
     def combine(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, kernel: int, width: int, gate: Optional[torch.Tensor] = None,
-                skip: Optional[torch.Tensor] = None) -> torch.Tensor:
-        branch = self.branch(x, kernel, width, gate)
+                skip: Optional[torch.Tensor] = None, emg: bool = False) -> torch.Tensor:
+        """``gate``: per-sample filter gates (N x hidden); ``skip``: per-sample branch gates (N); ``emg``: let
+        the block's EMG gate pick each filter's kernel size (its gates land in ``emg_values``)."""
+        branch = self.branch(x, kernel, width, gate, emg)
         if skip is not None:
             branch = branch * skip[:, None, None, None]
         return self.combine(x, branch)
@@ -52,8 +58,18 @@ class ElasticBlock(nn.Module):
     def out_size(self, size: int) -> int:
         return (size - 1) // self.stride + 1
 
-    def gate_unit_macs(self, size: int, kernel: int, width: int) -> tuple[float, float]:
-        """(MACs that one hidden filter costs, MACs of the whole residual branch) at input size ``size``."""
+    def gate_unit_macs(self, size: int, kernel: int, width: int, kind: str) -> float:
+        """MACs that one unit of a ``kind`` gate switches at input size ``size``: a hidden filter (channel),
+        the whole residual branch (skip), or one filter's large-kernel conv (emg)."""
+        per_filter = self.filter_macs(size, kernel)
+        if kind == "skip":
+            return per_filter * self.hidden(width)
+        if kind == "emg":
+            return float(self.out_size(size) ** 2 * kernel * kernel * self.in_ch)
+        return per_filter
+
+    def filter_macs(self, size: int, kernel: int) -> float:
+        """MACs of the branch that belong to one hidden filter."""
         raise NotImplementedError
 
     def importance_order(self) -> torch.Tensor:
@@ -69,8 +85,8 @@ class ElasticBlock(nn.Module):
 class ElasticBasicBlock(ElasticBlock):
     """Residual block of two k x k regular convs; elastic kernel and hidden width."""
 
-    def __init__(self, spec: StageSpec, in_ch: int, stride: int, skip_gate: bool):
-        super().__init__(spec, in_ch, stride, skip_gate)
+    def __init__(self, spec: StageSpec, in_ch: int, stride: int, gates: tuple[str, ...]):
+        super().__init__(spec, in_ch, stride, gates)
         self.conv1 = ElasticConv2d(in_ch, self.hidden_max, spec.kernels, stride)
         self.bn1 = ElasticBatchNorm2d(self.hidden_max)
         self.conv2 = ElasticConv2d(self.hidden_max, self.out_ch, spec.kernels, 1)
@@ -80,17 +96,22 @@ class ElasticBasicBlock(ElasticBlock):
         if stride != 1 or in_ch != self.out_ch:
             self.shortcut = nn.Sequential(nn.Conv2d(in_ch, self.out_ch, 1, stride, bias=False), nn.BatchNorm2d(self.out_ch))
 
-    def branch(self, x: torch.Tensor, kernel: int, width: int, gate: Optional[torch.Tensor]) -> torch.Tensor:
-        h = _mask(F.relu(self.bn1(self.conv1(x, self.hidden(width), kernel))), gate)
+    def branch(self, x: torch.Tensor, kernel: int, width: int, gate: Optional[torch.Tensor],
+               emg: bool = False) -> torch.Tensor:
+        hidden = self.hidden(width)
+        if emg and self.emg_gate is not None:
+            weight = self.conv1.kernel_weight(hidden, self.in_ch, kernel)
+            h, self.emg_values = self.emg_gate(x, weight, self.stride)
+        else:
+            h = self.conv1(x, hidden, kernel)
+        h = _mask(F.relu(self.bn1(h)), gate)
         return self.bn2(self.conv2(h, self.out_ch, kernel))
 
     def combine(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         return F.relu(self.shortcut(x) + branch)
 
-    def gate_unit_macs(self, size: int, kernel: int, width: int) -> tuple[float, float]:
-        pixels = self.out_size(size) ** 2
-        unit = pixels * kernel * kernel * (self.in_ch + self.out_ch)
-        return float(unit), float(unit * self.hidden(width))
+    def filter_macs(self, size: int, kernel: int) -> float:
+        return float(self.out_size(size) ** 2 * kernel * kernel * (self.in_ch + self.out_ch))
 
     def importance_order(self) -> torch.Tensor:
         # OFA's criterion: L1 norm of the weights that read each hidden channel.
@@ -106,15 +127,17 @@ class ElasticBasicBlock(ElasticBlock):
         with torch.no_grad():
             conv1 = static_conv(self.conv1.kernel_weight(hidden, self.in_ch, kernel), self.stride, False)
             conv2 = static_conv(self.conv2.kernel_weight(self.out_ch, hidden, kernel), 1, False)
+        emg = self.emg_gate.threshold[:hidden] if gate == "emg" and self.emg_gate is not None else None
         return StaticBasicBlock(conv1, self.bn1.sliced(hidden), conv2, copy.deepcopy(self.bn2),
-                                copy.deepcopy(self.shortcut), gate, gate_start, gate_end, self._static_skip_gate(gate))
+                                copy.deepcopy(self.shortcut), gate, gate_start, gate_end, self._static_skip_gate(gate),
+                                emg)
 
 
 class ElasticMBConvBlock(ElasticBlock):
     """Inverted residual (MobileNetV2/V3) with elastic depthwise kernel and expand ratio."""
 
-    def __init__(self, spec: StageSpec, in_ch: int, stride: int, skip_gate: bool):
-        super().__init__(spec, in_ch, stride, skip_gate)
+    def __init__(self, spec: StageSpec, in_ch: int, stride: int, gates: tuple[str, ...]):
+        super().__init__(spec, in_ch, stride, gates)
         hid = self.hidden_max
         self.expand = ElasticConv2d(in_ch, hid, (1,))
         self.bn1 = ElasticBatchNorm2d(hid)
@@ -127,7 +150,8 @@ class ElasticMBConvBlock(ElasticBlock):
         if self.residual:
             nn.init.zeros_(self.bn3.weight)
 
-    def branch(self, x: torch.Tensor, kernel: int, width: int, gate: Optional[torch.Tensor]) -> torch.Tensor:
+    def branch(self, x: torch.Tensor, kernel: int, width: int, gate: Optional[torch.Tensor],
+               emg: bool = False) -> torch.Tensor:
         h = self.act(self.bn1(self.expand(x, self.hidden(width), 1)))
         h = _mask(self.act(self.bn2(self.dw(h, 0, kernel))), gate)
         return self.bn3(self.project(h, self.out_ch, 1))
@@ -135,9 +159,8 @@ class ElasticMBConvBlock(ElasticBlock):
     def combine(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         return branch + x if self.residual else branch
 
-    def gate_unit_macs(self, size: int, kernel: int, width: int) -> tuple[float, float]:
-        unit = size * size * self.in_ch + self.out_size(size) ** 2 * (kernel * kernel + self.out_ch)
-        return float(unit), float(unit * self.hidden(width))
+    def filter_macs(self, size: int, kernel: int) -> float:
+        return float(size * size * self.in_ch + self.out_size(size) ** 2 * (kernel * kernel + self.out_ch))
 
     def importance_order(self) -> torch.Tensor:
         return torch.argsort(self.project.weight.detach().abs().sum(dim=(0, 2, 3)), descending=True)

@@ -58,9 +58,7 @@ class Supernet(nn.Module):
         self.stages = nn.ModuleList()
         for s, st in enumerate(space.stages):
             blocks = [
-                BLOCK_TYPES[st.block](
-                    st, space.block_in_channels(s, b), st.stride if b == 0 else 1, "skip" in space.allowed_gates(s, b)
-                )
+                BLOCK_TYPES[st.block](st, space.block_in_channels(s, b), st.stride if b == 0 else 1, space.allowed_gates(s, b))
                 for b in range(st.max_depth)
             ]
             self.stages.append(nn.ModuleList(blocks))
@@ -135,16 +133,17 @@ class Supernet(nn.Module):
         for blk in arch.blocks():
             module = self.block(blk.stage, blk.block)
             gate = skip = None
+            if blk.gate == "channel":
+                start, end = columns[(blk.stage, blk.block)]
+                gate = binarize(gate_logits[:, start:end], binarizer, not hard)
+            elif blk.gate == "skip":
+                skip = binarize(module.skip_gate(h), binarizer, not hard)
+            size = h.shape[-1]
+            h = module(h, blk.kernel, blk.width, gate, skip, emg=blk.gate == "emg")
             if blk.gate != "none":
-                unit, branch = module.gate_unit_macs(h.shape[-1], blk.kernel, blk.width)
-                if blk.gate == "channel":
-                    start, end = columns[(blk.stage, blk.block)]
-                    gate = binarize(gate_logits[:, start:end], binarizer, not hard)
-                else:
-                    skip = binarize(module.skip_gate(h), binarizer, not hard)
-                values = gate if gate is not None else skip
-                self.gate_trace.append(GateTrace(blk.stage, blk.block, blk.gate, values, unit if gate is not None else branch))
-            h = module(h, blk.kernel, blk.width, gate, skip)
+                values = {"channel": gate, "skip": skip, "emg": module.emg_values}[blk.gate]
+                unit = module.gate_unit_macs(size, blk.kernel, blk.width, blk.gate)
+                self.gate_trace.append(GateTrace(blk.stage, blk.block, blk.gate, values, unit))
             if (blk.stage, blk.block) in exits:
                 outs.append(self.exit_heads[f"{blk.stage}_{blk.block}"](h))
         outs.append(self.classifier(h))

@@ -6,7 +6,7 @@ branch only on the samples whose gate is on. The code is TorchScript-friendly.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,15 @@ class StaticBlock(nn.Module):
         self.gate_end = gate_end
         self.skip_gate = skip_gate
         self.eps = 1e-5  # BatchNorm2d's default, used by every hidden BN of the supernet
+        self.stride, self.padding = 1, 0  # of the first k x k conv; set by subclasses
+        # EMG blocks replace these with the per-filter thresholds and the centre of their first conv's kernel.
+        self.register_buffer("emg_threshold", torch.zeros(0))
+        self.register_buffer("small_weight", torch.zeros(0))
+
+    def emg_gates(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(small-kernel response of every filter, per-sample EMG gates N x filters)."""
+        small = F.conv2d(x, self.small_weight, None, self.stride, self.padding - 1)
+        return small, small.mean(dim=(2, 3)) - self.emg_threshold > 0
 
     def run(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -53,6 +62,8 @@ class StaticBlock(nn.Module):
 
     def decisions(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
         """Per-sample binary decisions of this block's gate (N x filters, N x 1, or N x 0)."""
+        if self.gate_kind == "emg":
+            return self.emg_gates(x)[1]
         if self.gate_kind == "channel":
             return gate_logits[:, self.gate_start : self.gate_end] > 0
         skip_gate = self.skip_gate
@@ -78,21 +89,39 @@ class StaticBlock(nn.Module):
 
 
 class StaticBasicBlock(StaticBlock):
-    """Residual block: conv k x k -> BN -> ReLU -> conv k x k -> BN, plus shortcut, ReLU."""
+    """Residual block: conv k x k -> BN -> ReLU -> conv k x k -> BN, plus shortcut, ReLU.
+
+    With an EMG gate (``emg_threshold`` given), conv1 computes the centre (k-2) x (k-2) kernel for every filter
+    and the full k x k kernel only for filters whose gate is on for some sample of the batch.
+    """
 
     def __init__(self, conv1: nn.Conv2d, bn1: nn.BatchNorm2d, conv2: nn.Conv2d, bn2: nn.BatchNorm2d,
                  shortcut: nn.Module, gate_kind: str = "none", gate_start: int = 0, gate_end: int = 0,
-                 skip_gate: Optional[SkipGate] = None):
+                 skip_gate: Optional[SkipGate] = None, emg_threshold: Optional[torch.Tensor] = None):
         super().__init__(gate_kind, gate_start, gate_end, skip_gate)
         self.conv1, self.bn1, self.conv2, self.bn2, self.shortcut = conv1, bn1, conv2, bn2, shortcut
         # Plain ints: TorchScript does not expose a submodule's constants to its parent.
         self.stride, self.padding = conv1.stride[0], conv1.padding[0]
+        if emg_threshold is not None:
+            self.emg_threshold = emg_threshold.detach().clone()
+            self.small_weight = conv1.weight.detach()[..., 1:-1, 1:-1].contiguous()
+
+    def emg_conv1(self, x: torch.Tensor) -> torch.Tensor:
+        small, gates = self.emg_gates(x)
+        on = gates.any(0).nonzero().squeeze(1)
+        if on.numel() == 0:
+            return small
+        large = F.conv2d(x, self.conv1.weight.index_select(0, on), None, self.stride, self.padding)
+        picked = torch.where(gates.index_select(1, on)[:, :, None, None], large, small.index_select(1, on))
+        return small.index_copy(1, on, picked)
 
     def post(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x)
 
     def run(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        if mask is None:
+        if self.gate_kind == "emg":
+            h = self.bn2(self.conv2(F.relu(self.bn1(self.emg_conv1(x)))))
+        elif mask is None:
             h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         else:
             keep, partial = _active_filters(mask)

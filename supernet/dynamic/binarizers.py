@@ -7,6 +7,7 @@ model agree exactly. In training:
   and each call uses either the saturating sigmoid or the hard step with a straight-through gradient, half
   the time each.
 - ``gumbel`` — Gumbel-sigmoid straight-through: hard sample forward, relaxed gradient backward.
+- ``sigmoid_ste`` — no noise: the hard step forward, the sigmoid's gradient backward (EMGNet's thresholds).
 """
 from __future__ import annotations
 
@@ -39,7 +40,11 @@ def gumbel(logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     return _straight_through(hard(soft - 0.5), soft)
 
 
-BINARIZERS: dict[str, Binarizer] = {"semhash": semhash, "gumbel": gumbel}
+def sigmoid_ste(logits: torch.Tensor) -> torch.Tensor:
+    return _straight_through(hard(logits), torch.sigmoid(logits))
+
+
+BINARIZERS: dict[str, Binarizer] = {"semhash": semhash, "gumbel": gumbel, "sigmoid_ste": sigmoid_ste}
 
 
 def binarize(logits: torch.Tensor, kind: str, training: bool) -> torch.Tensor:
