@@ -1,13 +1,45 @@
-"""`nas4dyn export` — not implemented yet."""
+"""`nas4dyn export` — a chosen subnet of a run as a standalone dynamic model (model.ts, ONNX, card.json)."""
 from __future__ import annotations
 
 import argparse
 
+from nas4dyn.export.pipeline import FORMATS, ExportOptions, export_run, parse_formats
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="(not implemented yet)")
+    p = sub.add_parser("export", help="export a subnet as a standalone dynamic model that really skips work",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", dest="run_dir", required=True, metavar="RUN_DIR", help="run directory holding supernet.pt")
+    p.add_argument("--arch", required=True, metavar="SEARCH_DIR/pareto.json#INDEX|ARCH.json",
+                   help="the subnet: an entry of a search's pareto.json, or an arch JSON file")
+    p.add_argument("--out", required=True, metavar="EXPORT_DIR", help="directory to write (replaced when complete)")
+    p.add_argument("--format", default=",".join(FORMATS), help="comma-separated formats (model.ts is always written)")
+    p.add_argument("--latency-table", metavar="LUT.json", help="latency table from `nas4dyn profile`; fills "
+                   "latency_ms_predicted in the card")
+    p.add_argument("--data", help="data for the card's test figures (default: the run's dataset)")
+    p.add_argument("--data-root", help="directory holding the dataset files")
+    p.add_argument("--bn-images", type=int, default=2000,
+                   help="training images to recalibrate BatchNorm statistics for the subnet (0: keep the stored ones)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size for accuracy and rates")
+    p.add_argument("--latency-samples", type=int, default=200, help="test images timed one by one (batch 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes over those images (the median counts)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads while measuring")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("nas4dyn export: error: not implemented yet")
+    options = ExportOptions(
+        formats=parse_formats(args.format), data=args.data, data_root=args.data_root, bn_images=args.bn_images,
+        batch_size=args.batch_size, latency_samples=args.latency_samples, latency_repeats=args.repeats,
+        latency_table=args.latency_table, threads=args.threads,
+    )
+    card = export_run(args.run_dir, args.arch, args.out, options)
+    rates = " ".join(f"{name}={rate:.2f}" for name, rate in zip(card["exits"], card.get("exit_rates", [])))
+    print(f"exported to {args.out}: {', '.join(card['files'])}")
+    print(f"  test accuracy {card['accuracy']:.4f} on {card['samples']} images; exits {rates}")
+    if "macs_expected" in card:
+        print(f"  MACs: max {card['macs_max'] / 1e6:.2f} M, expected {card['macs_expected'] / 1e6:.2f} M, "
+              f"realized at batch 1 {card['macs_realized_batch1'] / 1e6:.2f} M")
+    predicted = f" (predicted {card['latency_ms_predicted']:.3f} ms)" if "latency_ms_predicted" in card else ""
+    print(f"  latency at batch 1: {card['latency_ms']:.3f} ms per image{predicted}")
+    return 0

@@ -36,7 +36,8 @@ def script_model(model: ExportedModel) -> torch.jit.ScriptModule:
 def save_torchscript(model: ExportedModel | torch.jit.ScriptModule, path: str | Path) -> torch.jit.ScriptModule:
     """Script ``model`` (unless it already is) and write it atomically to ``path``; returns the scripted module."""
     scripted = model if isinstance(model, torch.jit.ScriptModule) else script_model(model)
-    atomic_write(path, lambda f: torch.jit.save(scripted, f))
+    with _quiet_deprecation():
+        atomic_write(path, lambda f: torch.jit.save(scripted, f))
     return scripted
 
 

@@ -1,0 +1,140 @@
+"""Measurements of an exported model on data: accuracy, exit and gate rates, realized MACs, latency.
+
+Everything here runs the exported model itself (eager :class:`ExportedModel` or the loaded ``model.ts``), so
+the figures describe what the shipped model does. Models take images in [0, 1]; :func:`unnormalised` turns the
+normalised batches of :mod:`nas4dyn.data` loaders back into such images.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from nas4dyn.errors import DataError
+
+
+def unnormalised(loader: Iterable, mean: Sequence[float], std: Sequence[float]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x * std + mean, y)`` for the normalised ``(x, y)`` batches of ``loader``: images back in [0, 1]."""
+    m = torch.tensor(list(mean)).view(1, -1, 1, 1)
+    s = torch.tensor(list(std)).view(1, -1, 1, 1)
+    for x, y in loader:
+        yield x * s + m, y
+
+
+def collect(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (or the first ``limit``) images and labels of ``batches`` as two tensors."""
+    xs, ys, n = [], [], 0
+    for x, y in batches:
+        xs.append(x)
+        ys.append(y)
+        n += len(x)
+        if limit is not None and n >= limit:
+            break
+    if not xs:
+        raise DataError("the data split is empty: pick another --split or data source")
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (x[:limit], y[:limit]) if limit is not None else (x, y)
+
+
+@dataclass
+class DecisionStats:
+    """What the dynamic model decided over a data split: accuracy (0..1), share of samples per exit (the final
+    classifier last), mean share of units on per gated block ("stage.block", along the full path)."""
+
+    samples: int
+    accuracy: float
+    exit_counts: list[int]
+    exit_rates: list[float]
+    exit_accuracy: list[Optional[float]]
+    gate_rates: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def decision_stats(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   desc: str = "evaluating") -> DecisionStats:
+    """Run ``model`` over ``batches`` of (images in [0, 1], labels) and summarise its decisions."""
+    names: list[str] = list(model.exit_names)
+    blocks: list[str] = list(model.gate_blocks)
+    sizes: list[int] = list(model.gate_sizes)
+    counts = torch.zeros(len(names), dtype=torch.long)
+    correct_at = torch.zeros(len(names), dtype=torch.long)
+    gate_on = torch.zeros(sum(sizes), dtype=torch.float64)
+    n = 0
+    for x, y in tqdm(batches, desc=desc, unit="batch", leave=False):
+        logits, exit_index = model.forward_with_exits(x)
+        hit = (logits.argmax(1) == y).long()
+        counts += torch.bincount(exit_index, minlength=len(names))
+        correct_at += torch.bincount(exit_index, weights=hit.double(), minlength=len(names)).long()
+        if sizes:
+            gate_on += model.gate_decisions(x).double().sum(0)
+        n += len(x)
+    if n == 0:
+        raise DataError("the data split is empty: pick another --split or data source")
+    gate_rates, start = {}, 0
+    for name, size in zip(blocks, sizes):
+        gate_rates[name] = float(gate_on[start : start + size].sum() / (n * size))
+        start += size
+    return DecisionStats(
+        samples=n,
+        accuracy=float(correct_at.sum()) / n,
+        exit_counts=counts.tolist(),
+        exit_rates=(counts.double() / n).tolist(),
+        exit_accuracy=[float(c) / int(k) if k else None for c, k in zip(correct_at.tolist(), counts.tolist())],
+        gate_rates=gate_rates,
+    )
+
+
+@torch.no_grad()
+def realized_macs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1) -> float:
+    """Mean multiply-adds per sample that ``model`` really executes on ``images`` at ``batch_size``, counted
+    with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, linear layers, matrix products)."""
+    if len(images) == 0:
+        raise DataError("no images to count MACs on")
+    with FlopCounterMode(display=False) as counter:
+        for i in range(0, len(images), batch_size):
+            model(images[i : i + batch_size])
+    return counter.get_total_flops() / 2 / len(images)
+
+
+@dataclass
+class Latency:
+    """Wall-clock latency: ``ms_per_sample`` is the median over repeats of the mean per-sample time;
+    ``ms_per_batch`` the same per call; ``repeats_ms_per_sample`` every repeat (to judge the noise)."""
+
+    batch_size: int
+    samples: int
+    ms_per_sample: float
+    ms_per_batch: float
+    repeats_ms_per_sample: list[float]
+    threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def measure_latency(model: Any, images: torch.Tensor, batch_size: int = 1, repeats: int = 5,
+                    warmup: int = 1) -> Latency:
+    """Run ``model`` over ``images`` in batches of ``batch_size``, ``warmup`` + ``repeats`` times, timing each
+    pass. Dynamic models take a different time per sample, so every pass covers the same images."""
+    if len(images) == 0:
+        raise DataError("no images to time")
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    per_pass = []
+    for r in range(warmup + repeats):
+        start = time.perf_counter()
+        for x in batches:
+            model(x)
+        if r >= warmup:
+            per_pass.append(time.perf_counter() - start)
+    per_sample = [t / len(images) * 1e3 for t in per_pass]
+    return Latency(batch_size, len(images), statistics.median(per_sample),
+                   statistics.median(per_pass) / len(batches) * 1e3, per_sample, torch.get_num_threads())

@@ -1,0 +1,244 @@
+"""Export: the TorchScript and ONNX models agree with the supernet, keep batch order, really skip work, and the
+export / evaluate verbs work end to end and reject bad input with one line."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+
+import nas4dyn
+from nas4dyn.api import save_supernet
+from nas4dyn.cli.main import main
+from nas4dyn.data import load_data
+from nas4dyn.export.measure import realized_macs
+from nas4dyn.export.onnx import OnnxDynamicModel, export_onnx
+from nas4dyn.export.torchscript import save_torchscript
+from search_spaces import Arch
+from search_spaces.arch import ExitChoice
+from supernet.dynamic.gates import SkipGate
+from tests.conftest import make_decisive
+
+RES = 16
+# Every mechanism of the tiny space: channel gates on basic and MBConv blocks, skip gates on both, three exits.
+ALL_MECHANISMS = Arch("tiny", RES, (2, 2, 2), ((3, 5), (3, 5), (3, 3)), ((8, 4), (3, 2), (16, 8)),
+                      (("channel", "skip"), ("channel", "skip"), ("channel", "skip")),
+                      (ExitChoice(0, 0, 0.5), ExitChoice(1, 1, 0.5), ExitChoice(2, 0, 0.5)))
+
+
+@pytest.fixture(scope="module")
+def data():
+    bundle = load_data("synthetic", synthetic={"resolution": RES}, augment=False)
+    x = torch.stack([bundle.test[i][0] for i in range(96)])
+    mean = torch.tensor(bundle.info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(bundle.info.std).view(1, -1, 1, 1)
+    images = x * std + mean  # back in [0, 1]: what the exported model takes
+    return {"info": bundle.info.to_dict(), "images": images, "normalised": (images - mean) / std}
+
+
+def between(values: torch.Tensor, share: float = 0.5) -> torch.Tensor:
+    """Per column, a value with ``share`` of the rows above it, halfway between two observed values (so no
+    decision hinges on rounding)."""
+    ordered = values.sort(0).values
+    k = int(len(values) * (1 - share))
+    return (ordered[k - 1] + ordered[k]) / 2
+
+
+@pytest.fixture(scope="module")
+def net(data):
+    """An untrained tiny supernet whose gates split the data: gater and skip-gate biases are moved to the
+    median logit over the data, so each gate is on for about half of the samples."""
+    torch.manual_seed(0)
+    net = make_decisive(nas4dyn.build_supernet("tiny"))
+    x = data["normalised"]
+    with torch.no_grad():
+        net.gater.fc2.weight.mul_(10.0)
+        net.gater.fc2.bias.sub_(between(net.gater(x)))
+        logits: dict[SkipGate, torch.Tensor] = {}
+        hooks = [m.register_forward_hook(lambda m, i, o: logits.__setitem__(m, o))
+                 for m in net.modules() if isinstance(m, SkipGate)]
+        net.set_active(dataclasses.replace(ALL_MECHANISMS, exits=()))
+        net.forward_all(x)
+        for h in hooks:
+            h.remove()
+        for gate, out in logits.items():  # weights x10, then the bias that puts the median logit at 0
+            gate.fc2.weight.mul_(10.0)
+            gate.fc2.bias.copy_(-between(10.0 * (out - gate.fc2.bias)))
+    return net.eval()
+
+
+def calibrated(net, arch: Arch, x: torch.Tensor, share: float = 0.35) -> Arch:
+    """``arch`` with each exit's threshold between two observed confidences, so about ``share`` of the
+    samples still running leave there (never exactly at a confidence: decisions must not hinge on rounding)."""
+    net.set_active(arch.with_thresholds([0.5] * len(arch.exits)))
+    with torch.no_grad():
+        outs = net.forward_all(x)[:-1]
+    return arch.with_thresholds([float(between(torch.softmax(z, 1).max(1).values, share)) for z in outs])
+
+
+def reference(net, arch: Arch, x: torch.Tensor):
+    net.set_active(arch)
+    with torch.no_grad():
+        return net.forward_with_exits(x)
+
+
+def sampled_archs(space, n: int = 6) -> list[Arch]:
+    import random
+
+    archs, seed = [ALL_MECHANISMS], 0
+    while len(archs) < n:
+        arch = space.sample(random.Random(seed))
+        seed += 1
+        if arch.exits and any(g != "none" for s in arch.gates for g in s):
+            archs.append(arch)
+    return archs
+
+
+def test_torchscript_and_onnx_agree_with_the_supernet(net, data, tmp_path):
+    space = nas4dyn.load_space("tiny")
+    exits_seen, partial_gates = set(), 0
+    for i, arch in enumerate(sampled_archs(space)):
+        arch = calibrated(net, arch, data["normalised"])
+        ref_logits, ref_exit = reference(net, arch, data["normalised"])
+        model = nas4dyn.export_subnet(net, arch, data["info"])
+        save_torchscript(model, tmp_path / f"m{i}.ts")
+        export_onnx(model, tmp_path / f"onnx{i}", RES)
+        scripted = nas4dyn.load_exported(tmp_path / f"m{i}.ts")
+        with torch.no_grad():
+            ts_logits, ts_exit = scripted.forward_with_exits(data["images"])
+            decisions = scripted.gate_decisions(data["images"]).float()
+        onnx_logits, onnx_exit = OnnxDynamicModel(tmp_path / f"onnx{i}").forward_with_exits(data["images"].numpy())
+        for logits, exit_index in ((ts_logits, ts_exit), (torch.from_numpy(onnx_logits), torch.from_numpy(onnx_exit))):
+            assert torch.equal(exit_index, ref_exit), arch
+            assert torch.equal(logits.argmax(1), ref_logits.argmax(1))
+            assert (logits - ref_logits).abs().max() <= 1e-4
+        exits_seen |= set(ref_exit.tolist())
+        rate = decisions.mean(0)
+        partial_gates += int(((rate > 0) & (rate < 1)).sum())
+    # The comparison means something only if samples took different paths.
+    assert len(exits_seen) >= 3 and partial_gates >= 5
+
+
+def test_onnx_graphs_pass_the_checker(net, data, tmp_path):
+    files = export_onnx(nas4dyn.export_subnet(net, calibrated(net, ALL_MECHANISMS, data["normalised"]), data["info"]),
+                        tmp_path, RES)
+    graphs = [f for f in files if f.suffix == ".onnx"]
+    assert len(graphs) == 4  # three exits + the final classifier
+    for f in graphs:
+        onnx.checker.check_model(onnx.load(str(f)), full_check=True)
+    ops = {n.op_type for f in graphs for n in onnx.load(str(f)).graph.node}
+    assert {"NonZero", "Gather", "If"} <= ops  # narrowed channel-gated convs and skippable branches
+
+
+def test_batch_order_is_preserved_under_compaction(net, data):
+    arch = calibrated(net, ALL_MECHANISMS, data["normalised"])
+    model = torch.jit.script(nas4dyn.export_subnet(net, arch, data["info"]))
+    x = data["images"][:32]
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, exits = model.forward_with_exits(x)
+        plogits, pexits = model.forward_with_exits(x[perm])
+        assert len(set(exits.tolist())) >= 3  # samples left at different exits: the batch was compacted
+        assert torch.equal(pexits, exits[perm]) and (plogits - logits[perm]).abs().max() <= 1e-5
+        for i in range(len(x)):
+            one, e = model.forward_with_exits(x[i : i + 1])
+            assert e.item() == exits[i].item() and (one[0] - logits[i]).abs().max() <= 1e-5
+
+
+def test_static_export_equals_the_static_extraction(net, data, tmp_path):
+    static = ALL_MECHANISMS.without_dynamic()
+    model = nas4dyn.export_subnet(net, static, data["info"])
+    assert model.subnet.gater is None and len(model.subnet.segments) == 1 and model.gate_blocks == []
+    scripted = save_torchscript(model, tmp_path / "static.ts")
+    export_onnx(model, tmp_path, RES)
+    extracted = net.extract(static).eval()
+    with torch.no_grad():
+        expected = extracted(data["normalised"])
+        for out in (scripted(data["images"]), torch.from_numpy(OnnxDynamicModel(tmp_path)(data["images"].numpy()))):
+            assert (out - expected).abs().max() <= 1e-5
+
+
+def test_exported_model_really_skips_work(net, data):
+    """Counted multiply-adds per sample at batch 1: samples that exit early or close gates cost less."""
+    arch = calibrated(net, ALL_MECHANISMS, data["normalised"])
+    dynamic = torch.jit.script(nas4dyn.export_subnet(net, arch, data["info"]))
+    static = nas4dyn.export_subnet(net, arch.without_dynamic(), data["info"])
+    images = data["images"][:24]
+    with torch.no_grad():
+        _, exits = dynamic.forward_with_exits(images)
+    per_sample = torch.tensor([realized_macs(dynamic, images[i : i + 1]) for i in range(len(images))])
+    full = realized_macs(static, images[:1])
+    first = per_sample[exits == 0]
+    assert len(first) and first.max() < full / 2  # the rest of the network did not run
+    late = per_sample[exits == len(arch.exits)]
+    assert len(late) and late.min() < late.max()  # different gate patterns, different work
+    assert per_sample.mean() < full
+
+
+def test_load_exported_reports_a_missing_model(tmp_path):
+    with pytest.raises(nas4dyn.CheckpointError, match="model.ts"):
+        nas4dyn.load_exported(tmp_path)
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(net, data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export_cli")
+    save_supernet(root / "run" / "supernet.pt", net, data["info"])
+    arch = calibrated(net, ALL_MECHANISMS, data["normalised"])
+    other = nas4dyn.load_space("fmnist").max_arch()
+    (root / "pareto.json").write_text(json.dumps([{"arch": a.to_dict(), "metrics": {}} for a in (arch, arch.without_dynamic())]))
+    (root / "other_space.json").write_text(json.dumps(other.to_dict()))
+    return root
+
+
+def test_cli_export_then_evaluate(run_dir, capsys):
+    out = run_dir / "exp"
+    code = main(["export", "--run", str(run_dir / "run"), "--arch", f"{run_dir / 'pareto.json'}#0", "--out", str(out),
+                 "--bn-images", "64", "--latency-samples", "16", "--repeats", "2"])
+    assert code == 0
+    for name in ("model.ts", "arch.json", "card.json", "onnx.json", "model.seg0.onnx", "model.seg3.onnx"):
+        assert (out / name).is_file(), name
+    card = json.loads((out / "card.json").read_text())
+    for key in ("accuracy", "macs_max", "macs_expected", "latency_ms", "exit_rates", "gate_rates", "thresholds",
+                "input", "dataset", "versions"):
+        assert key in card, key
+    assert 0.0 <= card["accuracy"] <= 1.0 and sum(card["exit_rates"]) == pytest.approx(1.0)
+    assert card["macs_expected"] < card["macs_max"] and card["latency_ms"] > 0
+    assert card["input"]["channels"] == 1 and len(card["input"]["mean"]) == 1
+    assert "latency_ms_predicted" not in card  # no --latency-table given
+    assert Arch.from_dict(json.loads((out / "arch.json").read_text())).exits
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".exp")]  # no temp dirs left behind
+
+    code = main(["evaluate", str(out), "--data", "synthetic", "--latency-samples", "16", "--repeats", "2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "ms per image at batch 1" in printed
+    result = json.loads((out / "eval_test.json").read_text())
+    assert result["accuracy"] == pytest.approx(card["accuracy"])  # the same model on the same split
+    assert result["exit_rates"] == pytest.approx(card["exit_rates"])
+    assert result["macs_realized_batch1"] < card["macs_max"]
+    assert result["latency_batch64"]["ms_per_sample"] < result["latency_batch1"]["ms_per_sample"] * 2
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nas4dyn", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("arch, words", [
+    ("missing.json", "no such file"),
+    ("pareto.json#7", "out of range"),
+    ("pareto.json#x", "not an integer"),
+    ("pareto.json", "pick one"),
+    ("other_space.json", "arch.space"),
+])
+def test_cli_export_rejects_a_bad_arch(run_dir, arch, words):
+    out = _cli("export", "--run", str(run_dir / "run"), "--arch", str(run_dir / arch), "--out", str(run_dir / "bad"))
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert words in lines[0] and "Traceback" not in out.stderr
+    assert not (run_dir / "bad").exists()
