@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 
@@ -15,12 +14,19 @@ from nas4dyn.analyze import GateGroup, analyze_gates, builtin_hierarchy, load_hi
 from nas4dyn.analyze.patterns import ExportedProbe, binarise, class_rates
 from nas4dyn.analyze.report import FIGURES
 from nas4dyn.analyze.semantics import FASHION_MNIST_HIERARCHY, Hierarchy, spearman_ceiling
-from nas4dyn.data import FASHION_MNIST_CLASSES
+from nas4dyn.api import save_supernet
+from nas4dyn.cli.main import main
+from nas4dyn.data import FASHION_MNIST_CLASSES, load_data
 from nas4dyn.errors import ConfigError, DataError
+from search_spaces import Arch
+from search_spaces.arch import ExitChoice
 from tests.conftest import make_decisive
 
 CLASSES = list(FASHION_MNIST_CLASSES)
 GATE_DISTANCES = ("gates_hamming", "gates_jaccard", "gates_cosine")
+# Channel gates on a basic and an MBConv block, a skip gate, an early exit.
+GATED_ARCH = Arch("tiny", 16, (1, 2, 1), ((3,), (3, 5), (3,)), ((8,), (3, 2), (16,)),
+                  (("channel",), ("channel", "skip"), ("none",)), (ExitChoice(1, 1, 0.5),))
 # Eight classes in a three-level tree, in the nested user format.
 NESTED = {"groups": {"clothes": {"upper": ["a", "b"], "lower": ["c", "d"]},
                      "things": {"bags": ["e", "f"], "shoes": ["g", "h"]}}}
@@ -175,16 +181,17 @@ def test_report_files(planted, tmp_path):
 # ---- the exported model and the command line ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    from nas4dyn.export.runtime import export_subnet
-    from nas4dyn.export.torchscript import save_torchscript
+    """A tiny model exported by the real pipeline (`nas4dyn export` minus ONNX, BN recalibration and timing)."""
+    from nas4dyn.export.pipeline import ExportOptions, export_run
 
     torch.manual_seed(0)
     net = make_decisive(nas4dyn.build_supernet("tiny"))
-    arch = next(a for a in (net.space.sample(random.Random(s)) for s in range(100))
-                if sum(g == "channel" for st in a.gates for g in st) and any("skip" in st for st in a.gates))
-    out = tmp_path_factory.mktemp("export")
-    save_torchscript(export_subnet(net, arch, {"mean": [0.4], "std": [0.25]}), out / "model.ts")
-    return out
+    root = tmp_path_factory.mktemp("analyze")
+    save_supernet(root / "run" / "supernet.pt", net, load_data("synthetic", augment=False).info.to_dict())
+    (root / "arch.json").write_text(json.dumps(GATED_ARCH.to_dict()))
+    export_run(root / "run", str(root / "arch.json"), root / "export",
+               ExportOptions(formats=("torchscript",), bn_images=0, latency_samples=8, latency_repeats=1))
+    return root / "export"
 
 
 def test_exported_probe_features_feed_the_final_classifier(export_dir):
@@ -219,12 +226,13 @@ def test_cli_end_to_end(export_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing-model", "unknown-class", "bad-json"])
-def test_cli_bad_input_is_one_line_exit_2(export_dir, tmp_path, case):
+def test_cli_bad_input_is_one_line_exit_2(export_dir, tmp_path, case, capsys):
     hierarchy = tmp_path / "h.json"
     hierarchy.write_text("{oops" if case == "bad-json" else json.dumps({"groups": {"a": ["class0", "Sweater"]}}))
     model = tmp_path / "nowhere" if case == "missing-model" else export_dir
-    out = run_cli("analyze", "gates", "--model", str(model), "--data", "synthetic", "--hierarchy", str(hierarchy),
-                  "--out", str(tmp_path / "rep"))
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    code = main(["analyze", "gates", "--model", str(model), "--data", "synthetic", "--hierarchy", str(hierarchy),
+                 "--out", str(tmp_path / "rep")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
     assert {"missing-model": "nowhere", "unknown-class": "'Sweater'", "bad-json": "not valid JSON"}[case] in lines[0]
+    assert not (tmp_path / "rep").exists()
