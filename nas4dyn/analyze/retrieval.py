@@ -25,23 +25,24 @@ class RetrievalResult:
 
 
 def average_precision_at_k(descriptors: np.ndarray, labels: np.ndarray, queries: np.ndarray, metric: str,
-                           k: int) -> np.ndarray:
-    """AP@k of each query (indices into ``descriptors``) retrieving from all other samples.
+                           ks: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """AP@k of each query (indices into ``descriptors``) retrieving from all other samples, for every k.
 
     AP@k = sum over ranks i <= k of precision@i at the relevant ranks, divided by min(k, relevant samples).
     """
     counts = np.bincount(labels)
-    out = np.zeros(len(queries))
-    ranks = np.arange(1, k + 1)
+    out = {k: np.zeros(len(queries)) for k in ks}
+    depth = max(ks)
     for lo in range(0, len(queries), _CHUNK):
         q = queries[lo : lo + _CHUNK]
         dist = cdist(descriptors[q], descriptors, metric)
         dist[np.arange(len(q)), q] = np.inf  # a query never retrieves itself
-        top = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        top = np.argsort(dist, axis=1, kind="stable")[:, :depth]  # one ranking serves every k
         rel = labels[top] == labels[q][:, None]
-        precision = np.cumsum(rel, axis=1) / ranks
-        relevant = np.minimum(k, counts[labels[q]] - 1)
-        out[lo : lo + _CHUNK] = (precision * rel).sum(axis=1) / np.maximum(relevant, 1)
+        hits = (np.cumsum(rel, axis=1) / np.arange(1, depth + 1)) * rel
+        for k in ks:
+            relevant = np.minimum(k, counts[labels[q]] - 1)
+            out[k][lo : lo + _CHUNK] = hits[:, :k].sum(axis=1) / np.maximum(relevant, 1)
     return out
 
 
@@ -64,7 +65,7 @@ def retrieval(decisions: np.ndarray, features: np.ndarray, labels: np.ndarray, k
             ("random", "euclidean", rng.random((n, 1)), 0)]
     results = []
     for name, metric, desc, size in runs:
-        maps = {k: float(average_precision_at_k(desc, labels, query_idx, metric, k).mean()) for k in ks}
+        maps = {k: float(ap.mean()) for k, ap in average_precision_at_k(desc, labels, query_idx, metric, ks).items()}
         results.append(RetrievalResult(name, metric, size, maps))
     return results
 
