@@ -87,7 +87,7 @@ def analyze_gates(model: GateModel, batches: Iterable[tuple[torch.Tensor, torch.
     Without a hierarchy the semantic correlation is skipped; distances, retrieval and figures remain.
 
     Raises:
-        ConfigError: bad ``ks``, ``queries`` or ``permutations``.
+        ConfigError: bad ``ks``, ``queries`` or ``permutations``; a gate layout that misses decisions.
         DataError: no samples, no gates, or a class without samples.
     """
     if not ks or min(ks) < 1 or queries < 1:
@@ -97,8 +97,8 @@ def analyze_gates(model: GateModel, batches: Iterable[tuple[torch.Tensor, torch.
     data = collect(model, batches)
     groups = model.gate_groups()
     if groups and groups[-1].end != data.decisions.shape[1]:
-        raise ConfigError(f"gate layout covers {groups[-1].end} columns but the model gave "
-                          f"{data.decisions.shape[1]} decisions; the model and its layout disagree")
+        raise ConfigError(f"the model's gate layout (gate_sizes) covers {groups[-1].end} columns but its "
+                          f"gate_decisions gives {data.decisions.shape[1]}; the export is inconsistent: export again")
     rates = class_rates(data.decisions, data.labels, classes)
     patterns = binarise(rates)
     distances = class_distances(patterns, rates, class_means(data.features, data.labels, len(classes)))

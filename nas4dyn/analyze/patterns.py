@@ -124,15 +124,13 @@ def class_rates(decisions: np.ndarray, labels: np.ndarray, classes: Sequence[str
     if empty:
         raise DataError(f"no samples of class(es) {empty} among the {len(labels)} analysed; raise --max-samples "
                         "or use a split that holds every class")
-    sums = np.zeros((len(classes), decisions.shape[1]))
-    np.add.at(sums, labels, decisions.astype(np.float64))
-    return sums / counts[:, None]
+    return class_means(decisions, labels, len(classes))
 
 
-def class_means(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """C x D mean feature vector per class (the CNN class descriptor); every class must have samples."""
-    sums = np.zeros((num_classes, features.shape[1]))
-    np.add.at(sums, labels, features.astype(np.float64))
+def class_means(values: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """C x D mean of ``values`` (N x D) per class, e.g. the CNN class descriptor; every class needs samples."""
+    sums = np.zeros((num_classes, values.shape[1]))
+    np.add.at(sums, labels, values.astype(np.float64))
     return sums / np.bincount(labels, minlength=num_classes)[:, None]
 
 
