@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from nas4dyn.errors import SpaceError
 
 BLOCK_TYPES = ("basic", "mbconv")
-GATE_KINDS = ("none", "channel", "skip", "emg")
+GATE_KINDS = ("none", "channel", "skip", "emg", "dfs")
 EMG_MIN_KERNEL = 5  # the small kernel is the (k-2) x (k-2) centre, so k >= 5
 EXIT_CRITERIA = ("max_softmax", "entropy")
 BINARIZERS = ("semhash", "gumbel")
@@ -96,15 +96,18 @@ class SpaceSpec:
         return st.stride == 1 and self.stage_in_channels(stage) == st.out_channels
 
     def allowed_gates(self, stage: int, block: int, kernel: int | None = None) -> tuple[str, ...]:
-        """Gate kinds allowed on a block: skip gates need an identity shortcut; EMG gates need a basic block
-        and a kernel of at least 5 (with ``kernel`` None: some kernel choice of the stage)."""
+        """Gate kinds allowed on a block: skip and DFS gates need an identity shortcut (skipping leaves the
+        input); EMG and DFS gates need a basic block, EMG also a kernel of at least 5 (with ``kernel`` None:
+        some kernel choice of the stage)."""
         st = self.stages[stage]
-        kinds = st.gates
+        banned = set()
         if not self.has_identity_shortcut(stage, block):
-            kinds = tuple(k for k in kinds if k != "skip")
-        largest = max(st.kernels) if kernel is None else kernel
-        if st.block != "basic" or largest < EMG_MIN_KERNEL:
-            kinds = tuple(k for k in kinds if k != "emg")
+            banned |= {"skip", "dfs"}
+        if st.block != "basic":
+            banned |= {"emg", "dfs"}
+        if (max(st.kernels) if kernel is None else kernel) < EMG_MIN_KERNEL:
+            banned.add("emg")
+        kinds = tuple(k for k in st.gates if k not in banned)
         return kinds if "none" in kinds else ("none",) + kinds
 
     @property

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from search_spaces.schema import StageSpec
+from supernet.dynamic.dfs import DFSGate, DFSQuantizer, fake_quant_weight, quantized_conv
 from supernet.dynamic.emg import EMGGate
 from supernet.dynamic.gates import SkipGate
 from supernet.dynamic.heads import ACTIVATIONS
 from supernet.ops.elastic import ElasticBatchNorm2d, ElasticConv2d, static_conv
-from supernet.static_blocks import StaticBasicBlock, StaticBlock, StaticMBConvBlock
+from supernet.static_blocks import Int8Branch, StaticBasicBlock, StaticBlock, StaticMBConvBlock
 
 
 def _mask(h: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
@@ -34,6 +35,8 @@ class ElasticBlock(nn.Module):
         self.hidden_max = spec.hidden_channels(max(spec.widths), in_ch)
         self.skip_gate = SkipGate(in_ch) if "skip" in gates else None
         self.emg_gate = EMGGate(self.hidden_max) if "emg" in gates else None
+        self.dfs_gate = DFSGate(in_ch) if "dfs" in gates else None
+        self.dfs_quant = DFSQuantizer() if "dfs" in gates else None
         self.emg_values: Optional[torch.Tensor] = None  # the EMG gates of the last forward (N x hidden)
 
     def hidden(self, width: int) -> int:
@@ -46,13 +49,25 @@ class ElasticBlock(nn.Module):
     def combine(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def branch_int8(self, x: torch.Tensor, kernel: int, width: int) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor, kernel: int, width: int, gate: Optional[torch.Tensor] = None,
-                skip: Optional[torch.Tensor] = None, emg: bool = False) -> torch.Tensor:
+                skip: Optional[torch.Tensor] = None, emg: bool = False,
+                dfs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``gate``: per-sample filter gates (N x hidden); ``skip``: per-sample branch gates (N); ``emg``: let
-        the block's EMG gate pick each filter's kernel size (its gates land in ``emg_values``)."""
+        the block's EMG gate pick each filter's kernel size (its gates land in ``emg_values``); ``dfs``:
+        per-sample one-hot (skip, int8, fp32) choices (N x 3)."""
         branch = self.branch(x, kernel, width, gate, emg)
         if skip is not None:
             branch = branch * skip[:, None, None, None]
+        if dfs is not None:
+            low = self.branch_int8(x, kernel, width)
+            if self.training:
+                branch = dfs[:, 2, None, None, None] * branch + dfs[:, 1, None, None, None] * low
+            else:  # exact selection, as the exported model computes only the chosen option
+                choice = dfs.argmax(dim=1)[:, None, None, None]
+                branch = torch.where(choice == 2, branch, torch.where(choice == 1, low, torch.zeros_like(low)))
         return self.combine(x, branch)
 
     def out_size(self, size: int) -> int:
@@ -62,7 +77,7 @@ class ElasticBlock(nn.Module):
         """MACs that one unit of a ``kind`` gate switches at input size ``size``: a hidden filter (channel),
         the whole residual branch (skip), or one filter's large-kernel conv (emg)."""
         per_filter = self.filter_macs(size, kernel)
-        if kind == "skip":
+        if kind in ("skip", "dfs"):
             return per_filter * self.hidden(width)
         if kind == "emg":
             return float(self.out_size(size) ** 2 * kernel * kernel * self.in_ch)
@@ -107,6 +122,15 @@ class ElasticBasicBlock(ElasticBlock):
         h = _mask(F.relu(self.bn1(h)), gate)
         return self.bn2(self.conv2(h, self.out_ch, kernel))
 
+    def branch_int8(self, x: torch.Tensor, kernel: int, width: int) -> torch.Tensor:
+        """The branch with fake-quantised convs (int8 weights per channel, quint8 activations)."""
+        q, hidden = self.dfs_quant, self.hidden(width)
+        assert q is not None
+        w1 = fake_quant_weight(self.conv1.kernel_weight(hidden, self.in_ch, kernel))
+        h = F.relu(self.bn1(q.out1(F.conv2d(q.in1(x), w1, None, self.stride, kernel // 2))))
+        w2 = fake_quant_weight(self.conv2.kernel_weight(self.out_ch, hidden, kernel))
+        return self.bn2(q.out2(F.conv2d(q.in2(h), w2, None, 1, kernel // 2)))
+
     def combine(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         return F.relu(self.shortcut(x) + branch)
 
@@ -128,9 +152,16 @@ class ElasticBasicBlock(ElasticBlock):
             conv1 = static_conv(self.conv1.kernel_weight(hidden, self.in_ch, kernel), self.stride, False)
             conv2 = static_conv(self.conv2.kernel_weight(self.out_ch, hidden, kernel), 1, False)
         emg = self.emg_gate.threshold[:hidden] if gate == "emg" and self.emg_gate is not None else None
-        return StaticBasicBlock(conv1, self.bn1.sliced(hidden), conv2, copy.deepcopy(self.bn2),
-                                copy.deepcopy(self.shortcut), gate, gate_start, gate_end, self._static_skip_gate(gate),
-                                emg)
+        bn1 = self.bn1.sliced(hidden)
+        dfs_gate = int8 = None
+        if gate == "dfs" and self.dfs_quant is not None:
+            q = self.dfs_quant
+            int8 = Int8Branch(quantized_conv(conv1.weight, self.stride, q.out1), copy.deepcopy(bn1),
+                              quantized_conv(conv2.weight, 1, q.out2), copy.deepcopy(self.bn2),
+                              q.in1.qparams(), q.in2.qparams())
+            dfs_gate = copy.deepcopy(self.dfs_gate)
+        return StaticBasicBlock(conv1, bn1, conv2, copy.deepcopy(self.bn2), copy.deepcopy(self.shortcut), gate,
+                                gate_start, gate_end, self._static_skip_gate(gate), emg, dfs_gate, int8)
 
 
 class ElasticMBConvBlock(ElasticBlock):

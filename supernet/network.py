@@ -17,6 +17,7 @@ from search_spaces.arch import Arch
 from search_spaces.space import SearchSpace
 from supernet.blocks import BLOCK_TYPES, ElasticBlock
 from supernet.dynamic.binarizers import binarize
+from supernet.dynamic.dfs import DFS_RELATIVE_COST
 from supernet.dynamic.gates import GlobalGater
 from supernet.dynamic.heads import ExitHead, confidence
 from supernet.subnet import Segment, SubNet, resize
@@ -29,8 +30,10 @@ class GateTrace:
     stage: int
     block: int
     kind: str
-    values: torch.Tensor  # N x filters (channel) or N (skip); relaxed in training, 0/1 in eval
-    unit_macs: float  # MACs that one unit of ``values`` switches (a filter, or the whole branch)
+    # N x filters (channel, emg) or N (skip; dfs: the chosen option's BitOPs cost relative to fp32);
+    # relaxed in training, hard in eval
+    values: torch.Tensor
+    unit_macs: float  # MACs that one unit of ``values`` switches (a filter, a filter's large kernel, a branch)
 
 
 @dataclass
@@ -132,16 +135,20 @@ class Supernet(nn.Module):
         self.gate_trace = []
         for blk in arch.blocks():
             module = self.block(blk.stage, blk.block)
-            gate = skip = None
+            gate = skip = dfs = None
             if blk.gate == "channel":
                 start, end = columns[(blk.stage, blk.block)]
                 gate = binarize(gate_logits[:, start:end], binarizer, not hard)
             elif blk.gate == "skip":
                 skip = binarize(module.skip_gate(h), binarizer, not hard)
+            elif blk.gate == "dfs":
+                dfs = module.dfs_gate.choose(h, not hard)
             size = h.shape[-1]
-            h = module(h, blk.kernel, blk.width, gate, skip, emg=blk.gate == "emg")
+            h = module(h, blk.kernel, blk.width, gate, skip, emg=blk.gate == "emg", dfs=dfs)
             if blk.gate != "none":
-                values = {"channel": gate, "skip": skip, "emg": module.emg_values}[blk.gate]
+                values = {"channel": gate, "skip": skip, "emg": module.emg_values, "dfs": dfs}[blk.gate]
+                if dfs is not None:  # one number per sample: the chosen option's relative cost
+                    values = dfs @ torch.tensor(DFS_RELATIVE_COST, dtype=dfs.dtype, device=dfs.device)
                 unit = module.gate_unit_macs(size, blk.kernel, blk.width, blk.gate)
                 self.gate_trace.append(GateTrace(blk.stage, blk.block, blk.gate, values, unit))
             if (blk.stage, blk.block) in exits:

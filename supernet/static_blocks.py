@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from supernet.dynamic.dfs import DFSGate
 from supernet.dynamic.gates import SkipGate
 
 
@@ -30,12 +31,14 @@ def _active_filters(mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
 class StaticBlock(nn.Module):
     """Shared gating logic of the extracted blocks; subclasses define ``branch`` and the output activation."""
 
-    def __init__(self, gate_kind: str, gate_start: int, gate_end: int, skip_gate: Optional[SkipGate]):
+    def __init__(self, gate_kind: str, gate_start: int, gate_end: int, skip_gate: Optional[SkipGate],
+                 dfs_gate: Optional[DFSGate] = None):
         super().__init__()
         self.gate_kind = gate_kind
         self.gate_start = gate_start
         self.gate_end = gate_end
         self.skip_gate = skip_gate
+        self.dfs_gate = dfs_gate
         self.eps = 1e-5  # BatchNorm2d's default, used by every hidden BN of the supernet
         self.stride, self.padding = 1, 0  # of the first k x k conv; set by subclasses
         # EMG blocks replace these with the per-filter thresholds and the centre of their first conv's kernel.
@@ -66,26 +69,62 @@ class StaticBlock(nn.Module):
             return self.emg_gates(x)[1]
         if self.gate_kind == "channel":
             return gate_logits[:, self.gate_start : self.gate_end] > 0
+        route = self.route(x)
+        if route is None:
+            return torch.zeros(x.shape[0], 0, dtype=torch.bool, device=x.device)
+        if self.dfs_gate is not None:
+            return F.one_hot(route, 3) > 0  # (skip, int8, fp32)
+        return (route == 2).unsqueeze(1)
+
+    def route(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-sample option of a skip or DFS gate: 0 skip the branch, 1 int8 branch, 2 full branch."""
         skip_gate = self.skip_gate
         if skip_gate is not None:
-            return (skip_gate(x) > 0).unsqueeze(1)
-        return torch.zeros(x.shape[0], 0, dtype=torch.bool, device=x.device)
+            return (skip_gate(x) > 0).long() * 2
+        dfs_gate = self.dfs_gate
+        if dfs_gate is not None:
+            return dfs_gate.logits(x).argmax(dim=1)
+        return None
+
+    def run_int8(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
         if self.gate_kind == "channel":
             return self.run(x, gate_logits[:, self.gate_start : self.gate_end] > 0)
-        skip_gate = self.skip_gate
-        if skip_gate is None:
+        route = self.route(x)
+        if route is None or bool((route == 2).all()):
             return self.run(x, None)
-        on = skip_gate(x) > 0
-        if bool(on.all()):
-            return self.run(x, None)
-        if not bool(on.any()):
-            return self.post(x)
-        idx = on.nonzero().squeeze(1)
-        out = self.post(x).clone()
-        out.index_copy_(0, idx, self.run(x.index_select(0, idx), None))
+        if bool((route == 1).all()):
+            return self.run_int8(x)
+        out = self.post(x)
+        if bool((route == 0).all()):
+            return out
+        out = out.clone()
+        for option in [1, 2]:  # run each option only on the samples that chose it
+            idx = (route == option).nonzero().squeeze(1)
+            if idx.numel() > 0:
+                part = x.index_select(0, idx)
+                out.index_copy_(0, idx, self.run(part, None) if option == 2 else self.run_int8(part))
         return out
+
+
+class Int8Branch(nn.Module):
+    """A basic block's residual branch with real int8 convs (quint8 activations, per-channel qint8 weights);
+    BatchNorm and ReLU run in float between them, at the quantization points the supernet trained with."""
+
+    def __init__(self, qconv1: nn.Module, bn1: nn.BatchNorm2d, qconv2: nn.Module, bn2: nn.BatchNorm2d,
+                 in1: Tuple[float, int], in2: Tuple[float, int]):
+        super().__init__()
+        self.qconv1, self.bn1, self.qconv2, self.bn2 = qconv1, bn1, qconv2, bn2
+        self.in1_scale, self.in1_zero_point = in1
+        self.in2_scale, self.in2_zero_point = in2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.quantize_per_tensor(x, self.in1_scale, self.in1_zero_point, torch.quint8)
+        h = F.relu(self.bn1(self.qconv1(q).dequantize()))
+        q = torch.quantize_per_tensor(h, self.in2_scale, self.in2_zero_point, torch.quint8)
+        return self.bn2(self.qconv2(q).dequantize())
 
 
 class StaticBasicBlock(StaticBlock):
@@ -97,9 +136,11 @@ class StaticBasicBlock(StaticBlock):
 
     def __init__(self, conv1: nn.Conv2d, bn1: nn.BatchNorm2d, conv2: nn.Conv2d, bn2: nn.BatchNorm2d,
                  shortcut: nn.Module, gate_kind: str = "none", gate_start: int = 0, gate_end: int = 0,
-                 skip_gate: Optional[SkipGate] = None, emg_threshold: Optional[torch.Tensor] = None):
-        super().__init__(gate_kind, gate_start, gate_end, skip_gate)
+                 skip_gate: Optional[SkipGate] = None, emg_threshold: Optional[torch.Tensor] = None,
+                 dfs_gate: Optional[DFSGate] = None, int8_branch: Optional[Int8Branch] = None):
+        super().__init__(gate_kind, gate_start, gate_end, skip_gate, dfs_gate)
         self.conv1, self.bn1, self.conv2, self.bn2, self.shortcut = conv1, bn1, conv2, bn2, shortcut
+        self.int8_branch = int8_branch
         # Plain ints: TorchScript does not expose a submodule's constants to its parent.
         self.stride, self.padding = conv1.stride[0], conv1.padding[0]
         if emg_threshold is not None:
@@ -117,6 +158,11 @@ class StaticBasicBlock(StaticBlock):
 
     def post(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x)
+
+    def run_int8(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.int8_branch
+        assert branch is not None
+        return F.relu(self.shortcut(x) + branch(x))
 
     def run(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.gate_kind == "emg":

@@ -55,12 +55,15 @@ class GlobalGater(nn.Module):
 class SkipGate(nn.Module):
     """SkipNet / ConvNet-AIG style gate: pooled block input -> MLP -> one logit; > 0 runs the branch."""
 
-    def __init__(self, in_ch: int, hidden: int = 16):
+    def __init__(self, in_ch: int, hidden: int = 16, outputs: int = 1):
         super().__init__()
         self.fc1 = nn.Linear(in_ch, hidden)
-        self.fc2 = nn.Linear(hidden, 1)
+        self.fc2 = nn.Linear(hidden, outputs)
         nn.init.constant_(self.fc2.bias, 2.0)  # start open
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """N x outputs logits from the globally pooled input."""
+        return self.fc2(F.relu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
-        return self.fc2(h).squeeze(1)
+        return self.logits(x).squeeze(1)

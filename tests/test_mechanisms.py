@@ -1,0 +1,119 @@
+"""Seed-paper mechanisms as gate kinds: EMGNet multi-scale kernels and DFS skip / int8 / fp32 routing."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import nas4dyn
+from nas4dyn.errors import InvalidArchError
+from search_spaces import Arch
+from supernet.static_blocks import StaticBasicBlock
+from tests.conftest import make_decisive
+
+SPACE = "fmnist_dynamic_all"
+
+
+@pytest.fixture(scope="module")
+def space():
+    return nas4dyn.load_space(SPACE)
+
+
+@pytest.fixture(scope="module")
+def net(space):
+    torch.manual_seed(0)
+    net = nas4dyn.build_supernet(space).train()
+    with torch.no_grad():  # let the DFS activation ranges see data
+        for seed in range(3):
+            net.set_active(space.sample(random.Random(seed)))
+            net.forward_all(torch.randn(8, 1, 28, 28).relu())
+    return make_decisive(net)
+
+
+def one_block_arch(space, gate: str, kernel: int = 5) -> Arch:
+    """Depth (1, 2, 1); the gate sits on stage 1 block 1 (an identity-shortcut block)."""
+    return Arch(SPACE, 28, (1, 2, 1), ((3,), (kernel, kernel), (3,)), ((12,), (48, 48), (48,)),
+                (("none",), ("none", gate), ("none",)))
+
+
+def test_rules_for_emg_and_dfs(space):
+    with pytest.raises(InvalidArchError, match="'emg' is not one of"):
+        space.validate(one_block_arch(space, "emg", kernel=3))
+    bad = Arch(SPACE, 28, (1, 1, 1), ((3,), (3,), (3,)), ((12,), (48,), (48,)), (("dfs",), ("none",), ("none",)))
+    with pytest.raises(InvalidArchError, match="'dfs' is not one of"):
+        space.validate(bad)
+    assert "emg" not in nas4dyn.load_space("mbv3").allowed_gates(1, 1, 7)
+
+
+def _emg_block(net, space) -> tuple[StaticBasicBlock, torch.Tensor]:
+    arch = one_block_arch(space, "emg")
+    net.set_active(arch)
+    sub = net.extract(arch).eval()
+    blocks, none = sub.segments[0].blocks, torch.zeros(1, 0)
+    with torch.no_grad():
+        x = blocks[1](blocks[0](sub.stem(torch.randn(1, 1, 28, 28)), none), none)
+    return blocks[2], x
+
+
+def test_emg_computes_the_large_kernel_only_for_open_filters(net, space):
+    block, x = _emg_block(net, space)
+    with torch.no_grad():
+        block.emg_threshold.copy_(block.emg_gates(x)[0].mean(dim=(2, 3))[0])  # put each filter on its edge
+        block.emg_threshold[: len(block.emg_threshold) // 3] -= 1.0  # a third open, the rest closed
+        gates = block.emg_gates(x)[1]
+        n_on, n_all = int(gates.sum()), gates.shape[1]
+        with FlopCounterMode(display=False) as counter:
+            block.emg_conv1(x)
+    pixels, cin = x.shape[-1] ** 2, x.shape[1]  # stride 1 block
+    expected = pixels * cin * (9 * n_all + 25 * n_on)
+    assert 0 < n_on < n_all
+    assert counter.get_total_flops() / 2 == expected
+
+
+def test_emg_and_dfs_batches_equal_single_samples(net, space):
+    for gate in ("emg", "dfs"):
+        arch = one_block_arch(space, gate)
+        net.set_active(arch)
+        sub = net.extract(arch).eval()
+        x = torch.randn(12, 1, 28, 28)
+        with torch.no_grad():
+            batch = sub(x)
+            singles = torch.cat([sub(x[i : i + 1]) for i in range(len(x))])
+        assert (batch - singles).abs().max() <= 1e-5
+
+
+def test_dfs_int8_path_uses_quantized_kernels_and_matches_fake_quant(net, space):
+    arch = one_block_arch(space, "dfs")
+    net.set_active(arch)
+    block = net.stages[1][1]
+    with torch.no_grad():
+        block.dfs_gate.fc2.bias.copy_(torch.tensor([-9.0, 9.0, -9.0]))  # everyone takes int8
+        block.dfs_gate.fc2.weight.zero_()
+    sub = net.extract(arch).eval()
+    static = sub.segments[0].blocks[2]
+    assert isinstance(static.int8_branch.qconv1, torch.ao.nn.quantized.Conv2d)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        ref, ref_exit = net.forward_with_exits(x)
+        out, out_exit = sub.forward_with_exits(x)
+        full = net.forward_all(x)[-1]
+        net.set_active(arch.without_dynamic())
+        fp32 = net.forward_all(x)[-1]
+    assert torch.equal(ref_exit, out_exit)
+    assert (ref - out).abs().max() <= 1e-4  # real int8 kernels vs fake quantization
+    assert (full - fp32).abs().max() > 1e-3  # and the int8 branch really differs from fp32
+
+
+def test_dfs_gate_learns_through_the_straight_through_estimator(net, space):
+    arch = one_block_arch(space, "dfs")
+    net.set_active(arch)
+    net.train()
+    net.zero_grad()
+    outs = net.forward_all(torch.randn(6, 1, 28, 28))
+    trace = [t for t in net.gate_trace if t.kind == "dfs"][0]
+    (outs[-1].square().mean() + trace.values.mean()).backward()
+    net.eval()
+    assert net.stages[1][1].dfs_gate.fc2.weight.grad.abs().sum() > 0
+    assert trace.values.shape == (6,) and set(trace.values.detach().tolist()) <= {0.0, 0.0625, 1.0}
