@@ -1,0 +1,264 @@
+"""Typed training configuration: presets, YAML files and ``KEY=VALUE`` overrides, validated all at once.
+
+A config is built in three layers: a preset (:data:`PRESETS`), then an optional YAML file, then overrides
+from the command line. Every layer uses the same keys; phases are addressed by name (``phases.width.lr``).
+:func:`build_config` reports every bad value in one :class:`~nas4dyn.errors.ConfigError`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from nas4dyn.errors import ConfigError
+
+# Dimensions a phase can make elastic; the others stay at their maximum (exits and gates: off).
+DIMENSIONS = ("resolution", "kernel", "depth", "width", "exits", "gates")
+
+
+@dataclass
+class PhaseConfig:
+    """One phase of progressive shrinking: how long, how fast, and which dimensions are sampled."""
+
+    name: str
+    epochs: float
+    lr: float
+    elastic: list[str] = field(default_factory=list)
+    warmup_epochs: float = 0.0
+    # Re-order hidden channels by importance before the phase (when width first becomes elastic).
+    sort_channels: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what training computes (threads and devices do not belong here)."""
+
+    phases: list[PhaseConfig]
+    batch_size: int = 256  # global batch: split evenly across distributed ranks
+    num_random: int = 1  # random subnets per sandwich step, besides the max and min subnets
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-5
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    final_lr_fraction: float = 0.0  # cosine decay within each phase ends at lr * this
+    kd_ratio: float = 1.0  # in-place distillation weight (students: CE + kd_ratio * KD)
+    kd_temperature: float = 1.0
+    exit_weight: float = 1.0  # weight of the mean exit loss
+    exit_kd_alpha: float = 0.5  # exit loss = (1 - alpha) CE + alpha KD from the final classifier
+    budget_target: float = 0.6  # target share of gated MACs that gates keep on
+    budget_weight: float = 2.0
+    eval_threshold: float = 0.9  # exit threshold of the dynamic probe subnets evaluated after each phase
+    bn_recal_images: int = 2000
+    checkpoint_every: int = 200  # steps; a checkpoint is also written at every phase end
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _phase(name: str, epochs: float, lr: float, elastic: list[str], **kw: Any) -> dict[str, Any]:
+    return {"name": name, "epochs": epochs, "lr": lr, "elastic": elastic, **kw}
+
+
+_ALL = list(DIMENSIONS)
+_STATIC = ["resolution", "kernel", "depth", "width"]
+
+# Presets, tuned on Fashion-MNIST with the fmnist space on 2 CPU cores (see docs/BENCHMARKS.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "batch_size": 256,
+        "num_random": 1,
+        "bn_recal_images": 1000,
+        "checkpoint_every": 100,
+        "phases": [
+            _phase("full", 1.2, 0.2, [], warmup_epochs=0.1),
+            _phase("kernel", 0.1, 0.03, ["resolution", "kernel"]),
+            _phase("depth", 0.1, 0.03, ["resolution", "kernel", "depth"]),
+            _phase("width", 0.15, 0.03, _STATIC, sort_channels=True),
+            _phase("dynamic", 0.2, 0.03, _ALL),
+        ],
+    },
+    "default": {
+        "batch_size": 256,
+        "num_random": 1,
+        "phases": [
+            _phase("full", 6.0, 0.2, [], warmup_epochs=0.3),
+            _phase("kernel", 1.0, 0.06, ["resolution", "kernel"]),
+            _phase("depth", 1.0, 0.06, ["resolution", "kernel", "depth"]),
+            _phase("width", 1.5, 0.06, _STATIC, sort_channels=True),
+            _phase("dynamic", 2.0, 0.04, _ALL),
+        ],
+    },
+}
+
+
+# ---- building ----------------------------------------------------------------------------------------------
+def _parse_scalar(text: str) -> Any:
+    """A command-line value: YAML scalar or flow list (``0.1``, ``true``, ``[kernel, depth]``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _merge_phases(base: list[dict], update: Any, problems: list[str]) -> list[dict]:
+    """A list replaces the phases; a mapping ``{name: {key: value}}`` edits phases by name."""
+    if isinstance(update, list):
+        return copy.deepcopy(update)
+    if not isinstance(update, Mapping):
+        problems.append(f"phases: expected a list of phases or a mapping by phase name, got {update!r}")
+        return base
+    names = [p.get("name") for p in base if isinstance(p, Mapping)]
+    for name, changes in update.items():
+        if name not in names:
+            problems.append(f"phases.{name}: no such phase (phases are {names})")
+        elif not isinstance(changes, Mapping):
+            problems.append(f"phases.{name}: expected a mapping of phase keys, got {changes!r}")
+        else:
+            base[names.index(name)].update(changes)
+    return base
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    for key, value in update.items():
+        if key == "phases":
+            base["phases"] = _merge_phases(base["phases"], value, problems)
+        else:
+            base[key] = value
+    return base
+
+
+def _overrides_to_mapping(overrides: list[str], problems: list[str]) -> dict[str, Any]:
+    """``["batch_size=128", "phases.width.lr=0.01"]`` -> a nested mapping for :func:`_merge`."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. batch_size=128 or phases.width.lr=0.01")
+            continue
+        if parts[0] == "phases" and len(parts) != 3:
+            problems.append(f"--set {item!r}: phase keys look like phases.NAME.KEY=VALUE")
+            continue
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_scalar(text.strip())
+    return out
+
+
+def _check_number(problems: list[str], where: str, value: Any, kind: type, low: float, high: Optional[float],
+                  low_open: bool = False) -> None:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok_type = is_int if kind is int else (is_int or isinstance(value, float))
+    too_low = ok_type and (value <= low if low_open else value < low)
+    if not ok_type or too_low or (ok_type and high is not None and value > high):
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        problems.append(f"{where}: {value!r} must be {'an integer' if kind is int else 'a number'} {bound}")
+
+
+# (type, low, high, low_open) per scalar key of TrainConfig
+_RULES: dict[str, tuple[type, float, Optional[float], bool]] = {
+    "batch_size": (int, 1, None, False),
+    "num_random": (int, 0, None, False),
+    "momentum": (float, 0.0, 1.0, False),
+    "weight_decay": (float, 0.0, None, False),
+    "label_smoothing": (float, 0.0, 1.0, False),
+    "grad_clip": (float, 0.0, None, False),
+    "final_lr_fraction": (float, 0.0, 1.0, False),
+    "kd_ratio": (float, 0.0, None, False),
+    "kd_temperature": (float, 0.0, None, True),
+    "exit_weight": (float, 0.0, None, False),
+    "exit_kd_alpha": (float, 0.0, 1.0, False),
+    "budget_target": (float, 0.0, 1.0, True),
+    "budget_weight": (float, 0.0, None, False),
+    "eval_threshold": (float, 0.0, 1.0, True),
+    "bn_recal_images": (int, 1, None, False),
+    "checkpoint_every": (int, 1, None, False),
+}
+
+
+def _parse_phase(problems: list[str], i: int, raw: Any) -> Optional[PhaseConfig]:
+    if not isinstance(raw, Mapping):
+        problems.append(f"phases[{i}]: expected a mapping with name, epochs, lr, elastic; got {raw!r}")
+        return None
+    where = f"phases.{raw.get('name', i)}"
+    known = {f.name for f in dataclasses.fields(PhaseConfig)}
+    for key in sorted(set(raw) - known):
+        problems.append(f"{where}.{key}: unknown key (allowed: {sorted(known)})")
+    missing = [k for k in ("name", "epochs", "lr") if k not in raw]
+    if missing:
+        problems.append(f"{where}: missing {missing}")
+        return None
+    _check_number(problems, f"{where}.epochs", raw["epochs"], float, 0.0, None, low_open=True)
+    _check_number(problems, f"{where}.lr", raw["lr"], float, 0.0, None, low_open=True)
+    _check_number(problems, f"{where}.warmup_epochs", raw.get("warmup_epochs", 0.0), float, 0.0, None)
+    elastic = raw.get("elastic", [])
+    if not isinstance(elastic, list) or any(d not in DIMENSIONS for d in elastic):
+        problems.append(f"{where}.elastic: {elastic!r} must be a list drawn from {list(DIMENSIONS)}")
+    if not isinstance(raw.get("sort_channels", False), bool):
+        problems.append(f"{where}.sort_channels: {raw['sort_channels']!r} must be true or false")
+    return PhaseConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> TrainConfig:
+    """Validate a complete mapping into a :class:`TrainConfig`.
+
+    Raises:
+        ConfigError: listing every unknown key and bad value.
+    """
+    problems: list[str] = []
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in sorted(set(data) - known):
+        problems.append(f"{key}: unknown key (allowed: {sorted(known)})")
+    for key, (kind, low, high, low_open) in _RULES.items():
+        if key in data:
+            _check_number(problems, key, data[key], kind, low, high, low_open)
+    if "nesterov" in data and not isinstance(data["nesterov"], bool):
+        problems.append(f"nesterov: {data['nesterov']!r} must be true or false")
+    raw_phases = data.get("phases")
+    phases: list[PhaseConfig] = []
+    if not isinstance(raw_phases, list) or not raw_phases:
+        problems.append("phases: needs a non-empty list of phases")
+    else:
+        phases = [p for i, raw in enumerate(raw_phases) if (p := _parse_phase(problems, i, raw)) is not None]
+        names = [p.name for p in phases]
+        if len(set(names)) != len(names):
+            problems.append(f"phases: names must be unique, got {names}")
+    if problems:
+        raise ConfigError("invalid training config: " + "; ".join(problems))
+    scalars = {k: v for k, v in data.items() if k in known and k != "phases"}
+    return TrainConfig(phases=phases, **scalars)
+
+
+def build_config(preset: str = "default", path: Optional[str | Path] = None,
+                 overrides: Optional[list[str]] = None) -> TrainConfig:
+    """The config of ``preset``, updated by the YAML file at ``path``, then by ``KEY=VALUE`` overrides.
+
+    Raises:
+        ConfigError: unknown preset, unreadable file, or any invalid key/value (all listed at once).
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r}: unknown preset; use one of {sorted(PRESETS)}")
+    problems: list[str] = []
+    data = copy.deepcopy(PRESETS[preset])
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--config {path}: cannot read YAML ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"--config {path}: expected a mapping of config keys at the top level")
+        data = _merge(data, loaded, problems)
+    data = _merge(data, _overrides_to_mapping(overrides or [], problems), problems)
+    try:
+        config = config_from_mapping(data)
+    except ConfigError as exc:
+        problems.append(str(exc).removeprefix("invalid training config: "))
+    if problems:
+        raise ConfigError("invalid training config: " + "; ".join(problems))
+    return config

@@ -1,0 +1,76 @@
+"""Phase-end evaluation: BN recalibration, then validation accuracy, exit rates and gate rates per subnet."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from nas4dyn.data import make_loader
+from search_spaces.arch import Arch
+from search_spaces.space import SearchSpace
+from supernet.network import Supernet
+from supernet.training.bn import recalibrate_bn
+from supernet.training.config import TrainConfig
+from supernet.training.distributed import DistEnv, all_sum
+from supernet.training.sampling import all_exits, extremes, gated
+
+EVAL_BATCH = 500
+
+
+@torch.no_grad()
+def _accuracy_and_rates(net: Supernet, loader: Iterable, env: DistEnv) -> dict[str, Any]:
+    """Dynamic-inference accuracy on this rank's shard, with exit and gate rates, summed over ranks."""
+    net.reset_stats()
+    correct = total = 0
+    for x, y in loader:
+        pred = net(x.to(env.device)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    exits, gates = net.exit_stats(), net.gate_stats()
+    names = sorted(gates)
+    # Rates are shares of this shard; weight them by the shard size before summing over ranks.
+    sums = all_sum([correct, total] + [r * total for r in exits] + [gates[n] * total for n in names], env)
+    n = max(sums[1], 1.0)
+    rates = [v / n for v in sums[2:]]
+    return {
+        "val_acc": sums[0] / n,
+        "exit_rates": rates[: len(exits)],
+        "gate_rates": dict(zip(names, rates[len(exits):])),
+    }
+
+
+def probe_archs(space: SearchSpace, elastic: list[str], threshold: float) -> dict[str, Arch]:
+    """The subnets evaluated after a phase: its max and min static subnets and, once exits or gates are
+    trained, both with every exit (at ``threshold``) and channel gates wherever allowed."""
+    top, bottom = (a.without_dynamic() for a in extremes(space, set(elastic), threshold))
+    archs = {"max": top, "min": bottom}
+    if "exits" in elastic or "gates" in elastic:
+        for name, arch in (("max_dynamic", top), ("min_dynamic", bottom)):
+            if "exits" in elastic:
+                arch = all_exits(space, arch, threshold)
+            archs[name] = gated(space, arch) if "gates" in elastic else arch
+    return archs
+
+
+def evaluate_phase(net: Supernet, elastic: list[str], train_eval: Dataset, val: Dataset, config: TrainConfig,
+                   seed: int, env: DistEnv) -> dict[str, dict[str, Any]]:
+    """Each probe subnet's validation metrics after BN recalibration on training images.
+
+    Works on a copy: recalibration replaces BN statistics, which training must not see.
+    """
+    probe = copy.deepcopy(net)
+    # Every rank recalibrates on the same images (identical statistics) and evaluates its own val shard.
+    recal = make_loader(train_eval, EVAL_BATCH, seed=seed, limit=config.bn_recal_images)
+    shard = make_loader(Subset(val, range(env.rank, len(val), env.world_size)), EVAL_BATCH)
+    results = {}
+    for name, arch in probe_archs(net.space, elastic, config.eval_threshold).items():
+        recalibrate_bn(probe, arch, _on_device(recal, env), config.bn_recal_images)
+        results[name] = {"arch": arch.to_dict(), **_accuracy_and_rates(probe, shard, env)}
+    return results
+
+
+def _on_device(loader: Iterable, env: DistEnv) -> Iterable:
+    for x, y in loader:
+        yield x.to(env.device), y

@@ -1,0 +1,71 @@
+"""The phase schedule in steps, and the learning-rate curve within a phase.
+
+Phases are given in epochs; here they become step counts for a known number of batches per epoch. Each
+phase gets a fresh optimizer (channel sorting re-orders weights, so old momentum would no longer match) and a
+linear-warmup-then-cosine learning-rate curve.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from supernet.training.config import PhaseConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """A phase with its length in optimizer steps."""
+
+    index: int
+    config: PhaseConfig
+    steps: int
+    warmup_steps: int
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def plan_phases(config: TrainConfig, steps_per_epoch: int) -> list[PhasePlan]:
+    """Each phase's step count (at least one step) for ``steps_per_epoch`` batches per epoch."""
+    plans = []
+    for i, phase in enumerate(config.phases):
+        steps = max(1, round(phase.epochs * steps_per_epoch))
+        warmup = min(steps - 1, round(phase.warmup_epochs * steps_per_epoch))
+        plans.append(PhasePlan(i, phase, steps, warmup))
+    return plans
+
+
+class LRCurve:
+    """Learning-rate factor of a step: linear warmup, then cosine from 1 down to ``final``.
+
+    A callable object (not a closure) so ``LambdaLR`` can be rebuilt identically on resume.
+    """
+
+    def __init__(self, steps: int, warmup_steps: int, final: float):
+        self.steps, self.warmup, self.final = steps, warmup_steps, final
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(net: torch.nn.Module, plan: PhasePlan, config: TrainConfig
+                   ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD over every parameter with the phase's learning rate, and its scheduler.
+
+    Weight decay skips BN and bias vectors and the elastic-kernel transforms, which start at identity and
+    would otherwise be pulled toward zero.
+    """
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        (no_decay if p.ndim <= 1 or "kernel_transforms" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.SGD(groups, lr=plan.config.lr, momentum=config.momentum,
+                          nesterov=config.nesterov and config.momentum > 0)
+    curve = LRCurve(plan.steps, plan.warmup_steps, config.final_lr_fraction)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, curve)

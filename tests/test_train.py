@@ -1,0 +1,190 @@
+"""Supernet training: config validation, sampling, losses, and end-to-end runs of `nas4dyn train` on the tiny
+space with synthetic data (every phase, SIGKILL + exact resume, corrupt checkpoints, 2-rank torchrun)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import nas4dyn
+from nas4dyn.errors import ConfigError
+from supernet.network import GateTrace
+from supernet.training.config import PRESETS, build_config
+from supernet.training.losses import gated_mac_rate
+from supernet.training.sampling import restrict, sandwich
+
+TINY = {
+    "batch_size": 32,
+    "bn_recal_images": 64,
+    "checkpoint_every": 3,
+    "phases": {"full": {"epochs": 0.3, "warmup_epochs": 0.1}, "kernel": {"epochs": 0.25},
+               "depth": {"epochs": 0.25}, "width": {"epochs": 0.25}, "dynamic": {"epochs": 0.4}},
+}
+PHASES = ["full", "kernel", "depth", "width", "dynamic"]
+
+
+def train_cmd(out: Path, config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "nas4dyn", "train", "--space", "tiny", "--data", "synthetic", "--out", str(out),
+            "--config", str(config), "--threads", "1", *extra]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "supernet.pt", weights_only=True)["state_dict"]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_config) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "full"
+    result = run(train_cmd(out, tiny_config))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+# ---- units --------------------------------------------------------------------------------------------------
+def test_config_layers_and_every_problem_reported(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_random: 3\nphases: {width: {epochs: 2}}\n")
+    cfg = build_config("quick", path, ["phases.width.lr=0.01", "kd_ratio=0.5"])
+    width = next(p for p in cfg.phases if p.name == "width")
+    assert (cfg.num_random, width.epochs, width.lr, cfg.kd_ratio) == (3, 2, 0.01, 0.5)
+    assert [p.name for p in cfg.phases] == PHASES == [p["name"] for p in PRESETS["default"]["phases"]]
+    with pytest.raises(ConfigError) as exc:
+        build_config("default", None, ["batch_size=0", "phases.depth.elastic=[kernel, colour]", "lr=1", "momentum=x"])
+    for word in ("batch_size: 0", "colour", "lr: unknown key", "momentum: 'x'"):
+        assert word in str(exc.value)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_config("huge")
+
+
+def test_sampling_is_a_pure_function_restricted_to_the_phase(tiny_space):
+    elastic = {"resolution", "kernel", "depth", "width", "exits", "gates"}
+    a = sandwich(tiny_space, elastic, 3, seed=5, phase=4, step=17, threshold=0.5)
+    assert a == sandwich(tiny_space, elastic, 3, seed=5, phase=4, step=17, threshold=0.5)
+    assert a != sandwich(tiny_space, elastic, 3, seed=5, phase=4, step=18, threshold=0.5)
+    assert [s.role for s in a] == ["max", "min", "random", "random", "random"]
+    assert a[0].arch.without_dynamic() == tiny_space.max_arch() and a[0].arch.exits
+    top = tiny_space.max_arch()
+    for _, arch in sandwich(tiny_space, {"kernel"}, 4, seed=0, phase=1, step=3, threshold=0.5)[1:]:
+        assert (arch.resolution, arch.depths, arch.widths) == (top.resolution, top.depths, top.widths)
+        assert not arch.is_dynamic
+    assert [s.role for s in sandwich(tiny_space, set(), 2, 0, 0, 0, 0.5)] == ["max"]
+    small = restrict(tiny_space, tiny_space.min_arch(), {"depth"})
+    assert small.depths == tiny_space.min_arch().depths and small.kernels[0] == (max(tiny_space.stages[0].kernels),)
+
+
+def test_gated_mac_rate_weights_gates_by_their_macs():
+    on = GateTrace(0, 0, "channel", torch.ones(2, 4), 10.0)
+    off = GateTrace(0, 1, "skip", torch.zeros(2), 120.0)
+    assert gated_mac_rate([]) is None
+    assert torch.allclose(gated_mac_rate([on, off]), torch.full((2,), 40.0 / 160.0))
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------
+def test_run_through_every_phase_writes_the_artifacts(finished_run):
+    out = finished_run
+    for name in ("supernet.pt", "space.json", "train_metrics.json", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    assert any((out / "tb").glob("events.out.tfevents.*"))
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert [p["name"] for p in metrics["phases"]] == PHASES
+    for phase in metrics["phases"]:
+        assert 0.0 <= phase["max_val_acc"] <= 1.0 and 0.0 <= phase["min_val_acc"] <= 1.0
+        assert phase["wall_time_s"] > 0 and phase["steps"] >= 1
+    dynamic = metrics["phases"][-1]
+    assert len(dynamic["exit_rates"]) == len(nas4dyn.load_space("tiny").exits.positions) + 1
+    assert abs(sum(dynamic["exit_rates"]) - 1.0) < 1e-6 and dynamic["gate_rates"]
+    net = nas4dyn.load_supernet(out)
+    assert net.space.name == "tiny" and nas4dyn.load_space(str(out / "space.json")) == net.space
+    blob = torch.load(out / "supernet.pt", weights_only=True)
+    assert blob["data"]["dataset"] == "synthetic" and blob["data"]["num_classes"] == 10
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_config, finished_run):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(out, tiny_config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "supernet.pt").exists(), "the run finished before it could be killed"
+    resumed = run(train_cmd(out, tiny_config, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at phase" in resumed.stderr
+    assert max_difference(weights(out), weights(finished_run)) <= 1e-6
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_corrupt_truncated_or_foreign_checkpoint_is_one_line_exit_2(tmp_path, tiny_config, finished_run):
+    good = (finished_run / "checkpoint.pt").read_bytes()
+    for label, data in (("truncated", good[: len(good) // 3]), ("garbage", b"not a checkpoint" * 50)):
+        out = tmp_path / label
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(data)
+        assert "checkpoint.pt" in one_error_line(run(train_cmd(out, tiny_config, "--resume")))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "checkpoint.pt").write_bytes(good)
+    cmd = train_cmd(foreign, tiny_config, "--resume")
+    cmd[cmd.index("tiny")] = "fmnist"
+    assert "space" in one_error_line(run(cmd))
+    assert "--resume" in one_error_line(run(train_cmd(finished_run, tiny_config)))  # no silent overwrite
+
+
+def test_bad_config_value_is_one_line_exit_2_naming_it(tmp_path, tiny_config):
+    line = one_error_line(run(train_cmd(tmp_path / "bad", tiny_config, "--set", "phases.width.lr=-1")))
+    assert "phases.width.lr" in line and "-1" in line
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("budget_target: 1.5\n")
+    assert "budget_target" in one_error_line(run(train_cmd(tmp_path / "bad2", bad_yaml)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_end_with_identical_weights(tmp_path, tiny_config):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), *train_cmd(out, tiny_config)[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    checksums = metrics["rank_checksums"]
+    assert metrics["world_size"] == 2 and len(checksums) == 2
+    assert checksums[0] == checksums[1] and metrics["ranks_consistent"]
+    assert [p["name"] for p in metrics["phases"]] == PHASES
