@@ -31,13 +31,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from nas4dyn.errors import CheckpointError
+from nas4dyn.errors import CheckpointError, ConfigError
 from nas4dyn.export.runtime import ExportedModel
 from nas4dyn.io import atomic_write, atomic_write_json
 from supernet.static_blocks import StaticBasicBlock, StaticBlock, StaticMBConvBlock
 
 log = logging.getLogger(__name__)
 
+ONNX_GATES = ("none", "channel", "skip")  # gate kinds with an ONNX translation
 OPSET = 17
 MANIFEST_FILE = "onnx.json"
 MANIFEST_FORMAT = "nas4dyn-onnx-segments/1"
@@ -149,6 +150,9 @@ class _GraphBuilder:
 
     # ---- blocks -----------------------------------------------------------------------------------------
     def block(self, x: str, blk: StaticBlock, gates: Optional[str]) -> str:
+        if blk.gate_kind not in ONNX_GATES:
+            raise ConfigError(f"ONNX export: gate kind {blk.gate_kind!r} has no ONNX translation (supported: "
+                              f"{', '.join(ONNX_GATES)}); export this arch with --format torchscript")
         if blk.gate_kind == "channel":
             assert gates is not None
             mask = self.op("Slice", [gates, self.const([blk.gate_start], dtype=np.int64),

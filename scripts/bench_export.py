@@ -1,0 +1,269 @@
+"""Benchmark: does the exported model turn skipped MACs into saved time? CPU, batch 1, one run.
+
+1. The exported static subnet (``model.ts``) against a hand-written plain PyTorch twin with the same weights:
+   the export must cost nothing (ratio <= 1.03).
+2. Dynamic subnets of the same backbone — exits only, channel gates only, skip gates only — against the static
+   twin: speed-up ÷ MAC reduction, i.e. (twin latency ÷ mean per-sample latency) ÷ (twin MACs ÷ realized mean
+   MACs), >= 0.8 (goal 0.9). MACs are counted with FlopCounterMode on every timed image at batch 1.
+
+Untrained weights are used (or a trained run with ``--run``); exit thresholds and gate biases are calibrated
+on validation images so that a real share of samples exits early or closes gates: each exit's threshold is
+set so that ``--exit-share`` of the samples reaching it leave, and each gate's bias so that it is on for half
+of the images (channel-gate and skip-gate logits are first scaled so that the decisions vary per image).
+Timings: each model runs over the same ``--samples`` test images, the models taking turns image by image, median
+over ``--repeats`` passes.
+
+Usage: python scripts/bench_export.py [--threads 1] [--repeats 7] [--samples 300] [--write]
+With --write the table replaces the "Export" section of docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nas4dyn  # noqa: E402
+from benchlib import machine_line, replace_section  # noqa: E402
+from nas4dyn.export.measure import collect, realized_macs, unnormalised  # noqa: E402
+from nas4dyn.export.torchscript import load_exported, save_torchscript  # noqa: E402
+from search_spaces.arch import Arch, ExitChoice  # noqa: E402
+from supernet.dynamic.gates import SkipGate  # noqa: E402
+from supernet.network import Supernet  # noqa: E402
+
+# The backbone: every stage at full depth, 5x5 kernels in the first two stages, full widths, 28 x 28 input.
+BACKBONE = Arch("fmnist", 28, (2, 3, 2), ((5, 5), (5, 5, 5), (3, 3)), ((24, 24), (48, 48, 48), (96, 96)),
+                (("none",) * 2, ("none",) * 3, ("none",) * 2))
+
+
+# ---- the hand-written twin ----------------------------------------------------------------------------------
+class TwinBlock(nn.Module):
+    """A residual block written out plainly: conv-BN-ReLU-conv-BN, plus shortcut, ReLU."""
+
+    def __init__(self, cin: int, hidden: int, cout: int, k: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, hidden, k, stride, k // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, cout, k, 1, k // 2, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.shortcut(x) + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class Twin(nn.Module):
+    """The static backbone as a plain network: normalise, stem, blocks, classifier head."""
+
+    def __init__(self, space, arch: Arch, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        c = space.stem_channels
+        self.stem = nn.Sequential(nn.Conv2d(space.input_channels, c, 3, space.stem_stride, 1, bias=False),
+                                  nn.BatchNorm2d(c), nn.ReLU())
+        blocks = []
+        for blk in arch.blocks():
+            st = space.stages[blk.stage]
+            blocks.append(TwinBlock(c, blk.width, st.out_channels, blk.kernel, st.stride if blk.block == 0 else 1))
+            c = st.out_channels
+        self.blocks = nn.Sequential(*blocks)
+        hidden = space.head_channels
+        self.head = nn.Sequential(nn.Conv2d(c, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU()) if hidden else nn.Sequential()
+        self.fc = nn.Linear(hidden or c, space.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem((x - self.mean) / self.std))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.head(h), 1), 1))
+
+    def copy_from(self, sub: nn.Module) -> "Twin":
+        """Take the weights of an extracted static subnet (same layers, same order)."""
+        src = [m for m in sub.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
+        dst = [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
+        assert len(src) == len(dst), (len(src), len(dst))
+        for s, d in zip(src, dst):
+            d.load_state_dict(s.state_dict())
+        return self.eval()
+
+
+# ---- calibration --------------------------------------------------------------------------------------------
+def between(values: torch.Tensor, share: float) -> torch.Tensor:
+    """Per column, a value with ``share`` of the rows above it, halfway between two observed values."""
+    ordered = values.sort(0).values
+    k = min(len(values) - 1, max(1, int(len(values) * (1 - share))))
+    return (ordered[k - 1] + ordered[k]) / 2
+
+
+@torch.no_grad()
+def calibrate_exits(net: Supernet, arch: Arch, x: torch.Tensor, share: float) -> Arch:
+    """Thresholds such that ``share`` of the samples that reach each exit leave there."""
+    net.set_active(arch)
+    outs = net.forward_all(x)[:-1]
+    alive = torch.ones(len(x), dtype=torch.bool)
+    thresholds = []
+    for logits in outs:
+        conf = torch.softmax(logits, 1).max(1).values
+        t = float(between(conf[alive], share))
+        thresholds.append(t)
+        alive &= conf < t
+    return arch.with_thresholds(thresholds)
+
+
+@torch.no_grad()
+def calibrate_gates(net: Supernet, skip_arch: Arch, x: torch.Tensor, scale: float = 10.0) -> None:
+    """Scale gate logits so decisions vary per image, then put each gate's median logit at 0 (on for half):
+    the global gater's rows on ``x``, the skip gates on their inputs under ``skip_arch``."""
+    net.gater.fc2.weight.mul_(scale)
+    net.gater.fc2.bias.sub_(between(net.gater(x), 0.5))
+    seen: dict[SkipGate, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.__setitem__(m, o)) for m in net.modules() if isinstance(m, SkipGate)]
+    net.set_active(skip_arch)
+    net.forward_all(x)
+    for h in hooks:
+        h.remove()
+    for gate, out in seen.items():
+        gate.fc2.weight.mul_(scale)
+        gate.fc2.bias.copy_(-between(scale * (out - gate.fc2.bias), 0.5))
+
+
+def gated(arch: Arch, space, kind: str) -> Arch:
+    gates = tuple(tuple(kind if kind in space.allowed_gates(s, b, arch.kernels[s][b]) else "none" for b in range(d))
+                  for s, d in enumerate(arch.depths))
+    return dataclasses.replace(arch, gates=gates)
+
+
+# ---- measurement --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def timed_passes(models: dict[str, nn.Module], images: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Per pass, the mean per-sample ms of each model over ``images`` at batch 1. Models take turns image by
+    image (in a shuffled order), so load from other processes hits every model alike."""
+    samples: dict[str, list[float]] = {k: [] for k in models}
+    singles = [images[i : i + 1] for i in range(len(images))]
+    names = list(models)
+    order = random.Random(0)
+    for model in models.values():  # warm-up
+        for x in singles[:20]:
+            model(x)
+    for _ in range(repeats):
+        total = dict.fromkeys(names, 0.0)
+        for x in singles:
+            order.shuffle(names)
+            for name in names:
+                start = time.perf_counter()
+                models[name](x)
+                total[name] += time.perf_counter() - start
+        for name in models:
+            samples[name].append(total[name] / len(singles) * 1e3)
+    return samples
+
+
+def load_images(n_val: int, n_test: int) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float], str]:
+    """(calibration images, timed images, mean, std, source) in [0, 1]: Fashion-MNIST if installed."""
+    from nas4dyn.data import load_data, make_loader
+    from nas4dyn.errors import DataError
+
+    try:
+        bundle, source = load_data("fashion-mnist", augment=False), "Fashion-MNIST"
+    except DataError:
+        bundle, source = load_data("synthetic", augment=False, synthetic={"resolution": 28, "n_test": n_test}), "synthetic"
+    info = bundle.info
+    val, _ = collect(unnormalised(make_loader(bundle.val, 256, limit=n_val), info.mean, info.std), n_val)
+    test, _ = collect(unnormalised(make_loader(bundle.test, 256, limit=n_test), info.mean, info.std), n_test)
+    return val, test, list(info.mean), list(info.std), source
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--samples", type=int, default=300, help="test images timed at batch 1")
+    ap.add_argument("--exit-share", type=float, default=0.4, help="share of the samples reaching an exit that leave")
+    ap.add_argument("--run", help="a trained run directory (default: an untrained fmnist supernet)")
+    ap.add_argument("--write", action="store_true", help="write the table into docs/BENCHMARKS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    space = nas4dyn.load_space("fmnist")
+    val, test, mean, std, source = load_images(1000, args.samples)
+    if args.run:
+        from nas4dyn.api import load_supernet_file
+
+        net, info = load_supernet_file(Path(args.run) / "supernet.pt")
+        mean, std = list(info["mean"]), list(info["std"])
+    else:
+        net = nas4dyn.build_supernet(space).eval()
+    norm = lambda t: (t - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)  # noqa: E731
+    info = {"mean": mean, "std": std}
+
+    exits = (ExitChoice(0, 1, 1.0), ExitChoice(1, 1, 1.0))
+    variants = {
+        "exits": calibrate_exits(net, dataclasses.replace(BACKBONE, exits=exits), norm(val), args.exit_share),
+        "channel gates": gated(BACKBONE, space, "channel"),
+        "skip gates": gated(BACKBONE, space, "skip"),
+    }
+    calibrate_gates(net, variants["skip gates"], norm(val))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def exported(arch: Arch, name: str) -> torch.jit.ScriptModule:
+            save_torchscript(nas4dyn.export_subnet(net, arch, info), Path(tmp) / f"{name}.ts")
+            return load_exported(Path(tmp) / f"{name}.ts")
+
+        twin = Twin(space, BACKBONE, mean, std).copy_from(net.extract(BACKBONE).eval())
+        models = {"twin": twin, "static export": exported(BACKBONE, "static")}
+        models.update({name: exported(arch, name.replace(" ", "_")) for name, arch in variants.items()})
+        with torch.no_grad():
+            assert (twin(test) - models["static export"](test)).abs().max() <= 1e-4, "twin differs from the export"
+        macs = {name: realized_macs(model, test, 1) for name, model in models.items()}
+        exit_rates = models["exits"].forward_with_exits(test)[1].bincount(minlength=3).double() / len(test)
+        gate_rates = {name: float(models[name].gate_decisions(test).float().mean()) for name in ("channel gates", "skip gates")}
+        times = timed_passes(models, test, args.repeats)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    spread = {k: (max(v) - min(v)) / med[k] for k, v in times.items()}
+    cmd = (f"python scripts/bench_export.py --threads {args.threads} --repeats {args.repeats} --samples {args.samples} "
+           f"--exit-share {args.exit_share}{' --run ' + args.run if args.run else ''}{' --write' if args.write else ''}")
+    lines = [
+        f"Command: `{cmd}` — {machine_line(args.threads)}",
+        "",
+        f"Backbone: fmnist depths {list(BACKBONE.depths)}, kernels 5/5/3, full widths, 28 x 28 input, "
+        f"{'trained run ' + args.run if args.run else 'untrained weights'}; {len(test)} {source} test images timed "
+        f"one by one (batch 1), median of {args.repeats} interleaved passes; thresholds and gate biases calibrated "
+        f"on 1000 validation images. Exit rates {', '.join(f'{r:.2f}' for r in exit_rates.tolist())} "
+        f"(exits after blocks 0.1 and 1.1, then final); share of gates on: channel {gate_rates['channel gates']:.2f}, "
+        f"skip {gate_rates['skip gates']:.2f}.",
+        "",
+        "| model | MMACs/img (realized, FlopCounterMode) | ms/img (median) | pass spread | vs twin |",
+        "|---|---|---|---|---|",
+    ]
+    for name in models:
+        lines.append(f"| {name} | {macs[name] / 1e6:.2f} | {med[name]:.3f} | {spread[name]:.1%} | "
+                     f"{med[name] / med['twin']:.3f}× time |")
+    static_ratio = med["static export"] / med["twin"]
+    lines += ["", f"Exported static ÷ plain twin: **{static_ratio:.3f}** (goal ≤ 1.03) — "
+                  f"{'met' if static_ratio <= 1.03 else 'NOT met'}.", "",
+              "| dynamic | MAC reduction (twin ÷ realized) | speed-up (twin ÷ dynamic) | speed-up ÷ MAC reduction | goal |",
+              "|---|---|---|---|---|"]
+    for name in variants:
+        mac_red, speed = macs["twin"] / macs[name], med["twin"] / med[name]
+        ratio = speed / mac_red
+        verdict = "goal met" if ratio >= 0.9 else ("≥ 0.8 met" if ratio >= 0.8 else "NOT met")
+        lines.append(f"| {name} | {mac_red:.2f}× | {speed:.2f}× | **{ratio:.3f}** | ≥ 0.8 (0.9): {verdict} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        replace_section(Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md", "Export", table)
+
+
+if __name__ == "__main__":
+    main()
