@@ -242,3 +242,25 @@ def test_cli_export_rejects_a_bad_arch(run_dir, arch, words):
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert words in lines[0] and "Traceback" not in out.stderr
     assert not (run_dir / "bad").exists()
+
+
+def test_every_gate_kind_exports_through_torchscript():
+    """Gate kinds without an ONNX translation (EMG, DFS, routed paths) still export exactly to model.ts."""
+    import random
+
+    space = nas4dyn.load_space("fmnist_dynamic_all")
+    torch.manual_seed(0)
+    net = make_decisive(nas4dyn.build_supernet(space))
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    kinds = set()
+    for seed in range(4):
+        arch = space.sample(random.Random(seed))
+        model = torch.jit.script(nas4dyn.export_subnet(net, arch, {"mean": [0.3], "std": [0.4]}))
+        ref_logits, ref_exit = reference(net, arch, (x - 0.3) / 0.4)
+        with torch.no_grad():
+            logits, exit_index = model.forward_with_exits(x)
+            decisions = model.gate_decisions(x)
+        assert torch.equal(exit_index, ref_exit) and (logits - ref_logits).abs().max() <= 1e-4
+        assert decisions.shape == (len(x), sum(model.gate_sizes))
+        kinds |= set(model.gate_kinds)
+    assert {"channel", "emg", "dfs"} <= kinds

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from nas4dyn.errors import DataError
+from supernet.dynamic.dfs import DFS_RELATIVE_COST
 
 
 def unnormalised(loader: Iterable, mean: Sequence[float], std: Sequence[float]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -44,7 +45,9 @@ def collect(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], limit: Optiona
 @dataclass
 class DecisionStats:
     """What the dynamic model decided over a data split: accuracy (0..1), share of samples per exit (the final
-    classifier last), mean share of units on per gated block ("stage.block", along the full path)."""
+    classifier last), and per gated block ("stage.block", along the full path) the mean share of units on —
+    for DFS gates the mean cost of the chosen option relative to fp32, as ``Supernet.gate_stats`` reports;
+    ``gate_option_shares``: for one-hot choices (DFS options, CIGT paths) the share of samples per option."""
 
     samples: int
     accuracy: float
@@ -52,6 +55,7 @@ class DecisionStats:
     exit_rates: list[float]
     exit_accuracy: list[Optional[float]]
     gate_rates: dict[str, float] = field(default_factory=dict)
+    gate_option_shares: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +67,7 @@ def decision_stats(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor,
     """Run ``model`` over ``batches`` of (images in [0, 1], labels) and summarise its decisions."""
     names: list[str] = list(model.exit_names)
     blocks: list[str] = list(model.gate_blocks)
+    kinds: list[str] = list(model.gate_kinds)
     sizes: list[int] = list(model.gate_sizes)
     counts = torch.zeros(len(names), dtype=torch.long)
     correct_at = torch.zeros(len(names), dtype=torch.long)
@@ -78,10 +83,16 @@ def decision_stats(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor,
         n += len(x)
     if n == 0:
         raise DataError("the data split is empty: pick another --split or data source")
-    gate_rates, start = {}, 0
-    for name, size in zip(blocks, sizes):
-        gate_rates[name] = float(gate_on[start : start + size].sum() / (n * size))
+    gate_rates, options, start = {}, {}, 0
+    for name, kind, size in zip(blocks, kinds, sizes):
+        on = gate_on[start : start + size] / n
         start += size
+        if kind in ("dfs", "route"):  # one-hot choices: the share of samples taking each option
+            options[name] = on.tolist()
+        if kind == "dfs":  # as Supernet.gate_stats: the chosen option's cost relative to fp32
+            gate_rates[name] = float(on @ torch.tensor(DFS_RELATIVE_COST, dtype=on.dtype))
+        elif kind != "route":  # share of units on
+            gate_rates[name] = float(on.mean())
     return DecisionStats(
         samples=n,
         accuracy=float(correct_at.sum()) / n,
@@ -89,6 +100,7 @@ def decision_stats(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor,
         exit_rates=(counts.double() / n).tolist(),
         exit_accuracy=[float(c) / int(k) if k else None for c, k in zip(correct_at.tolist(), counts.tolist())],
         gate_rates=gate_rates,
+        gate_option_shares=options,
     )
 
 

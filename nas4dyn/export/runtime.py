@@ -46,11 +46,15 @@ class ExportedModel(nn.Module):
         self.num_classes: int = subnet.num_classes
         self.thresholds: List[float] = [float(e.threshold) for e in arch.exits]
         self.exit_names: List[str] = [f"{e.stage}.{e.block}" for e in arch.exits] + ["final"]
+        choices = list(arch.blocks())
         blocks = [blk for seg in subnet.segments for blk in seg.blocks]
-        gated = [(choice, blk) for choice, blk in zip(arch.blocks(), blocks) if choice.gate != "none"]
-        self.gate_blocks: List[str] = [f"{c.stage}.{c.block}" for c, _ in gated]
-        self.gate_kinds: List[str] = [c.gate for c, _ in gated]
-        self.gate_sizes: List[int] = [b.gate_end - b.gate_start if c.gate == "channel" else 1 for c, b in gated]
+        if len(blocks) != len(choices):
+            raise RuntimeError(f"block layout mismatch: the arch has {len(choices)} blocks, the subnet {len(blocks)}")
+        layout = [(c, blk, n) for c, blk, n in zip(choices, blocks, _decision_widths(subnet, channels)) if n > 0]
+        self.gate_blocks: List[str] = [f"{c.stage}.{c.block}" for c, _, _ in layout]
+        # A routed block (CIGT) reports its path choice; any other block its gate's decisions.
+        self.gate_kinds: List[str] = ["route" if hasattr(blk, "router") else c.gate for c, blk, _ in layout]
+        self.gate_sizes: List[int] = [n for _, _, n in layout]
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
@@ -75,6 +79,19 @@ class ExportedModel(nn.Module):
     def gate_decisions(self, x: torch.Tensor) -> torch.Tensor:
         """N x sum(gate_sizes) binary decisions of every gate along the full path, in ``gate_blocks`` order."""
         return self.subnet.gate_decisions(self.normalise(x))
+
+
+@torch.no_grad()
+def _decision_widths(subnet: SubNet, channels: int) -> list[int]:
+    """Columns of each block's gate decisions (0 for ungated blocks), read off a dummy forward pass."""
+    x, gates = subnet._prepare(torch.zeros(1, channels, subnet.resolution, subnet.resolution))
+    h = subnet.stem(x)
+    widths = []
+    for seg in subnet.segments:
+        for blk in seg.blocks:
+            widths.append(int(blk.decisions(h, gates).shape[1]))
+            h = blk(h, gates)
+    return widths
 
 
 def input_normalisation(data_info: Optional[Mapping[str, Any]], channels: int) -> tuple[list[float], list[float]]:
