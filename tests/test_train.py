@@ -16,6 +16,7 @@ import torch
 import yaml
 
 import nas4dyn
+from nas4dyn.cli.main import main
 from nas4dyn.errors import ConfigError
 from supernet.network import GateTrace
 from supernet.training.config import PRESETS, build_config
@@ -139,35 +140,41 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_config, 
     assert max_difference(weights(out), weights(finished_run)) <= 1e-6
 
 
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+def one_error_line(argv: list[str], capsys) -> str:
+    """Run the CLI in-process (a subprocess per error case would only add start-up time)."""
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv[3:]) == 2
+    finally:
+        torch.set_num_threads(threads)  # the CLI sets --threads 1 for this process
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
 
-def test_corrupt_truncated_or_foreign_checkpoint_is_one_line_exit_2(tmp_path, tiny_config, finished_run):
+def test_corrupt_truncated_or_foreign_checkpoint_is_one_line_exit_2(tmp_path, tiny_config, finished_run, capsys):
     good = (finished_run / "checkpoint.pt").read_bytes()
     for label, data in (("truncated", good[: len(good) // 3]), ("garbage", b"not a checkpoint" * 50)):
         out = tmp_path / label
         out.mkdir()
         (out / "checkpoint.pt").write_bytes(data)
-        assert "checkpoint.pt" in one_error_line(run(train_cmd(out, tiny_config, "--resume")))
+        assert "checkpoint.pt" in one_error_line(train_cmd(out, tiny_config, "--resume"), capsys)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "checkpoint.pt").write_bytes(good)
     cmd = train_cmd(foreign, tiny_config, "--resume")
     cmd[cmd.index("tiny")] = "fmnist"
-    assert "space" in one_error_line(run(cmd))
-    assert "--resume" in one_error_line(run(train_cmd(finished_run, tiny_config)))  # no silent overwrite
+    assert "space" in one_error_line(cmd, capsys)
+    assert "--resume" in one_error_line(train_cmd(finished_run, tiny_config), capsys)  # no silent overwrite
 
 
-def test_bad_config_value_is_one_line_exit_2_naming_it(tmp_path, tiny_config):
-    line = one_error_line(run(train_cmd(tmp_path / "bad", tiny_config, "--set", "phases.width.lr=-1")))
+def test_bad_config_value_is_one_line_exit_2_naming_it(tmp_path, tiny_config, capsys):
+    line = one_error_line(train_cmd(tmp_path / "bad", tiny_config, "--set", "phases.width.lr=-1"), capsys)
     assert "phases.width.lr" in line and "-1" in line
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("budget_target: 1.5\n")
-    assert "budget_target" in one_error_line(run(train_cmd(tmp_path / "bad2", bad_yaml)))
+    assert "budget_target" in one_error_line(train_cmd(tmp_path / "bad2", bad_yaml), capsys)
 
 
 def free_port() -> int:

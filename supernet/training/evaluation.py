@@ -20,8 +20,10 @@ EVAL_BATCH = 500
 
 
 @torch.no_grad()
-def _accuracy_and_rates(net: Supernet, loader: Iterable, env: DistEnv) -> dict[str, Any]:
-    """Dynamic-inference accuracy on this rank's shard, with exit and gate rates, summed over ranks."""
+def accuracy_and_rates(net: Supernet, loader: Iterable, env: DistEnv = DistEnv()) -> dict[str, Any]:
+    """Dynamic-inference accuracy of ``net``'s active subnet (eval mode) on ``loader``, with its exit and gate
+    rates; under torchrun each rank passes its shard and gets the totals over all ranks."""
+    net.eval()
     net.reset_stats()
     correct = total = 0
     for x, y in loader:
@@ -67,7 +69,7 @@ def evaluate_phase(net: Supernet, elastic: list[str], train_eval: Dataset, val: 
     results = {}
     for name, arch in probe_archs(net.space, elastic, config.eval_threshold).items():
         recalibrate_bn(probe, arch, _on_device(recal, env), config.bn_recal_images)
-        results[name] = {"arch": arch.to_dict(), **_accuracy_and_rates(probe, shard, env)}
+        results[name] = {"arch": arch.to_dict(), **accuracy_and_rates(probe, shard, env)}
     return results
 
 

@@ -1,0 +1,134 @@
+"""Benchmark: one-command supernet training on Fashion-MNIST — time, and test accuracy of the max and min
+subnets and of the best early-exit subnet within 60% of the max subnet's MACs.
+
+Usage: python scripts/bench_train.py [--preset quick] [--out runs/bench-quick] [--reuse] [--write]
+Trains with `nas4dyn train` (skipped with --reuse when OUT already holds a supernet), then evaluates on the
+test split after BN recalibration. Exit thresholds are chosen on the validation split, never on test. With
+--write the table replaces the "Training" section of docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import nas4dyn
+from benchlib import machine_line, replace_section
+from nas4dyn.data import load_data, make_loader
+from supernet.training.bn import recalibrate_bn
+from supernet.training.evaluation import accuracy_and_rates
+from supernet.training.sampling import all_exits
+
+TARGETS = {"quick": (6 * 60, 0.88, None), "default": (45 * 60, 0.935, 0.90)}  # seconds, max acc, min acc
+EXIT_BUDGET, EXIT_TARGET = 0.6, 0.92
+
+
+def train(args: argparse.Namespace) -> tuple[str, float, float]:
+    cmd = ["nas4dyn", "train", "--space", args.space, "--data", "fashion-mnist", "--out", str(args.out),
+           "--preset", args.preset, "--seed", str(args.seed)]
+    if args.reuse and (args.out / "supernet.pt").is_file():
+        return " ".join(cmd), float("nan"), float("nan")
+    before, tic = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    subprocess.run([sys.executable, "-m", *cmd], check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return " ".join(cmd), time.perf_counter() - tic, cpu
+
+
+def exit_candidates(net: nas4dyn.Supernet, recal, val) -> list[dict]:
+    """Backbones with an exit at every allowed position; per threshold, val/test accuracy and expected MACs."""
+    space = net.space
+    top = space.max_arch()
+    backbones = {"max": top, "max-min-widths": nas4dyn.Arch(space.name, top.resolution, top.depths, top.kernels,
+                 tuple((min(st.widths),) * d for st, d in zip(space.stages, top.depths)), top.gates)}
+    rows = []
+    for label, backbone in backbones.items():
+        arch = all_exits(space, backbone, 1.0)
+        recalibrate_bn(net, arch, recal, 2000)  # exit thresholds do not change BN statistics
+        for t in (0.8, 0.9, 0.95, 0.99):
+            a = arch.with_thresholds([t] * len(arch.exits))
+            net.set_active(a)
+            val_macs = nas4dyn.count_macs(net, a, val).macs_expected
+            rows.append({"backbone": label, "threshold": t, "val_acc": accuracy_and_rates(net, val)["val_acc"],
+                         "val_macs": val_macs, "arch": a})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="quick", choices=sorted(TARGETS))
+    ap.add_argument("--space", default="fmnist")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--reuse", action="store_true", help="evaluate OUT's supernet without training again")
+    ap.add_argument("--write", action="store_true", help="write the results into docs/BENCHMARKS.md")
+    args = ap.parse_args()
+    args.out = args.out or Path("runs") / f"bench-{args.preset}"
+    load_start = os.getloadavg()
+    command, wall, cpu = train(args)
+    load_end = os.getloadavg()
+
+    torch.set_num_threads(2)
+    metrics = json.loads((args.out / "train_metrics.json").read_text())
+    net = nas4dyn.load_supernet(args.out)
+    data = load_data("fashion-mnist")
+    recal = make_loader(data.train_eval, 500, seed=0, limit=2000)
+    val, test = make_loader(data.val, 500), make_loader(data.test, 500)
+    results = {}
+    for label, arch in (("max", net.space.max_arch()), ("min", net.space.min_arch())):
+        recalibrate_bn(net, arch, recal, 2000)
+        results[label] = (accuracy_and_rates(net, test)["val_acc"], nas4dyn.count_macs(net, arch).macs_max)
+    max_macs = results["max"][1]
+    within = [r for r in exit_candidates(net, recal, val) if r["val_macs"] <= EXIT_BUDGET * max_macs]
+    best = max(within, key=lambda r: r["val_acc"], default=None)
+
+    limit, max_goal, min_goal = TARGETS[args.preset]
+    train_s = metrics["total_wall_time_s"]
+    lines = [
+        f"Command: `python scripts/bench_train.py --preset {args.preset}{' --write' if args.write else ''}` "
+        f"(runs `{command}`) — {machine_line(torch.get_num_threads())}",
+        "",
+        f"Load average (1 min) before / after training: {load_start[0]:.1f} / {load_end[0]:.1f} "
+        "(other engineers' jobs share these 2 cores; wall times above ~2 mean contention).",
+        "",
+        "| measure | value | goal |",
+        "|---|---|---|",
+        f"| training wall time (phases incl. evaluation) | {train_s / 60:.1f} min | ≤ {limit / 60:.0f} min |",
+        f"| whole command wall time / CPU time | {wall / 60:.1f} min / {cpu / 60:.1f} CPU-min | — |",
+        f"| max subnet test accuracy ({results['max'][1] / 1e6:.1f} MMACs) | {100 * results['max'][0]:.2f}% "
+        f"| ≥ {100 * max_goal:.1f}% |",
+        f"| min subnet test accuracy ({results['min'][1] / 1e6:.1f} MMACs) | {100 * results['min'][0]:.2f}% | "
+        f"{'≥ %.1f%%' % (100 * min_goal) if min_goal else '—'} |",
+    ]
+    if best is not None:
+        net.set_active(best["arch"])
+        recalibrate_bn(net, best["arch"], recal, 2000)
+        test_acc = accuracy_and_rates(net, test)["val_acc"]
+        test_macs = nas4dyn.count_macs(net, best["arch"], test).macs_expected
+        lines.append(
+            f"| best exit subnet ≤ {EXIT_BUDGET:.0%} of max MACs (chosen on val: {best['backbone']} backbone, "
+            f"all exits, threshold {best['threshold']}) | {100 * test_acc:.2f}% at {test_macs / max_macs:.0%} "
+            f"of max MACs ({test_macs / 1e6:.1f} M expected) | ≥ {100 * EXIT_TARGET:.0f}% |")
+    else:
+        lines.append(f"| exit subnet ≤ {EXIT_BUDGET:.0%} of max MACs | none of the candidates fits | |")
+    lines += ["", "Per phase (from train_metrics.json; validation split):", "", "| phase | steps | wall (s) | img/s "
+              "| max val acc | min val acc |", "|---|---|---|---|---|---|"]
+    for p in metrics["phases"]:
+        lines.append(f"| {p['name']} | {p['steps']} | {p['wall_time_s']:.0f} | {p['img_per_s']:.0f} | "
+                     f"{100 * p['max_val_acc']:.2f}% | {100 * p['min_val_acc']:.2f}% |")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        title = "Training" if args.preset == "quick" else f"Training ({args.preset} preset)"
+        replace_section(Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md", title, table)
+
+
+if __name__ == "__main__":
+    main()
