@@ -1,0 +1,74 @@
+"""Optuna parameters <-> :class:`Arch`.
+
+NSGA-II (and Optuna's samplers generally) do not model conditional parameters: a parameter that exists only
+for some depths would be missing from part of the population and crossover would drop it. So every trial
+suggests the same flat vector — kernel, width and gate for every block slot up to the maximum depth, an on/off
+switch for every exit candidate — and :func:`decode` ignores what the sampled depths leave unused. The gate of a
+slot is suggested from every kind the slot allows with any kernel; a kind that the chosen kernel rules out
+decodes to ``"none"``.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from search_spaces.arch import Arch, ExitChoice
+from search_spaces.space import SearchSpace
+
+BUDGET = "exit_budget"
+# Placeholder threshold of a decoded exit; calibration replaces it.
+UNCALIBRATED = 1.0
+
+
+class Suggester(Protocol):
+    """The part of ``optuna.Trial`` used here (Ray's define-by-run captor has it too)."""
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+    def suggest_float(self, name: str, low: float, high: float) -> float: ...
+
+
+def suggest(trial: Suggester, space: SearchSpace, static: bool = False) -> dict[str, Any]:
+    """Ask ``trial`` for one full parameter vector of ``space`` (``static``: no exits, no gates, no budget)."""
+    params: dict[str, Any] = {"resolution": trial.suggest_categorical("resolution", list(space.resolutions))}
+    for s, st in enumerate(space.stages):
+        params[f"depth.{s}"] = trial.suggest_categorical(f"depth.{s}", list(st.depths))
+        for b in range(st.max_depth):
+            params[f"kernel.{s}.{b}"] = trial.suggest_categorical(f"kernel.{s}.{b}", list(st.kernels))
+            params[f"width.{s}.{b}"] = trial.suggest_categorical(f"width.{s}.{b}", list(st.widths))
+            gates = space.allowed_gates(s, b)
+            if not static and len(gates) > 1:
+                params[f"gate.{s}.{b}"] = trial.suggest_categorical(f"gate.{s}.{b}", list(gates))
+    if not static:
+        for s, b in space.exits.positions:
+            params[f"exit.{s}.{b}"] = trial.suggest_categorical(f"exit.{s}.{b}", [False, True])
+        # Where the thresholds put the subnet between leaving at its first exit (0) and never leaving early (1).
+        params[BUDGET] = trial.suggest_float(BUDGET, 0.0, 1.0)
+    return params
+
+
+def decode(space: SearchSpace, params: dict[str, Any]) -> Arch:
+    """The arch of a parameter vector; exits carry the placeholder threshold until calibrated.
+
+    Raises:
+        InvalidArchError: the parameters do not fit ``space`` (e.g. a study of another space).
+    """
+    depths = tuple(int(params[f"depth.{s}"]) for s in range(len(space.stages)))
+    kernels, widths, gates = [], [], []
+    for s, d in enumerate(depths):
+        ks = tuple(int(params[f"kernel.{s}.{b}"]) for b in range(d))
+        kernels.append(ks)
+        widths.append(tuple(int(params[f"width.{s}.{b}"]) for b in range(d)))
+        chosen = [str(params.get(f"gate.{s}.{b}", "none")) for b in range(d)]
+        gates.append(tuple(g if g in space.allowed_gates(s, b, k) else "none" for b, (g, k) in enumerate(zip(chosen, ks))))
+    exits = tuple(
+        ExitChoice(s, b, UNCALIBRATED)
+        for s, b in space.exits.positions
+        if params.get(f"exit.{s}.{b}", False) and b < depths[s]
+    )
+    arch = Arch(space.name, int(params["resolution"]), depths, tuple(kernels), tuple(widths), tuple(gates), exits)
+    return space.validate(arch)
+
+
+def budget(params: dict[str, Any]) -> float:
+    """The trial's exit budget in [0, 1] (1 for static searches: never leave early)."""
+    return float(params.get(BUDGET, 1.0))

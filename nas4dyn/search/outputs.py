@@ -1,0 +1,160 @@
+"""Search outputs: pareto.json, trials.csv, pareto.png, and the hypervolume of the front.
+
+Hypervolume normalisation (so studies of one space compare, whatever the sampler): every objective is turned
+into a loss in about [0, 1] — accuracy into error ``1 - accuracy``, a cost into a fraction of the largest
+static subnet's cost (``max_arch``: its MACs, or its predicted full-path latency) — and the reference point is
+1.0 for the error and 1.1 for each cost (a little room above the largest subnet, whose exit heads or gates may
+cost slightly more). The hypervolume is Optuna's (WFG), over the feasible completed trials.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import optuna
+from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG hypervolume
+from optuna.trial import FrozenTrial, TrialState
+
+from nas4dyn.io import atomic_write, atomic_write_json, atomic_write_text
+from nas4dyn.search.objectives import Objective
+
+log = logging.getLogger(__name__)
+
+ERROR_REFERENCE = 1.0
+COST_REFERENCE = 1.1
+AXIS_LABELS = {"latency_ms": "expected latency (ms)", "macs_expected": "expected MMACs per image"}
+CSV_METRICS = ("accuracy", "macs_expected", "macs_max", "macs_min", "latency_ms", "latency_ms_max", "exit_budget",
+               "samples")
+
+
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "metrics" in t.user_attrs]
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    return all(v <= 0.0 for v in trial.constraints.values())
+
+
+def front(study: optuna.Study) -> list[FrozenTrial]:
+    """Optuna's Pareto front (feasible trials only when the study has constraints), cheapest first."""
+    trials = [t for t in study.best_trials if "metrics" in t.user_attrs]
+    return sorted(trials, key=lambda t: (t.user_attrs["metrics"]["macs_expected"], -t.user_attrs["metrics"]["accuracy"]))
+
+
+def normalised_losses(metrics: Sequence[dict[str, Any]], objectives: Sequence[Objective],
+                      reference: dict[str, float]) -> np.ndarray:
+    """One row per trial: every objective as a loss in the units described in the module docstring."""
+    rows = []
+    for m in metrics:
+        row = []
+        for o in objectives:
+            value = float(m[o.metric])
+            if o.metric == "accuracy":
+                row.append(1.0 - value if o.direction == "max" else value)
+            else:
+                scaled = value / reference[o.metric]
+                row.append(scaled if o.direction == "min" else COST_REFERENCE - scaled)
+        rows.append(row)
+    return np.asarray(rows, dtype=float).reshape(len(rows), len(objectives))
+
+
+def reference_point(objectives: Sequence[Objective]) -> np.ndarray:
+    return np.array([ERROR_REFERENCE if o.metric == "accuracy" else COST_REFERENCE for o in objectives])
+
+
+def hypervolume(metrics: Sequence[dict[str, Any]], objectives: Sequence[Objective], reference: dict[str, float]) -> float:
+    """Normalised hypervolume of the given trials' metrics (points beyond the reference add nothing)."""
+    ref = reference_point(objectives)
+    losses = normalised_losses(metrics, objectives, reference)
+    losses = losses[np.all(losses < ref, axis=1)]
+    return float(compute_hypervolume(losses, ref)) if len(losses) else 0.0
+
+
+def study_hypervolume(study: optuna.Study, objectives: Sequence[Objective], reference: dict[str, float]) -> float:
+    return hypervolume([t.user_attrs["metrics"] for t in completed(study) if feasible(t)], objectives, reference)
+
+
+# ---- files --------------------------------------------------------------------------------------------------
+def pareto_entries(study: optuna.Study) -> list[dict[str, Any]]:
+    """pareto.json: ``[{"arch": Arch.to_dict(), "metrics": {...}}]``, cheapest first; ``metrics.trial`` is the
+    Optuna trial number."""
+    return [{"arch": t.user_attrs["arch"], "metrics": {**t.user_attrs["metrics"], "trial": t.number}}
+            for t in front(study)]
+
+
+def trials_csv(study: optuna.Study, objectives: Sequence[Objective]) -> str:
+    """Every trial (any state): number, state, timing, objective values, feasibility and constraint
+    violations, the main metrics, exit thresholds and rates, and the arch as JSON."""
+    trials = study.get_trials(deepcopy=False)
+    constraint_keys = sorted({k for t in trials for k in t.constraints})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["number", "state", "started", "duration_s", *[f"value:{o}" for o in objectives], "feasible",
+                     *[f"violation:{k}" for k in constraint_keys], *CSV_METRICS, "thresholds", "exit_rates",
+                     "gate_rates", "arch"])
+    for t in trials:
+        m = t.user_attrs.get("metrics", {})
+        values = list(t.values) if t.values is not None else [""] * len(objectives)
+        duration = t.duration.total_seconds() if t.duration is not None else ""
+        writer.writerow([
+            t.number, t.state.name, t.datetime_start.isoformat() if t.datetime_start else "", duration, *values,
+            feasible(t) if t.state == TrialState.COMPLETE else "",
+            *[t.constraints.get(k, "") for k in constraint_keys],
+            *[m.get(k, "") for k in CSV_METRICS],
+            *[json.dumps(m[k]) if k in m else "" for k in ("thresholds", "exit_rates", "gate_rates")],
+            json.dumps(t.user_attrs["arch"]) if "arch" in t.user_attrs else "",
+        ])
+    return out.getvalue()
+
+
+def plot_pareto(study: optuna.Study, path: Path, title: str) -> None:
+    """pareto.png: accuracy against expected latency (when measured) and expected MACs; every completed trial
+    grey (infeasible ones as crosses), the front highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = completed(study)
+    best = front(study)
+    axes_metrics = [m for m in ("latency_ms", "macs_expected") if any(m in t.user_attrs["metrics"] for t in trials)]
+    axes_metrics = axes_metrics or ["macs_expected"]
+    fig, axes = plt.subplots(1, len(axes_metrics), figsize=(6 * len(axes_metrics), 4.5), squeeze=False)
+    for ax, metric in zip(axes[0], axes_metrics):
+        scale = 1e-6 if metric == "macs_expected" else 1.0
+        for ok, marker in ((True, "o"), (False, "x")):
+            pts = [(t.user_attrs["metrics"][metric] * scale, t.user_attrs["metrics"]["accuracy"])
+                   for t in trials if feasible(t) == ok and metric in t.user_attrs["metrics"]]
+            if pts:
+                ax.scatter(*zip(*pts), c="0.7", marker=marker, s=18, label="trials" if ok else "infeasible")
+        pts = sorted((t.user_attrs["metrics"][metric] * scale, t.user_attrs["metrics"]["accuracy"]) for t in best
+                     if metric in t.user_attrs["metrics"])
+        if pts:
+            ax.plot(*zip(*pts), "-o", c="tab:red", ms=5, label="Pareto front")
+        ax.set_xlabel(AXIS_LABELS[metric])
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def write_outputs(study: optuna.Study, out_dir: Path, objectives: Sequence[Objective],
+                  reference: dict[str, float], title: Optional[str] = None) -> float:
+    """Write pareto.json, trials.csv and pareto.png (each atomically); returns the normalised hypervolume."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hv = study_hypervolume(study, objectives, reference)
+    atomic_write_json(out_dir / "pareto.json", pareto_entries(study))
+    atomic_write_text(out_dir / "trials.csv", trials_csv(study, objectives))
+    plot_pareto(study, out_dir / "pareto.png", title or f"{study.study_name}: hypervolume {hv:.4f}")
+    return hv

@@ -1,0 +1,177 @@
+"""``run_search``: a whole search from a run directory to pareto.json, trials.csv and pareto.png."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from nas4dyn.errors import ConfigError
+from nas4dyn.search import outputs
+from nas4dyn.search.objectives import parse_constraint, parse_objectives
+from nas4dyn.search.optuna_backend import SAMPLERS, make_sampler, run_optuna
+from nas4dyn.search.storage import count, default_storage, fail_orphaned_trials, mask_url, open_storage, open_study
+from nas4dyn.search.trial import SearchSettings, TrialContext, check_constraints, load_context, reference_costs
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("optuna", "ray")
+
+
+@dataclass
+class SearchConfig:
+    """The knobs of a search (the flags of ``nas4dyn search``)."""
+
+    run_dir: str
+    out_dir: str
+    objectives: str = "accuracy:max,macs_expected:min"
+    constraints: tuple[str, ...] = ()
+    latency_table: Optional[str] = None
+    sampler: str = "nsga2"
+    trials: int = 50
+    storage: Optional[str] = None  # default: sqlite:///OUT_DIR/study.db
+    study: str = "search"
+    backend: str = "optuna"
+    workers: int = 1
+    ray_address: Optional[str] = None
+    data_root: Optional[str] = None
+    static: bool = False
+    population: int = 20
+    seed: Optional[int] = None
+    bn_images: int = 2000
+    val_images: Optional[int] = None
+    batch_size: int = 256
+    progress: bool = True
+
+
+@dataclass
+class SearchSummary:
+    """What a search left behind."""
+
+    study: str
+    storage: str  # password masked
+    complete: int
+    failed: int
+    orphaned: int  # RUNNING trials of killed runs marked FAILED at start
+    front: int
+    hypervolume: float
+    reference: dict[str, float] = field(default_factory=dict)
+    out_dir: str = ""
+
+
+class Progress:
+    """A tqdm bar over completed trials whose postfix shows the best feasible accuracy so far and its cost."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=min(initial, total), unit="trial", desc="search", disable=not enabled,
+                        dynamic_ncols=True)
+
+    def __call__(self, study: optuna.Study) -> None:
+        done = count(study, TrialState.COMPLETE)
+        self.bar.update(max(0, min(done, self.bar.total) - self.bar.n))
+        best = [t for t in outputs.completed(study) if outputs.feasible(t)]
+        if best:
+            top = max((t.user_attrs["metrics"] for t in best), key=lambda m: m["accuracy"])
+            self.bar.set_postfix_str(f"best acc {top['accuracy']:.4f} @ {top['macs_expected'] / 1e6:.2f} MMACs, "
+                                     f"front {len(study.best_trials)}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _check(config: SearchConfig) -> None:
+    if config.sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler {config.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if config.backend not in BACKENDS:
+        raise ConfigError(f"--backend {config.backend!r}: choose one of {', '.join(BACKENDS)}")
+    if config.trials < 0:
+        raise ConfigError(f"--trials {config.trials}: must be 0 or more")
+    if config.workers < 1:
+        raise ConfigError(f"--workers {config.workers}: must be 1 or more")
+    if config.backend == "optuna" and config.workers > 1:
+        raise ConfigError(f"--workers {config.workers} needs --backend ray; with the optuna backend start more "
+                          "`nas4dyn search` processes on the same --storage instead")
+    if config.ray_address and config.backend != "ray":
+        raise ConfigError("--ray-address needs --backend ray")
+    for name in ("bn_images", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be 1 or more")
+    if config.val_images is not None and config.val_images < 1:
+        raise ConfigError(f"--val-images {config.val_images}: must be 1 or more")
+
+
+def study_settings(ctx: TrialContext) -> dict[str, Any]:
+    """What a stored study must agree on to be resumed (a different value would mix incomparable trials)."""
+    s = ctx.settings
+    return {
+        "space": ctx.net.space.name,
+        "dataset": str(ctx.data_info.get("dataset")),
+        "objectives": [str(o) for o in s.objectives],
+        "constraints": [str(c) for c in s.constraints],
+        "static": s.static,
+        "bn_images": s.bn_images,
+        "val_images": s.val_images,
+        "batch_size": s.batch_size,
+    }
+
+
+def run_search(config: SearchConfig) -> SearchSummary:
+    """Search ``config.run_dir``'s supernet until the study holds ``config.trials`` completed trials, then write
+    the outputs to ``config.out_dir``. A rerun with the same storage and study continues.
+
+    Raises:
+        ConfigError: bad flags, a constraint no subnet can meet, a study made with other settings.
+        CheckpointError, DataError: the run or its data cannot be read.
+    """
+    _check(config)
+    settings = SearchSettings(
+        objectives=parse_objectives(config.objectives),
+        constraints=tuple(parse_constraint(c) for c in config.constraints),
+        static=config.static,
+        bn_images=config.bn_images,
+        val_images=config.val_images,
+        batch_size=config.batch_size,
+    )
+    make_sampler(config.sampler, population=config.population)  # fail on bad sampler options before loading
+    ctx = load_context(config.run_dir, settings, config.latency_table, config.data_root)
+    check_constraints(ctx)
+    reference = reference_costs(ctx)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    url = config.storage or default_storage(out_dir)
+    storage = open_storage(url, heartbeat=config.backend == "optuna")
+    study = open_study(storage, config.study, [o.optuna_direction for o in settings.objectives], study_settings(ctx),
+                       url)
+    orphaned = fail_orphaned_trials(study)
+    # A resumed study gets a fresh seed stream, so a seeded sampler does not replay the first run's choices.
+    seed = None if config.seed is None else config.seed + len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(config.sampler, seed, config.population)
+    log.info("study %s in %s: %d completed, target %d", config.study, mask_url(url), count(study, TrialState.COMPLETE),
+             config.trials)
+    progress = Progress(config.trials, count(study, TrialState.COMPLETE), config.progress)
+    try:
+        if config.backend == "ray":
+            from nas4dyn.search.ray_backend import run_ray
+
+            run_ray(study, storage, ctx, config.trials, config.workers, config.ray_address, progress)
+        else:
+            run_optuna(study, ctx, config.trials, progress)
+    finally:
+        progress.close()
+    hv = outputs.write_outputs(study, out_dir, settings.objectives, reference)
+    return SearchSummary(
+        study=config.study,
+        storage=mask_url(url),
+        complete=count(study, TrialState.COMPLETE),
+        failed=count(study, TrialState.FAIL),
+        orphaned=orphaned,
+        front=len(outputs.front(study)),
+        hypervolume=hv,
+        reference=reference,
+        out_dir=str(out_dir),
+    )

@@ -1,0 +1,149 @@
+"""Study storage: opening Optuna storages from a URL, resuming, and failing the trials of killed runs.
+
+``--storage`` takes any Optuna RDB URL (``sqlite:///path.db``, ``postgresql://user:pw@host/db``, ...) or
+``journal:PATH`` (Optuna's journal file storage, for file systems where SQLite locking is unreliable). The
+default is ``sqlite:///SEARCH_DIR/study.db``. URLs are only ever shown with the password masked.
+
+Every trial records its owner (host, process id, process start time). On start, RUNNING trials whose owner
+process on this host is gone — a killed run — are marked FAILED, so they are not counted and the study
+resumes; trials of live processes (another search on the same storage) are left alone. RDB storages also
+keep Optuna's heartbeat, which fails stale trials of other hosts after the grace period.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from nas4dyn.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+OWNER_ATTR = "nas4dyn:owner"
+SETTINGS_ATTR = "nas4dyn:settings"
+JOURNAL_PREFIX = "journal:"
+HEARTBEAT_S = 60
+SQLITE_TIMEOUT_S = 120  # processes sharing one SQLite file wait for its lock instead of failing
+_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to log or print)."""
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+def default_storage(out_dir: str | Path) -> str:
+    return f"sqlite:///{Path(out_dir).resolve() / 'study.db'}"
+
+
+def open_storage(url: str, heartbeat: bool = True) -> BaseStorage:
+    """An Optuna storage for ``url`` (RDB: with Optuna's heartbeat, which only ``Study.optimize`` keeps — so
+    not for the Ray backend, whose searcher asks and tells).
+
+    Raises:
+        ConfigError: malformed URL, missing database driver, or unreachable database (password masked).
+    """
+    if url.startswith(JOURNAL_PREFIX):
+        path = Path(url[len(JOURNAL_PREFIX):].removeprefix("//"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval: stable in practice since 2.9
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S if heartbeat else None)
+    except Exception as exc:  # sqlalchemy raises many types (ArgumentError, OperationalError, ImportError)
+        message = mask_url(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise ConfigError(f"--storage {mask_url(url)}: cannot open ({type(exc).__name__}: {message}); pass an "
+                          "Optuna RDB URL such as sqlite:///study.db or journal:PATH") from None
+
+
+# ---- owners -------------------------------------------------------------------------------------------------
+def _start_time(pid: int) -> Optional[str]:
+    """The process start time (clock ticks since boot) from /proc, which tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner() -> dict[str, Any]:
+    """This process, as recorded on the trials it runs."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def owner_alive(record: Any) -> Optional[bool]:
+    """Whether the process in an owner record still runs (None: another host, or no record — unknown)."""
+    if not isinstance(record, dict) or record.get("host") != socket.gethostname():
+        return None
+    pid = int(record.get("pid", -1))
+    if pid <= 0:
+        return None
+    if record.get("start") is not None and Path("/proc").is_dir():
+        return _start_time(pid) == record["start"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_orphaned_trials(study: optuna.Study) -> int:
+    """Mark FAILED the RUNNING trials whose owner process on this host has died; returns how many."""
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if owner_alive(trial.user_attrs.get(OWNER_ATTR)) is False:
+            try:
+                if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    failed += 1
+            except UpdateFinishedTrialError:
+                pass  # another process finished or failed it first
+    if failed:
+        log.info("marked %d trial(s) of a killed run FAILED (not counted)", failed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # other hosts: heartbeat older than the grace period
+    return failed
+
+
+# ---- studies ------------------------------------------------------------------------------------------------
+def open_study(storage: BaseStorage, name: str, directions: list[str], settings: dict[str, Any],
+               url: str) -> optuna.Study:
+    """Create the study or load it to resume; a study made with other objectives, constraints or space is
+    refused rather than mixed.
+
+    Raises:
+        ConfigError: the stored study differs in what it optimises.
+    """
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
+    except ValueError as exc:  # e.g. another number of objectives
+        raise ConfigError(f"--study {name} in {mask_url(url)}: {exc}; use another --study name") from None
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if stored is None:
+        study.set_user_attr(SETTINGS_ATTR, settings)
+    elif stored != settings:
+        diff = [f"{k} {stored.get(k)!r} (now {settings.get(k)!r})" for k in settings if stored.get(k) != settings.get(k)]
+        raise ConfigError(f"--study {name} in {mask_url(url)} was created with {'; '.join(diff)}; rerun with the "
+                          "same settings to resume, or pick another --study name")
+    if [d.name.lower() for d in study.directions] != directions:
+        raise ConfigError(f"--study {name}: stored directions differ from --objectives; use another --study name")
+    return study
+
+
+def count(study: optuna.Study, state: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))

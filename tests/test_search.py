@@ -1,0 +1,276 @@
+"""Search: objectives, encoding, calibration, trials against the cost model, the CLI contract, resuming after a
+kill, concurrent processes on one storage, and the Ray backend. Tiny space, synthetic data, untrained net."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+import nas4dyn
+from nas4dyn.api import save_supernet
+from nas4dyn.cli.main import main
+from nas4dyn.cost.macs import count_macs
+from nas4dyn.data import load_data
+from nas4dyn.errors import ConfigError
+from nas4dyn.search import SearchConfig, run_search
+from nas4dyn.search.calibrate import ExitOutcomes, calibrate
+from nas4dyn.search.encoding import decode, suggest
+from nas4dyn.search.objectives import Constraint, parse_constraint, parse_objectives
+from nas4dyn.search.storage import mask_url, open_storage
+from nas4dyn.search.trial import SearchSettings, evaluate_arch, load_context
+from tests.conftest import make_decisive
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--bn-images", "64", "--threads", "1", "--no-progress"]  # synthetic data: 60 validation images per trial
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Trials of the tiny space run fastest on one thread on a shared CPU (the CLI's default too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("search") / "run"
+    torch.manual_seed(0)
+    net = make_decisive(nas4dyn.build_supernet("tiny"))  # gates and exits take varied decisions
+    save_supernet(root / "supernet.pt", net, load_data("synthetic").info.to_dict())
+    return root
+
+
+def load(path: Path, name: str = "search") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{path}")
+
+
+def states(study: optuna.Study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def db_states(path: Path) -> dict[str, int]:
+    """Trial states read straight from SQLite: opening an Optuna storage on a database that another process is
+    still creating races with its schema creation."""
+    if not path.exists():
+        return {}
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+        try:
+            return dict(db.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
+        except sqlite3.OperationalError:  # tables not created yet
+            return {}
+
+
+def cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "nas4dyn", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+# ---- parsing ------------------------------------------------------------------------------------------------
+def test_objectives_and_constraints_parse():
+    objs = parse_objectives("accuracy:max, macs_expected:min,latency_ms")
+    assert [(o.metric, o.direction) for o in objs] == [("accuracy", "max"), ("macs_expected", "min"),
+                                                       ("latency_ms", "min")]
+    assert parse_constraint("latency_ms<=4") == Constraint("latency_ms", "<=", 4.0)
+    assert parse_constraint(" macs_expected <= 2.5M ").bound == 2.5e6
+    assert parse_constraint("accuracy>=0.8").violation(0.9) < 0 < parse_constraint("accuracy>=0.8").violation(0.7)
+    for bad in ("accuracy:max", "accuracy:max,flops:min", "accuracy:up,macs_max:min", "accuracy,accuracy"):
+        with pytest.raises(ConfigError):
+            parse_objectives(bad)
+    for bad in ("latency_ms<4", "speed<=3", "latency_ms<=fast"):
+        with pytest.raises(ConfigError, match="--constraint"):
+            parse_constraint(bad)
+
+
+def test_storage_url_password_is_masked():
+    assert mask_url("postgresql://bob:s3cret@db.example:5432/nas") == "postgresql://bob:***@db.example:5432/nas"
+    assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    with pytest.raises(ConfigError) as info:
+        open_storage("postgresql+nosuchdriver://bob:s3cret@127.0.0.1:1/nas")
+    assert "s3cret" not in str(info.value) and "***" in str(info.value)
+
+
+# ---- encoding and calibration -------------------------------------------------------------------------------
+def test_full_vector_encoding_decodes_every_suggestion(tiny_space):
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    names = None
+    for _ in range(30):
+        trial = study.ask()
+        params = suggest(trial, tiny_space)
+        arch = decode(tiny_space, params)  # validated against the space
+        names = names or set(params)
+        assert set(params) == names, "every trial suggests the same flat vector (NSGA-II needs it)"
+        assert all(e.block < arch.depths[e.stage] for e in arch.exits)
+        study.tell(trial, [0.0, 0.0])
+    static = decode(tiny_space, suggest(study.ask(), tiny_space, static=True))
+    assert not static.is_dynamic
+
+
+def test_calibration_meets_limit_at_best_accuracy():
+    rng = np.random.default_rng(0)
+    n = 400
+    conf = rng.random((n, 2))
+    # Confident samples are more often right at the early exits; the final classifier is right more often.
+    correct = np.stack([rng.random(n) < conf[:, 0], rng.random(n) < conf[:, 1], rng.random(n) < 0.9], 1)
+    costs = {"macs_expected": np.tile(np.array([1.0, 2.0, 4.0]), (n, 1))}
+    outcomes = ExitOutcomes(conf, correct, costs)
+    limit = Constraint("macs_expected", "<=", 2.5)
+    t = calibrate(outcomes, [limit])
+    got = outcomes.evaluate(t[None, :])
+    assert got["macs_expected"][0] <= 2.5
+    # No threshold pair on a fine grid beats it under the same limit.
+    grid = np.stack(np.meshgrid(*[np.unique(conf[:, k]) for k in range(2)], indexing="ij"), -1).reshape(-1, 2)
+    every = outcomes.evaluate(grid[:: max(1, len(grid) // 20000)])
+    best = every["accuracy"][every["macs_expected"] <= 2.5].max()
+    assert got["accuracy"][0] >= best - 0.01
+    assert calibrate(outcomes, [Constraint("macs_expected", "<=", 0.5)]).shape == (2,)  # infeasible: least violation
+
+
+def test_trial_costs_agree_with_the_cost_model(run_dir, tiny_space):
+    settings = SearchSettings(parse_objectives("accuracy:max,macs_expected:min"), bn_images=64)
+    ctx = load_context(run_dir, settings)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    checked = 0
+    while checked < 2:
+        arch = decode(tiny_space, suggest(study.ask(), tiny_space))
+        if not arch.exits:
+            continue
+        result = evaluate_arch(ctx, arch, ctx.val_batches, exit_budget=0.5)
+        tuned = result.arch
+        assert [e.threshold for e in tuned.exits] == result.metrics["thresholds"]
+        report = count_macs(ctx.net, tuned, ctx.val_batches)
+        assert result.metrics["macs_expected"] == pytest.approx(report.macs_expected, rel=1e-9)
+        assert result.metrics["macs_max"] == report.macs_max
+        assert result.metrics["exit_rates"] == pytest.approx(report.exit_rates)
+        ctx.net.set_active(tuned)
+        with torch.no_grad():
+            hits = sum(int((ctx.net(x).argmax(1) == y).sum()) for x, y in ctx.val_batches)
+        assert result.metrics["accuracy"] == pytest.approx(hits / result.metrics["samples"])
+        checked += 1
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+def test_search_writes_outputs_and_front_honours_constraint(run_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    code = main(["search", "--run", str(run_dir), "--out", str(out), "--trials", "10", "--seed", "0",
+                 "--constraint", "macs_expected<=150k", *FAST])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "hypervolume" in printed and "10 completed" in printed
+    front = json.loads((out / "pareto.json").read_text())
+    assert front, "some subnet meets the constraint"
+    for entry in front:
+        arch = nas4dyn.Arch.from_dict(entry["arch"])
+        nas4dyn.load_space("tiny").validate(arch)
+        m = entry["metrics"]
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["macs_expected"] <= 150e3
+        assert {"macs_max", "macs_expected", "exit_rates", "gate_rates", "thresholds"} <= set(m)
+        assert [e.threshold for e in arch.exits] == m["thresholds"]
+    rows = (out / "trials.csv").read_text().strip().splitlines()
+    assert len(rows) == 11 and rows[0].startswith("number,state")
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    study = load(out / "study.db")
+    assert states(study) == {"COMPLETE": 10}
+    # Rerunning with a larger target continues the same study.
+    assert main(["search", "--run", str(run_dir), "--out", str(out), "--trials", "11", "--seed", "0",
+                 "--constraint", "macs_expected<=150k", *FAST]) == 0
+    assert states(load(out / "study.db")) == {"COMPLETE": 11}
+    # ...but not with other objectives.
+    assert main(["search", "--run", str(run_dir), "--out", str(out), "--trials", "11",
+                 "--objectives", "accuracy:max,macs_max:min", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was created with" in err
+
+
+def test_bad_input_is_one_line_exit_2_before_any_trial(run_dir, tmp_path, capsys):
+    cases = [
+        (["--constraint", "macs_expected<=1000"], "no subnet can meet it"),
+        (["--objectives", "accuracy:max,latency_ms:min"], "--latency-table"),
+        (["--constraint", "latency_ms<<4"], "--constraint"),
+        (["--workers", "2"], "--backend ray"),
+    ]
+    for extra, needle in cases:
+        out = tmp_path / "bad"
+        assert main(["search", "--run", str(run_dir), "--out", str(out), "--trials", "3", *extra, *FAST]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+        assert not (out / "study.db").exists()
+
+
+def test_killed_run_resumes_and_its_running_trial_fails(run_dir, tmp_path):
+    out = tmp_path / "s"
+    proc = cli("search", "--run", str(run_dir), "--out", str(out), "--trials", "40", "--seed", "1", *FAST)
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline:
+            time.sleep(0.5)
+            counts = db_states(out / "study.db")
+            if counts.get("COMPLETE", 0) >= 2 and counts.get("RUNNING", 0) == 1:
+                break
+        else:
+            pytest.fail(f"no trials completed in time: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    before = load(out / "study.db")
+    done = [t.number for t in before.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+    running = [t.number for t in before.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
+    assert running, "a trial was in flight when the run was killed"
+    target = len(done) + 2
+    assert main(["search", "--run", str(run_dir), "--out", str(out), "--trials", str(target), *FAST]) == 0
+    after = load(out / "study.db")
+    complete = [t.number for t in after.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+    assert len(complete) == target and set(done) <= set(complete)
+    assert {t.number for t in after.get_trials(states=(optuna.trial.TrialState.FAIL,))} == set(running)
+    assert not after.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+
+
+def test_two_processes_on_one_storage_lose_no_trials(run_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    args = ["search", "--run", str(run_dir), "--storage", storage, "--trials", "6", "--sampler", "random", *FAST]
+    procs = [cli(*args, "--out", str(tmp_path / f"p{i}")) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    study = load(tmp_path / "shared.db")
+    counts = states(study)
+    assert set(counts) == {"COMPLETE"} and counts["COMPLETE"] >= 6
+    assert sorted(t.number for t in study.trials) == list(range(len(study.trials)))
+
+
+def test_journal_storage_and_static_search(run_dir, tmp_path):
+    summary = run_search(SearchConfig(run_dir=str(run_dir), out_dir=str(tmp_path), trials=3, sampler="tpe",
+                                      storage=f"journal:{tmp_path / 'journal.log'}", static=True, bn_images=64,
+                                      progress=False))
+    assert summary.complete == 3 and (tmp_path / "journal.log").stat().st_size > 0
+    for entry in json.loads((tmp_path / "pareto.json").read_text()):
+        assert not nas4dyn.Arch.from_dict(entry["arch"]).is_dynamic
+
+
+def test_ray_backend_two_local_workers(run_dir, tmp_path):
+    out = tmp_path / "ray"
+    proc = cli("search", "--run", str(run_dir), "--out", str(out), "--backend", "ray", "--workers", "2",
+               "--trials", "4", "--seed", "0", *FAST)
+    stdout, stderr = proc.communicate(timeout=400)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "4 completed" in stdout
+    assert states(load(out / "study.db")) == {"COMPLETE": 4}
+    front = json.loads((out / "pareto.json").read_text())
+    assert front and all("accuracy" in e["metrics"] for e in front)
+    assert (out / "trials.csv").exists() and (out / "pareto.png").exists()
