@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 
@@ -206,6 +207,26 @@ def test_exported_probe_features_feed_the_final_classifier(export_dir):
     groups = probe.gate_groups()
     assert groups[-1].end == probe.gate_decisions(x).shape[1]
     assert {g.kind for g in groups} == {"channel", "skip"}
+
+
+def test_probe_covers_every_gate_kind():
+    """EMG, DFS (three options), routed (CIGT) blocks: the layout covers every decision column, and the
+    penultimate features still feed the final classifier (eager exports; TorchScript is tested above)."""
+    from nas4dyn.export import export_subnet
+
+    torch.manual_seed(0)
+    net = make_decisive(nas4dyn.build_supernet("fmnist_dynamic_all"))
+    x, kinds = torch.rand(3, 1, 28, 28), set()
+    for seed in range(12):
+        model = export_subnet(net, net.space.sample(random.Random(seed)), {"mean": [0.3], "std": [0.3]})
+        probe = ExportedProbe(model)
+        with torch.no_grad():
+            head = list(model.subnet.segments.children())[-1].head
+            assert torch.allclose(head.fc(probe.penultimate(x)), model.forward_all(x)[-1], atol=1e-4)
+            groups = probe.gate_groups()
+            assert (groups[-1].end if groups else 0) == probe.gate_decisions(x).shape[1]
+        kinds |= {g.kind for g in groups}
+    assert kinds == {"channel", "skip", "emg", "dfs", "route"}
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
