@@ -1,0 +1,286 @@
+"""On-device latency: the measured table of a space's parts, and the predictor built on it.
+
+A :class:`LatencyTable` holds the median latency (ms) of every distinct part of a space on one device —
+stem (with the input resize), gater, each block configuration per gate state, exit heads with their
+confidence test, the classifier — together with the device fingerprint it was measured on and a linear
+correction ``a * sum + b`` fitted to end-to-end measurements of random subnets. :class:`LatencyModel`
+predicts a subnet's latency from it: the full path, any single path, or the expectation over a data split.
+Tables are produced by ``nas4dyn profile`` (:func:`nas4dyn.cost.profiler.profile_space`).
+
+Remote targets: run ``nas4dyn profile`` on the target device and copy the JSON to the machine that searches;
+loading it there warns that the fingerprint differs, which is expected (pass ``check_device=False`` to
+:meth:`LatencyModel.load` to silence it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from nas4dyn.cost.paths import Part, SamplePaths, arch_layout, interpolate, path_contributions, trace_paths
+from nas4dyn.errors import ConfigError, SpaceError
+from nas4dyn.io import atomic_write_json
+from search_spaces.arch import Arch
+from search_spaces.space import SearchSpace, space_from_dict
+from supernet.network import Supernet
+
+log = logging.getLogger(__name__)
+
+TABLE_FORMAT = "nas4dyn-latency/1"
+# What identifies the device and software a table describes; threads, batch size and dtype are settings the
+# table was measured with and that predictions assume.
+DEVICE_FIELDS = ("device", "device_name", "machine", "torch")
+# The fields that identify each kind of table entry; every entry also has a level (gate units on for a
+# block, gater rows for the gater, 0 otherwise) and the measured ms.
+KEY_FIELDS = {
+    "stem": ("resolution",),
+    "gater": ("resolution",),
+    "block": ("resolution", "stage", "first", "kernel", "width", "gate"),
+    "exit": ("resolution", "stage"),
+    "classifier": ("resolution",),
+}
+
+
+def device_name(device: str) -> str:
+    """The CPU model (from /proc/cpuinfo) or the GPU name."""
+    if device == "cuda":
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: fall back to what platform knows
+    return platform.processor() or platform.machine()
+
+
+def device_fingerprint(device: str, threads: int, batch_size: int, dtype: str = "float32") -> dict[str, Any]:
+    """What a latency table was measured on and with."""
+    return {
+        "device": device,
+        "device_name": device_name(device),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "batch_size": batch_size,
+        "dtype": dtype,
+    }
+
+
+def fit_correction(sums: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
+    """``(a, b)`` of ``measured ≈ a * sums + b``, least squares on the relative error (what validation scores)."""
+    s, y = np.asarray(sums, dtype=float), np.asarray(measured, dtype=float)
+    if len(s) < 2:
+        raise ConfigError(f"fitting the latency correction needs at least 2 measured subnets, got {len(s)}")
+    (a, b), *_ = np.linalg.lstsq(np.stack([s / y, 1.0 / y], 1), np.ones_like(y), rcond=None)
+    return float(a), float(b)
+
+
+def accuracy(predicted: Sequence[float], measured: Sequence[float], tolerance: float = 0.10) -> dict[str, float]:
+    """Share of predictions within ``tolerance`` of measured, mean absolute percentage error, worst error."""
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    err = np.abs(p - m) / m
+    return {
+        "n": int(len(m)),
+        "within_10pct": float(np.mean(err <= tolerance)),
+        "mape_pct": float(100 * err.mean()),
+        "worst_pct": float(100 * err.max()),
+    }
+
+
+@dataclass
+class LatencyTable:
+    """Measured latencies (ms) of every distinct part of a space on one device.
+
+    ``levels`` maps an entry key (``("block", resolution, stage, first, kernel, width, gate)`` and the like,
+    see ``KEY_FIELDS``) to ``(level, ms)`` pairs, sorted by level. ``correction`` is ``(a, b)`` of the fitted
+    ``a * table_sum + b``; ``calibration`` and ``validation`` describe its end-to-end accuracy.
+    """
+
+    space: SearchSpace
+    fingerprint: dict[str, Any]
+    input_size: int
+    levels: dict[tuple, tuple[tuple[float, float], ...]]
+    correction: tuple[float, float] = (1.0, 0.0)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    validation: Optional[dict[str, Any]] = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    source: str = "<table>"
+
+    # ---- lookups --------------------------------------------------------------------------------------
+    def _levels(self, key: tuple) -> tuple[tuple[float, float], ...]:
+        try:
+            return self.levels[key]
+        except KeyError:
+            desc = ", ".join(f"{f}={v}" for f, v in zip(KEY_FIELDS[key[0]], key[1:]))
+            raise ConfigError(
+                f"latency table {self.source} has no {key[0]} entry for {desc}: re-run "
+                f"`nas4dyn profile --space {self.space.name}` for this space"
+            ) from None
+
+    def parts(self, arch: Arch) -> list[Part]:
+        """The parts of ``arch`` with their measured ms per gate state (see :mod:`nas4dyn.cost.paths`)."""
+        self.space.validate(arch)
+        r = arch.resolution
+        layout = arch_layout(self.space, arch)
+        parts = []
+        rows = sum(slot.units for slot in layout if slot.gate == "channel")
+        if rows:
+            parts.append(Part("gater", 0, ((0.0, float(interpolate(self._levels(("gater", r)), rows))),)))
+        parts.append(Part("stem", 0, self._levels(("stem", r))))
+        gate = 0
+        for slot, blk in zip(layout, arch.blocks()):
+            key = ("block", r, slot.stage, slot.block == 0, blk.kernel, blk.width, blk.gate)
+            parts.append(Part(f"block.{slot.name}", slot.segment, self._levels(key), gate if blk.gate != "none" else None))
+            gate += blk.gate != "none"
+        for i, e in enumerate(arch.exits):
+            parts.append(Part(f"exit.{e.stage}.{e.block}", i, self._levels(("exit", r, e.stage))))
+        parts.append(Part("classifier", len(arch.exits), self._levels(("classifier", r))))
+        return parts
+
+    # ---- JSON -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        entries = [
+            {"part": key[0], **dict(zip(KEY_FIELDS[key[0]], key[1:])), "level": level, "ms": ms}
+            for key, levels in self.levels.items()
+            for level, ms in levels
+        ]
+        return {
+            "format": TABLE_FORMAT,
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "input_size": self.input_size,
+            "correction": {"a": self.correction[0], "b": self.correction[1]},
+            "calibration": self.calibration,
+            "validation": self.validation,
+            "space": self.space.to_dict(),
+            "entries": entries,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<table>") -> "LatencyTable":
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ConfigError: not a nas4dyn latency table, or a malformed one.
+        """
+        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+            raise ConfigError(f"{source}: not a nas4dyn latency table (expected format {TABLE_FORMAT}); "
+                              "create one with `nas4dyn profile`")
+        try:
+            space = space_from_dict(data["space"], source)
+            grouped: dict[tuple, list[tuple[float, float]]] = {}
+            for e in data["entries"]:
+                key = (e["part"], *(e[f] for f in KEY_FIELDS[e["part"]]))
+                grouped.setdefault(key, []).append((float(e["level"]), float(e["ms"])))
+            corr = data["correction"]
+            return cls(
+                space=space,
+                fingerprint=dict(data["fingerprint"]),
+                input_size=int(data["input_size"]),
+                levels={k: tuple(sorted(v)) for k, v in grouped.items()},
+                correction=(float(corr["a"]), float(corr["b"])),
+                calibration=dict(data.get("calibration") or {}),
+                validation=data.get("validation"),
+                settings=dict(data.get("settings") or {}),
+                source=source,
+            )
+        except (KeyError, TypeError, ValueError, SpaceError) as exc:
+            raise ConfigError(f"{source}: malformed latency table ({type(exc).__name__}: {exc}); "
+                              "re-create it with `nas4dyn profile`") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write the table as JSON, atomically."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyTable":
+        """Read a table written by :meth:`save`.
+
+        Raises:
+            ConfigError: missing, unreadable or malformed file.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: cannot read latency table ({type(exc).__name__}); "
+                              "create one with `nas4dyn profile --out` this path") from None
+        return cls.from_dict(data, str(path))
+
+    def device_mismatch(self) -> list[str]:
+        """How this machine differs from the table's device (empty when it matches)."""
+        here = device_fingerprint(self.fingerprint.get("device", "cpu"), 0, 0)
+        return [f"{f} {self.fingerprint.get(f)!r} vs here {here[f]!r}" for f in DEVICE_FIELDS
+                if self.fingerprint.get(f) != here[f]]
+
+
+class LatencyModel:
+    """Latency predictor for one device: the sum of a subnet's table entries along a path, corrected by the
+    fitted ``a * sum + b``. Predictions are in ms at the table's batch size and thread count."""
+
+    def __init__(self, table: LatencyTable):
+        self.table = table
+
+    @classmethod
+    def load(cls, path: str | Path, check_device: bool = True) -> "LatencyModel":
+        """The model of a table file; warns when the table was measured on another device or torch version
+        (expected for remote targets — then pass ``check_device=False``).
+
+        Raises:
+            ConfigError: missing or malformed table.
+        """
+        table = LatencyTable.load(path)
+        mismatch = table.device_mismatch() if check_device else []
+        if mismatch:
+            message = (f"latency table {path} was measured on another device ({'; '.join(mismatch)}): its "
+                       "predictions describe that device; re-run `nas4dyn profile` here for local latency")
+            log.warning(message)
+            warnings.warn(message, stacklevel=2)
+        return cls(table)
+
+    def _correct(self, ms: np.ndarray | float) -> np.ndarray:
+        a, b = self.table.correction
+        return a * np.asarray(ms, dtype=float) + b
+
+    def table_sum(self, arch: Arch, paths: Optional[SamplePaths] = None) -> np.ndarray:
+        """Uncorrected sums of table entries, one per sample path (one value, the full path, when ``paths``
+        is None)."""
+        parts = self.table.parts(arch)
+        if paths is None:
+            paths = SamplePaths.full_path(arch_layout(self.table.space, arch), len(arch.exits))
+        return np.sum(list(path_contributions(parts, paths).values()), axis=0)
+
+    def path_sum(self, arch: Arch, exit_index: Optional[int] = None, units: Sequence[float] = ()) -> float:
+        """Uncorrected table sum of one path: leaving at ``exit_index`` with ``units[g]`` units on in gated
+        block ``g`` (None: the full path)."""
+        if exit_index is None:
+            return float(self.table_sum(arch)[0])
+        gated = [s for s in arch_layout(self.table.space, arch) if s.gate != "none"]
+        if len(units) != len(gated) or not 0 <= exit_index <= len(arch.exits):
+            raise ConfigError(f"path: expected an exit in 0..{len(arch.exits)} and {len(gated)} gate states, "
+                              f"got exit {exit_index} and {len(units)} states")
+        paths = SamplePaths(np.array([exit_index]), np.asarray(units, dtype=float).reshape(1, -1),
+                            len(arch.exits), gated)
+        return float(self.table_sum(arch, paths)[0])
+
+    def predict(self, arch: Arch) -> float:
+        """ms of the full path: no early exit, every gate open."""
+        return float(self._correct(self.path_sum(arch)))
+
+    def predict_path(self, arch: Arch, exit_index: int, units: Sequence[float]) -> float:
+        """ms of one path: leaving at ``exit_index`` with ``units[g]`` units on in gated block ``g``."""
+        return float(self._correct(self.path_sum(arch, exit_index, units)))
+
+    def predict_expected(self, net: Supernet, arch: Arch, loader: Iterable) -> float:
+        """Expected ms over ``loader``'s data: Σ P(path) · latency(path), each sample's path (exit and gate
+        decisions) measured with the eval-mode ``net``."""
+        paths = trace_paths(net, arch, loader)
+        return float(self._correct(self.table_sum(arch, paths)).mean())

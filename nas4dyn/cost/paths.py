@@ -1,0 +1,279 @@
+"""Execution paths of a dynamic subnet, and the costs of the parts along them.
+
+A sample's *path* is the exit it leaves at and, for every gated block, its gate state: how many of the block's
+gate units are on — filters for a channel gate, filters running the large kernel for an EMG gate, 0/1 for a
+skip gate. The MAC counter and the latency model both describe an arch as a list of :class:`Part` objects (a
+cost per part, per gate state for gated blocks) and share the combination rules here: the full path, the
+cheapest path, and each sample's realized path. :data:`GATES` says, per gate kind, how to read a state from
+the supernet's ``gate_trace`` and how to force a state onto an extracted block.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterable, NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from nas4dyn.errors import ConfigError
+from search_spaces.arch import Arch
+from search_spaces.space import SearchSpace
+from supernet.dynamic.gates import GlobalGater
+from supernet.network import Supernet
+from supernet.static_blocks import StaticBlock
+from supernet.subnet import SubNet
+
+# Large enough that no activation crosses it: a forced gate decides the same for every input.
+_FORCE = 1e30
+
+
+def _force_channel(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalGater]) -> None:
+    if gater is None:
+        raise ConfigError("a channel-gated block is forced through its subnet's gater; none was given")
+    gater.fc2.weight[blk.gate_start : blk.gate_end] = 0.0
+    gater.fc2.bias[blk.gate_start : blk.gate_end] = torch.where(mask, 1.0, -1.0).to(gater.fc2.bias)
+
+
+def _force_skip(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalGater]) -> None:
+    assert blk.skip_gate is not None
+    blk.skip_gate.fc2.weight.zero_()
+    blk.skip_gate.fc2.bias.fill_(1.0 if bool(mask[0]) else -1.0)
+
+
+def _force_emg(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalGater]) -> None:
+    # EMG opens a filter's large kernel where pooled small response - threshold > 0.
+    blk.emg_threshold.copy_(torch.where(mask, -_FORCE, _FORCE).to(blk.emg_threshold))
+
+
+class GateKind(NamedTuple):
+    """What the cost model needs to know about one kind of gate."""
+
+    per_filter: bool  # units are the block's hidden filters (else one unit: the branch)
+    force: Callable[[StaticBlock, torch.Tensor, Optional[GlobalGater]], None]  # in place, see force_gate
+    # The block's own decision module, whose output only steers control flow (a trace of the block drops it
+    # as dead code, so it is costed on its own); None when the decision is computed elsewhere or in the data
+    # path (the channel gater is a part of its own; EMG's small-kernel response is also the output).
+    decider: Callable[[StaticBlock], Optional[nn.Module]] = lambda blk: None
+
+
+GATES: dict[str, GateKind] = {
+    "channel": GateKind(True, _force_channel),
+    "emg": GateKind(True, _force_emg),
+    "skip": GateKind(False, _force_skip, lambda blk: blk.skip_gate),
+}
+
+
+def gate_kind(name: str) -> GateKind:
+    try:
+        return GATES[name]
+    except KeyError:
+        raise ConfigError(f"gate kind {name!r} has no cost model yet (known: {sorted(GATES)}); "
+                          "remove it from the space or add it to nas4dyn.cost.paths.GATES") from None
+
+
+class BlockSlot(NamedTuple):
+    """One active block of an arch: where it sits, which segment runs it, and its gate units."""
+
+    name: str  # "stage.block", the key of gate statistics
+    stage: int
+    block: int
+    segment: int  # index of the exit whose segment holds the block (the final classifier is len(exits))
+    gate: str
+    units: int  # gate units: filters of a per-filter gate, 1 for a skip gate, 0 without a gate
+
+
+def arch_layout(space: SearchSpace, arch: Arch) -> list[BlockSlot]:
+    """The blocks of ``arch`` in network order with their segments and gate units."""
+    positions = [(e.stage, e.block) for e in arch.exits]
+    slots = []
+    for blk in arch.blocks():
+        segment = sum(pos < (blk.stage, blk.block) for pos in positions)
+        units = 0
+        if blk.gate != "none":
+            hidden = space.stages[blk.stage].hidden_channels(blk.width, space.block_in_channels(blk.stage, blk.block))
+            units = hidden if gate_kind(blk.gate).per_filter else 1
+        slots.append(BlockSlot(f"{blk.stage}.{blk.block}", blk.stage, blk.block, segment, blk.gate, units))
+    return slots
+
+
+def gated_slots(layout: list[BlockSlot]) -> list[BlockSlot]:
+    return [slot for slot in layout if slot.gate != "none"]
+
+
+def interpolate(levels: tuple[tuple[float, float], ...], x: np.ndarray | float) -> np.ndarray:
+    """Piecewise-linear interpolation through ``(level, value)`` pairs sorted by level (constant outside)."""
+    xs, ys = zip(*levels)
+    return np.interp(x, xs, ys)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of a subnet that runs for every sample reaching ``segment`` (exit index >= segment).
+
+    ``levels`` maps gate units that are on to the part's cost, interpolated linearly between levels; a part
+    with one level costs the same in every state. ``gate`` indexes the sample's gate states (None: no gate).
+    """
+
+    name: str
+    segment: int
+    levels: tuple[tuple[float, float], ...]
+    gate: Optional[int] = None
+
+    def cost(self, units: np.ndarray | float) -> np.ndarray:
+        return interpolate(self.levels, units)
+
+    @property
+    def full(self) -> float:
+        """Cost with every unit on (the last level)."""
+        return float(self.levels[-1][1])
+
+    @property
+    def cheapest(self) -> float:
+        return float(min(c for _, c in self.levels))
+
+
+@dataclass
+class SamplePaths:
+    """Per-sample paths: ``exits[i]`` is the exit sample ``i`` left at (``num_exits`` = the final classifier),
+    ``units[i, g]`` the units of gated block ``g`` that were on for it (decisions along the full path)."""
+
+    exits: np.ndarray
+    units: np.ndarray
+    num_exits: int
+    gated: list[BlockSlot]
+
+    @classmethod
+    def full_path(cls, layout: list[BlockSlot], num_exits: int) -> "SamplePaths":
+        """One sample that leaves at the final classifier with every gate open."""
+        gated = gated_slots(layout)
+        return cls(np.array([num_exits]), np.array([[s.units for s in gated]], dtype=float).reshape(1, -1),
+                   num_exits, gated)
+
+    @classmethod
+    def single(cls, layout: list[BlockSlot], num_exits: int, exit_index: int, units: list[float]) -> "SamplePaths":
+        """One sample leaving at ``exit_index`` with ``units[g]`` units on in gated block ``g``.
+
+        Raises:
+            ConfigError: the exit or the number of gate states does not fit the arch.
+        """
+        gated = gated_slots(layout)
+        if len(units) != len(gated) or not 0 <= exit_index <= num_exits:
+            raise ConfigError(f"path: expected an exit in 0..{num_exits} and {len(gated)} gate states, "
+                              f"got exit {exit_index} and {len(units)} states")
+        return cls(np.array([exit_index]), np.asarray(units, dtype=float).reshape(1, -1), num_exits, gated)
+
+    def __len__(self) -> int:
+        return len(self.exits)
+
+    def exit_rates(self) -> list[float]:
+        """Share of samples leaving at each exit, the final classifier last."""
+        counts = np.bincount(self.exits, minlength=self.num_exits + 1)
+        return (counts / max(1, len(self))).tolist()
+
+    def gate_rates(self) -> dict[str, float]:
+        """Mean share of each gated block's units that are on ("stage.block" -> 0..1)."""
+        return {s.name: float(self.units[:, g].mean() / s.units) for g, s in enumerate(self.gated)}
+
+
+def path_contributions(parts: list[Part], paths: SamplePaths) -> dict[str, np.ndarray]:
+    """Each part's cost for each sample along that sample's own path (0 where the sample left earlier)."""
+    out = {}
+    for part in parts:
+        reached = paths.exits >= part.segment
+        cost = part.cost(paths.units[:, part.gate]) if part.gate is not None else np.full(len(paths), part.full)
+        out[part.name] = np.where(reached, cost, 0.0)
+    return out
+
+
+def full_cost(parts: list[Part]) -> float:
+    """Everything runs: every gate open, every exit head evaluated, the final classifier reached."""
+    return float(sum(p.full for p in parts))
+
+
+def min_cost(parts: list[Part]) -> float:
+    """Every sample leaves at the first exit (the final classifier if none) with the cheapest gate states."""
+    return float(sum(p.cheapest for p in parts if p.segment == 0))
+
+
+@torch.no_grad()
+def trace_paths(net: Supernet, arch: Arch, loader: Iterable) -> SamplePaths:
+    """Run ``loader`` ((x, y) batches, already normalised) through the eval-mode ``net`` with ``arch`` active
+    and record every sample's path. The net's active arch and mode are restored afterwards.
+
+    Raises:
+        ConfigError: the loader yields no samples.
+    """
+    gated = gated_slots(arch_layout(net.space, arch))
+    device = next(net.parameters()).device
+    previous, was_training = net.active, net.training
+    net.eval()
+    net.set_active(arch)
+    exits, units = [], []
+    try:
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            _, idx = net.forward_with_exits(x.to(device))
+            exits.append(idx.cpu().numpy())
+            # gate_trace holds the gated blocks in network order, hard 0/1 in eval: N x filters or N.
+            per_gate = [t.values.reshape(len(x), -1).sum(1).cpu().numpy() for t in net.gate_trace]
+            units.append(np.stack(per_gate, 1) if per_gate else np.zeros((len(x), 0)))
+    finally:
+        net.set_active(previous)
+        net.train(was_training)
+    if sum(len(e) for e in exits) == 0:
+        raise ConfigError("the data loader yielded no samples: pass a loader over a non-empty data split")
+    return SamplePaths(np.concatenate(exits), np.concatenate(units).astype(float), len(arch.exits), gated)
+
+
+def random_path(layout: list[BlockSlot], num_exits: int, rng: random.Random) -> tuple[int, list[torch.Tensor]]:
+    """A random path: an exit, and per gated block a random on/off mask over its units."""
+    exit_index = rng.randint(0, num_exits)
+    masks = []
+    for slot in gated_slots(layout):
+        mask = torch.zeros(slot.units, dtype=torch.bool)
+        mask[rng.sample(range(slot.units), rng.randint(0, slot.units))] = True
+        masks.append(mask)
+    return exit_index, masks
+
+
+@torch.no_grad()
+def force_gate(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalGater] = None) -> None:
+    """Make ``blk``'s gate decide ``mask`` (its units on/off) for every input, in place. Only the decision
+    layer changes (weights to 0, biases or thresholds to fixed signs), so the block runs exactly the
+    operations of an input that takes this state. A channel gate lives in the subnet's ``gater``."""
+    gate_kind(blk.gate_kind).force(blk, mask, gater)
+
+
+def forced_block(blk: StaticBlock, mask: torch.Tensor, batch: int = 1) -> tuple[StaticBlock, torch.Tensor]:
+    """A standalone extracted block whose gate takes ``mask`` for every input, and the gate logits to call it
+    with (channel gates read theirs from the logits; other gates are forced in a copy)."""
+    if blk.gate_kind == "channel":
+        logits = torch.zeros(batch, blk.gate_end, device=mask.device)
+        logits[:, blk.gate_start : blk.gate_end] = torch.where(mask, 1.0, -1.0)
+        return blk, logits
+    no_logits = torch.zeros(batch, 0, device=mask.device)
+    if blk.gate_kind == "none":
+        return blk, no_logits
+    forced = copy.deepcopy(blk)
+    force_gate(forced, mask)
+    return forced, no_logits
+
+
+@torch.no_grad()
+def force_path(sub: SubNet, exit_index: int, masks: list[torch.Tensor]) -> SubNet:
+    """A copy of ``sub`` in which every input takes one path: it leaves at ``exit_index`` and gated block ``g``
+    has exactly the units ``masks[g]`` on — what latency is measured on."""
+    forced = copy.deepcopy(sub)
+    for i, seg in enumerate(forced.segments):
+        if not seg.final:
+            # Confidence lies in [0, 1]: -1 always leaves, 2 never does.
+            seg.threshold = -1.0 if i == exit_index else 2.0
+    gated = [blk for seg in forced.segments for blk in seg.blocks if blk.gate_kind != "none"]
+    if len(gated) != len(masks):
+        raise ConfigError(f"path has {len(masks)} gate masks but the subnet has {len(gated)} gated blocks")
+    for blk, mask in zip(gated, masks):
+        force_gate(blk, mask, forced.gater)
+    return forced

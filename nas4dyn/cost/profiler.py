@@ -1,0 +1,229 @@
+"""Measuring a latency table on the machine this runs on (what ``nas4dyn profile`` does).
+
+Every distinct part of the space is timed as the standalone module users run (``Supernet.extract``'s
+blocks, heads and gater): each block configuration (stage, first or later position in the stage, kernel,
+width, input resolution) in each gate state — a channel gate at a few active-filter levels, interpolated in
+between; a skip gate on and off — plus stem, gater, exit heads and classifier. Then random subnets are timed
+end to end, static ones and forced dynamic paths: some fit the linear correction of the table sum, held-out
+ones validate the predictor.
+
+Timing: inputs at the largest resolution of the space (the data's), ``torch.inference_mode``, the thread
+count pinned, CUDA synchronised around every call. The machine may be shared, so every measured item is timed
+in rounds, interleaved in shuffled order: a slow spell of other load then spreads over all items instead of
+biasing the ones measured during it. In each round an item gets one untimed call (its warm-up after the
+switch) and ``burst`` timed calls; the entry is the median of all its timed calls.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from nas4dyn.cost.latency import LatencyModel, LatencyTable, accuracy, device_fingerprint, fit_correction
+from nas4dyn.cost.paths import arch_layout, force_path, forced_block, gate_kind, random_path
+from nas4dyn.cost.settings import STATISTICS, ProfileSettings
+from search_spaces.arch import Arch
+from search_spaces.space import SearchSpace
+from supernet.dynamic.heads import confidence
+from supernet.network import Supernet
+from supernet.subnet import resize
+
+log = logging.getLogger(__name__)
+
+Call = Callable[[], Any]
+
+
+@dataclass
+class _Subnet:
+    """One end-to-end measurement: a subnet and the path all its inputs take (None: a static subnet)."""
+
+    arch: Arch
+    exit_index: Optional[int]
+    units: list[float]
+    call: Call
+
+
+def _stage_sizes(space: SearchSpace, resolution: int) -> list[int]:
+    """Spatial size at the input of each stage, then at the output of the last."""
+    size = (resolution - 1) // space.stem_stride + 1
+    sizes = [size]
+    for st in space.stages:
+        size = (size - 1) // st.stride + 1
+        sizes.append(size)
+    return sizes
+
+
+def _unit_levels(units: int, count: int) -> list[int]:
+    return sorted({round(units * i / (count - 1)) for i in range(count)})
+
+
+def _exit_call(head: torch.nn.Module, h: torch.Tensor, criterion: str) -> Call:
+    # What SubNet does at an exit a sample does not take: head, confidence test, the any() that syncs.
+    return lambda: bool((confidence(head(h), criterion) >= 0.5).any())
+
+
+def table_calls(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> dict[tuple, dict[float, Call]]:
+    """The calls to time for every table entry: entry key -> level -> call."""
+    space, batch, dev = net.space, x.shape[0], x.device
+    calls: dict[tuple, dict[float, Call]] = {}
+    blocks = {}  # extracted once per configuration; the input resolution only changes the input
+    for s, st in enumerate(space.stages):
+        for b in range(min(2, st.max_depth)):  # later positions of a stage share one configuration
+            in_ch = space.block_in_channels(s, b)
+            for k in st.kernels:
+                for w in st.widths:
+                    hidden = st.hidden_channels(w, in_ch)
+                    for gate in space.allowed_gates(s, b, k):
+                        per_filter = gate != "none" and gate_kind(gate).per_filter
+                        blk = net.block(s, b).extract(k, w, gate, 0, hidden if gate == "channel" else 0).eval()
+                        if per_filter:
+                            levels = _unit_levels(hidden, settings.channel_levels)
+                        else:
+                            levels = [0, 1] if gate != "none" else [0]
+                        units = hidden if per_filter else 1
+                        forced = [forced_block(blk, torch.arange(units, device=dev) < on, batch) for on in levels]
+                        blocks[(s, b == 0, k, w, gate)] = (dict(zip(levels, forced)), in_ch)
+    for r in space.resolutions:
+        xr = resize(x, r)
+        sizes = _stage_sizes(space, r)
+        calls[("stem", r)] = {0.0: lambda r_=r: net.stem(resize(x, r_))}
+        if net.gater is not None:
+            hidden = [st.hidden_channels(w, space.block_in_channels(s, b)) for s, st in enumerate(space.stages)
+                      for b in range(st.max_depth) for w in st.widths if "channel" in space.allowed_gates(s, b)]
+            calls[("gater", r)] = {}
+            for rows in sorted({min(hidden), net.gater.fc2.out_features}):
+                gater = net.gater.extract(torch.arange(rows)).eval().to(dev)
+                calls[("gater", r)][float(rows)] = lambda g=gater, xr_=xr: g(xr_)
+        for (s, first, k, w, gate), (states, in_ch) in blocks.items():
+            size = sizes[s] if first else sizes[s + 1]
+            h = torch.randn(batch, in_ch, size, size, device=dev)
+            calls[("block", r, s, first, k, w, gate)] = {
+                float(on): (lambda m=module, h_=h, g=logits: m(h_, g)) for on, (module, logits) in states.items()
+            }
+        for s in sorted({p[0] for p in space.exits.positions}):
+            stage_pos = next(p for p in space.exits.positions if p[0] == s)
+            head = net.exit_heads[f"{stage_pos[0]}_{stage_pos[1]}"]
+            h = torch.randn(batch, space.stages[s].out_channels, sizes[s + 1], sizes[s + 1], device=dev)
+            calls[("exit", r, s)] = {0.0: _exit_call(head, h, space.exits.criterion)}
+        h = torch.randn(batch, space.stages[-1].out_channels, sizes[-1], sizes[-1], device=dev)
+        calls[("classifier", r)] = {0.0: lambda h_=h: net.classifier(h_)}
+    return calls
+
+
+def subnet_samples(net: Supernet, x: torch.Tensor, count: int, rng: random.Random) -> list[_Subnet]:
+    """``count`` random static subnets and ``count`` random dynamic paths (each of a fresh random dynamic
+    subnet, forced with :func:`~nas4dyn.cost.paths.force_path`)."""
+    space = net.space
+    out = []
+    for _ in range(count):
+        arch = space.sample(rng, dynamic=False)
+        sub = net.extract(arch).eval()
+        out.append(_Subnet(arch, None, [], lambda m=sub: m(x)))
+        arch = space.sample(rng, dynamic=True)
+        if not arch.is_dynamic:
+            continue  # a dynamic sample without exits or gates is a static subnet again
+        layout = arch_layout(space, arch)
+        exit_index, masks = random_path(layout, len(arch.exits), rng)
+        forced = force_path(net.extract(arch).eval(), exit_index, masks)
+        out.append(_Subnet(arch, exit_index, [float(m.sum()) for m in masks], lambda m=forced: m(x)))
+    return out
+
+
+def measure(calls: list[Call], settings: ProfileSettings, progress: bool = True) -> list[float]:
+    """ms of each call (the ``settings.statistic`` of its timed calls), timed in interleaved rounds (see the module docstring)."""
+    sync = torch.cuda.synchronize if settings.device == "cuda" else (lambda: None)
+    rounds = math.ceil(settings.repeats / settings.burst)
+    times: list[list[float]] = [[] for _ in calls]
+    order = list(range(len(calls)))
+    shuffle = random.Random(settings.seed)
+    for _ in tqdm(range(rounds), desc="profiling", unit="round", disable=not progress):
+        shuffle.shuffle(order)
+        for i in order:
+            call = calls[i]
+            call()
+            sync()
+            for _ in range(settings.burst):
+                start = time.perf_counter()
+                call()
+                sync()
+                times[i].append(time.perf_counter() - start)
+    summarize = STATISTICS[settings.statistic]
+    return [1e3 * summarize(t) for t in times]
+
+
+def _score(model: LatencyModel, samples: list[_Subnet], measured: list[float]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind, want_static in (("static", True), ("dynamic", False)):
+        pairs = [(s, m) for s, m in zip(samples, measured) if (s.exit_index is None) == want_static]
+        if pairs:
+            predicted = [_predict(model, s) for s, _ in pairs]
+            out[kind] = accuracy(predicted, [m for _, m in pairs])
+    return out
+
+
+def _predict(model: LatencyModel, sample: _Subnet) -> float:
+    if sample.exit_index is None:
+        return model.predict(sample.arch)
+    return model.predict_path(sample.arch, sample.exit_index, sample.units)
+
+
+@torch.inference_mode()
+def profile_space(space: SearchSpace, settings: ProfileSettings, progress: bool = True) -> LatencyTable:
+    """Measure ``space``'s latency table on this machine, fit the correction, and validate it on
+    ``settings.validate`` held-out subnets (static and dynamic paths).
+
+    Raises:
+        ConfigError: a bad setting (named).
+    """
+    settings.check()
+    started = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        torch.manual_seed(settings.seed)
+        net = Supernet(space).eval().to(settings.device)  # weights do not change timing: random ones do
+        input_size = max(space.resolutions)
+        x = torch.randn(settings.batch_size, space.input_channels, input_size, input_size, device=settings.device)
+        entries = table_calls(net, x, settings)
+        flat = [(key, level, call) for key, levels in entries.items() for level, call in levels.items()]
+        rng = random.Random(settings.seed)
+        calibration = subnet_samples(net, x, settings.calibrate, rng)
+        validation = subnet_samples(net, x, settings.validate, random.Random(settings.seed + 1))
+        log.info("profiling %s on %s: %d table entries, %d calibration and %d validation measurements",
+                 space.name, settings.device, len(flat), len(calibration), len(validation))
+        medians = measure([c for _, _, c in flat] + [s.call for s in calibration + validation], settings, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+    levels: dict[tuple, list[tuple[float, float]]] = {}
+    for (key, level, _), ms in zip(flat, medians):
+        levels.setdefault(key, []).append((level, ms))
+    table = LatencyTable(
+        space=space,
+        fingerprint=device_fingerprint(settings.device, settings.threads, settings.batch_size),
+        input_size=input_size,
+        levels={k: tuple(sorted(v)) for k, v in levels.items()},
+        settings={k: v for k, v in vars(settings).items() if k not in ("device", "threads", "batch_size")},
+    )
+    model = LatencyModel(table)
+    measured = medians[len(flat):]
+    calib_ms, valid_ms = measured[: len(calibration)], measured[len(calibration):]
+    sums = [model.path_sum(s.arch, s.exit_index, s.units) for s in calibration]
+    table.correction = fit_correction(sums, calib_ms)
+    table.calibration = _score(model, calibration, calib_ms)
+    if validation:
+        table.validation = _score(model, validation, valid_ms)
+        worst = max(range(len(validation)), key=lambda i: abs(_predict(model, validation[i]) / valid_ms[i] - 1))
+        table.validation["worst_case"] = {
+            "arch": validation[worst].arch.to_dict(),
+            "exit_index": validation[worst].exit_index,
+            "measured_ms": valid_ms[worst],
+            "predicted_ms": _predict(model, validation[worst]),
+        }
+    table.settings["seconds"] = round(time.perf_counter() - started, 1)
+    return table

@@ -1,0 +1,51 @@
+"""Settings of a latency profile; kept free of heavy imports so the CLI can show their defaults quickly."""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from nas4dyn.errors import ConfigError
+
+# How the timed calls of one item are summarised. The median is the usual choice on a dedicated device; on a
+# machine shared with other jobs, preemption inflates long calls more than short ones and the median measures
+# the contention, while the minimum (least disturbed call) stays reproducible.
+STATISTICS = {"median": statistics.median, "min": min}
+
+
+@dataclass
+class ProfileSettings:
+    """How and how much to measure.
+
+    ``repeats``: timed calls per item; ``burst``: timed calls per item per round; ``channel_levels``:
+    active-filter levels measured per channel-gated block (0 .. all, evenly spaced); ``calibrate``: random
+    subnets (each timed static and on one dynamic path) that fit the correction; ``validate``: held-out
+    random subnets, likewise; ``statistic``: a key of ``STATISTICS``.
+    """
+
+    device: str = "cpu"
+    threads: int = 1
+    batch_size: int = 1
+    repeats: int = 60
+    burst: int = 3
+    channel_levels: int = 5
+    calibrate: int = 40
+    validate: int = 0
+    statistic: str = "median"
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raises ConfigError naming the first bad setting and its allowed values."""
+        import torch  # only here: importing torch would slow down every CLI start
+
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"--device {self.device!r}: use cpu or cuda")
+        if self.statistic not in STATISTICS:
+            raise ConfigError(f"--statistic {self.statistic!r}: use one of {sorted(STATISTICS)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is visible here; use --device cpu")
+        for name, minimum in (("threads", 1), ("batch_size", 1), ("repeats", 1), ("burst", 1),
+                              ("channel_levels", 2), ("calibrate", 2), ("validate", 0)):
+            value = getattr(self, name)
+            if value < minimum:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} {value}: must be an integer >= {minimum}")
