@@ -2,8 +2,9 @@
 
 NSGA-II (and Optuna's samplers generally) do not model conditional parameters: a parameter that exists only
 for some depths would be missing from part of the population and crossover would drop it. So every trial
-suggests the same flat vector — kernel, width and gate for every block slot up to the maximum depth, an on/off
-switch for every exit candidate — and :func:`decode` ignores what the sampled depths leave unused. The gate of a
+suggests the same flat vector — kernel, width and gate for every block slot up to the maximum depth, the path
+count of every routed stage, an on/off switch for every exit candidate — and :func:`decode` ignores what the
+sampled depths (or a routed stage, which takes no gates) leave unused. The gate of a
 slot is suggested from every kind the slot allows with any kernel; a kind that the chosen kernel rules out
 decodes to ``"none"``.
 """
@@ -32,6 +33,8 @@ def suggest(trial: Suggester, space: SearchSpace, static: bool = False) -> dict[
     params: dict[str, Any] = {"resolution": trial.suggest_categorical("resolution", list(space.resolutions))}
     for s, st in enumerate(space.stages):
         params[f"depth.{s}"] = trial.suggest_categorical(f"depth.{s}", list(st.depths))
+        if not static and len(st.paths) > 1:
+            params[f"paths.{s}"] = trial.suggest_categorical(f"paths.{s}", list(st.paths))
         for b in range(st.max_depth):
             params[f"kernel.{s}.{b}"] = trial.suggest_categorical(f"kernel.{s}.{b}", list(st.kernels))
             params[f"width.{s}.{b}"] = trial.suggest_categorical(f"width.{s}.{b}", list(st.widths))
@@ -53,19 +56,24 @@ def decode(space: SearchSpace, params: dict[str, Any]) -> Arch:
         InvalidArchError: the parameters do not fit ``space`` (e.g. a study of another space).
     """
     depths = tuple(int(params[f"depth.{s}"]) for s in range(len(space.stages)))
+    # A stage without a routing choice keeps its only path count (1 in spaces without CIGT trellises).
+    paths = tuple(int(params.get(f"paths.{s}", 1 if 1 in st.paths else min(st.paths)))
+                  for s, st in enumerate(space.stages))
     kernels, widths, gates = [], [], []
     for s, d in enumerate(depths):
         ks = tuple(int(params[f"kernel.{s}.{b}"]) for b in range(d))
         kernels.append(ks)
         widths.append(tuple(int(params[f"width.{s}.{b}"]) for b in range(d)))
-        chosen = [str(params.get(f"gate.{s}.{b}", "none")) for b in range(d)]
+        # A routed stage takes no gates.
+        chosen = [str(params.get(f"gate.{s}.{b}", "none")) if paths[s] == 1 else "none" for b in range(d)]
         gates.append(tuple(g if g in space.allowed_gates(s, b, k) else "none" for b, (g, k) in enumerate(zip(chosen, ks))))
     exits = tuple(
         ExitChoice(s, b, UNCALIBRATED)
         for s, b in space.exits.positions
         if params.get(f"exit.{s}.{b}", False) and b < depths[s]
     )
-    arch = Arch(space.name, int(params["resolution"]), depths, tuple(kernels), tuple(widths), tuple(gates), exits)
+    arch = Arch(space.name, int(params["resolution"]), depths, tuple(kernels), tuple(widths), tuple(gates), exits,
+                paths)
     return space.validate(arch)
 
 

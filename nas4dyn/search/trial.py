@@ -9,6 +9,7 @@ for the calibrated arch, while the whole trial needs one forward pass over the v
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ class TrialContext:
 
 
 # ---- loading --------------------------------------------------------------------------------------------------
-def _batches(dataset: Any, batch_size: int, limit: Optional[int], seed: int) -> Batches:
+def cached_batches(dataset: Any, batch_size: int, limit: Optional[int], seed: int) -> Batches:
     """The dataset (a fixed-seed subset of ``limit`` images) as in-memory batches, read once: every trial
     reuses them instead of re-running the per-image transforms."""
     from nas4dyn.data import make_loader
@@ -126,8 +127,8 @@ def load_context(run_dir: str | Path, settings: SearchSettings, latency_table: O
     return TrialContext(
         net=net,
         settings=settings,
-        bn_batches=_batches(bundle.train_eval, settings.batch_size, settings.bn_images, settings.seed),
-        val_batches=_batches(bundle.val, settings.batch_size, settings.val_images, settings.seed),
+        bn_batches=cached_batches(bundle.train_eval, settings.batch_size, settings.bn_images, settings.seed),
+        val_batches=cached_batches(bundle.val, settings.batch_size, settings.val_images, settings.seed),
         latency=latency,
         data_info=dict(data_info),
     )
@@ -248,11 +249,10 @@ def _cheap_candidates(ctx: TrialContext) -> list[Arch]:
                   for blk in smallest.blocks() if blk.stage == s)
             for s in range(len(space.stages))
         )
-        arch = Arch(space.name, smallest.resolution, smallest.depths, smallest.kernels, smallest.widths, gates)
+        arch = dataclasses.replace(smallest, gates=gates)
         candidates.append(arch)
         if first_exit is not None:
-            candidates.append(Arch(space.name, arch.resolution, arch.depths, arch.kernels, arch.widths, gates,
-                                   ((first_exit[0], first_exit[1], 0.5),)))
+            candidates.append(dataclasses.replace(arch, exits=((first_exit[0], first_exit[1], 0.5),)))
     return candidates
 
 

@@ -1,0 +1,156 @@
+"""Benchmark of `nas4dyn search` on a trained run.
+
+1. Trials per minute, and the normalised hypervolume of NSGA-II against random search at the same budget
+   (same seeds, fresh studies, same validation measurements).
+2. The best static subnet (a static search; highest validation accuracy), then the best dynamic subnet at
+   <= 60% of its expected MACs (a dynamic search with that constraint), both measured on the test split.
+
+Usage: python scripts/bench_search.py --run runs/NAME [--trials 80] [--population 16] [--seeds 0 1]
+       [--out /tmp/bench_search] [--threads 1] [--write]
+With --write the results replace the "Search" section of docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from benchlib import machine_line, replace_section
+from nas4dyn.cost.macs import count_macs
+from nas4dyn.data import load_data
+from nas4dyn.search import SearchConfig, run_search
+from nas4dyn.search.outputs import completed, feasible
+from nas4dyn.search.trial import Batches, SearchSettings, TrialContext, cached_batches, load_context
+from nas4dyn.search.objectives import parse_objectives
+from search_spaces.arch import Arch
+from supernet.training.bn import recalibrate_bn
+
+
+def search(args: argparse.Namespace, name: str, **kw: Any) -> tuple[Any, float, list[float]]:
+    """Run one fresh search; returns (summary, wall seconds, trial durations)."""
+    out = Path(args.out) / name
+    if (out / "study.db").exists():
+        (out / "study.db").unlink()  # fresh study: the figures describe exactly this budget
+    start = time.perf_counter()
+    summary = run_search(SearchConfig(run_dir=args.run, out_dir=str(out), trials=kw.pop("trials", args.trials),
+                                      population=args.population, data_root=args.data_root, progress=False, **kw))
+    wall = time.perf_counter() - start
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    durations = [t.duration.total_seconds() for t in completed(study)]
+    print(f"{name}: hv {summary.hypervolume:.4f}, {summary.complete} trials in {wall:.0f} s", flush=True)
+    return summary, wall, durations
+
+
+def best(out: Path, max_macs: float | None = None) -> dict[str, Any]:
+    """The feasible trial with the best validation accuracy (optionally at most ``max_macs`` expected)."""
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    trials = [t for t in completed(study) if feasible(t)
+              and (max_macs is None or t.user_attrs["metrics"]["macs_expected"] <= max_macs)]
+    top = max(trials, key=lambda t: t.user_attrs["metrics"]["accuracy"])
+    return {"arch": top.user_attrs["arch"], "val": top.user_attrs["metrics"], "trial": top.number}
+
+
+@torch.no_grad()
+def test_metrics(ctx: TrialContext, arch: Arch, test: Batches) -> dict[str, float]:
+    """Test accuracy and expected MACs of ``arch`` with its (validation-calibrated) thresholds."""
+    recalibrate_bn(ctx.net, arch, ctx.bn_batches, n_images=ctx.settings.bn_images)
+    ctx.net.set_active(arch)
+    hits = sum(int((ctx.net(x).argmax(1) == y).sum()) for x, y in test)
+    report = count_macs(ctx.net, arch, test)
+    return {"accuracy": hits / sum(len(y) for _, y in test), "macs_expected": report.macs_expected,
+            "exit_rates": report.exit_rates}
+
+
+def describe(arch: Arch) -> str:
+    blocks = " ".join(f"{b.kernel}/{b.width}{'' if b.gate == 'none' else '+' + b.gate}" for b in arch.blocks())
+    exits = ",".join(f"{e.stage}.{e.block}@{e.threshold:.3f}" for e in arch.exits) or "none"
+    return f"r{arch.resolution} d{list(arch.depths)} [{blocks}] exits {exits}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="trained run directory")
+    ap.add_argument("--data-root")
+    ap.add_argument("--trials", type=int, default=80)
+    ap.add_argument("--population", type=int, default=16)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--out", default="/tmp/bench_search")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--write", action="store_true", help="write the results into docs/BENCHMARKS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    # 1. NSGA-II vs random at the same budget.
+    runs: dict[str, list[tuple[Any, float, list[float]]]] = {"nsga2": [], "random": []}
+    for seed in args.seeds:
+        for sampler in runs:
+            runs[sampler].append(search(args, f"{sampler}_s{seed}", sampler=sampler, seed=seed))
+    hv = {s: [r[0].hypervolume for r in rs] for s, rs in runs.items()}
+    durations = [d for rs in runs.values() for r in rs for d in r[2]]
+    walls = [(r[0].complete, r[1]) for rs in runs.values() for r in rs]
+    per_min_wall = sum(n for n, _ in walls) / (sum(w for _, w in walls) / 60)
+    per_min_trial = 60 / statistics.median(durations)
+    ratio = statistics.mean(hv["nsga2"]) / statistics.mean(hv["random"])
+
+    # 2. Best static subnet, then the best dynamic one at <= 60% of its expected MACs.
+    search(args, "static", sampler="nsga2", seed=args.seeds[0], static=True)
+    static = best(Path(args.out) / "static")
+    limit = 0.6 * static["val"]["macs_expected"]
+    search(args, "dynamic60", sampler="nsga2", seed=args.seeds[0], constraints=(f"macs_expected<={limit:.0f}",))
+    dynamic = best(Path(args.out) / "dynamic60", max_macs=limit)
+    ctx = load_context(args.run, SearchSettings(parse_objectives("accuracy:max,macs_expected:min")),
+                       data_root=args.data_root)
+    test = cached_batches(load_data(ctx.data_info["dataset"], data_root=args.data_root, augment=False).test, 256, None, 0)
+    for entry in (static, dynamic):
+        entry["test"] = test_metrics(ctx, Arch.from_dict(entry["arch"]), test)
+    (Path(args.out) / "bench.json").write_text(json.dumps({"hv": hv, "static": static, "dynamic": dynamic}, indent=2))
+
+    data = ctx.data_info["dataset"]
+    cmd = (f"python scripts/bench_search.py --run {args.run} --trials {args.trials} --population {args.population} "
+           f"--seeds {' '.join(map(str, args.seeds))} --threads {args.threads}{' --write' if args.write else ''}")
+    rows = [f"| {s} | " + " | ".join(f"{v:.4f}" for v in hv[s]) + f" | {statistics.mean(hv[s]):.4f} |" for s in hv]
+    sub = [
+        f"| {label} | {e['trial']} | {e['val']['accuracy']:.4f} | {e['test']['accuracy']:.4f} | "
+        f"{e['val']['macs_expected'] / 1e6:.2f} | {e['test']['macs_expected'] / 1e6:.2f} | "
+        f"{e['val']['macs_max'] / 1e6:.2f} | `{describe(Arch.from_dict(e['arch']))}` |"
+        for label, e in (("best static", static), (f"best dynamic ≤ {limit / 1e6:.2f} MMACs", dynamic))
+    ]
+    body = "\n".join([
+        f"Command: `{cmd}` — {machine_line(args.threads)}; run `{args.run}` ({data}); objectives "
+        "accuracy:max,macs_expected:min; every trial recalibrates BN on 2000 training images and measures the "
+        "whole validation split; the CPU was shared with other work, so times are upper bounds.",
+        "",
+        f"Throughput: **{per_min_trial:.1f} trials/min** (median trial {statistics.median(durations):.1f} s); "
+        f"{per_min_wall:.1f} trials/min wall-clock including loading ({len(durations)} trials).",
+        "",
+        f"Hypervolume at {args.trials} trials (normalised: error × expected MACs / largest static subnet's MACs, "
+        "reference point 1.0 × 1.1), one fresh study per seed:",
+        "",
+        "| sampler | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean |",
+        "|---|" + "---|" * (len(args.seeds) + 1),
+        *rows,
+        "",
+        f"NSGA-II ÷ random: **{ratio:.3f}×** (goal ≥ 1.10×, population {args.population}).",
+        "",
+        "Best static subnet (static search, NSGA-II, same budget) and the best dynamic subnet with expected MACs "
+        "≤ 60% of it (dynamic NSGA-II search with that constraint); thresholds calibrated on validation, then "
+        "measured on the test split:",
+        "",
+        "| subnet | trial | val acc | test acc | val MMACs (expected) | test MMACs (expected) | MMACs max | arch |",
+        "|---|---|---|---|---|---|---|---|",
+        *sub,
+    ])
+    print(body)
+    if args.write:
+        replace_section(Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md", "Search", body)
+
+
+if __name__ == "__main__":
+    main()
