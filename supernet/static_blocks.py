@@ -22,9 +22,11 @@ def _active_filters(mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
     With every filter off the branch still produces BN's constant output, so one filter is kept and
     masked to zero: the result equals computing all filters and multiplying by the gates.
     """
-    keep = mask.any(0).nonzero().squeeze(1)
+    keep = (mask[0] if mask.shape[0] == 1 else mask.any(0)).nonzero().squeeze(1)
     if keep.numel() == 0:
         return torch.zeros(1, dtype=torch.long, device=mask.device), True
+    if mask.shape[0] == 1:  # one sample: its own filters, none of them off
+        return keep, False
     return keep, not bool(mask.index_select(1, keep).all())
 
 
@@ -93,6 +95,11 @@ class StaticBlock(nn.Module):
         if self.gate_kind == "channel":
             return self.run(x, gate_logits[:, self.gate_start : self.gate_end] > 0)
         route = self.route(x)
+        if route is not None and x.shape[0] == 1:  # one sample: one host sync, then only its option runs
+            option = int(route[0])
+            if option == 2:
+                return self.run(x, None)
+            return self.run_int8(x) if option == 1 else self.post(x)
         if route is None or bool((route == 2).all()):
             return self.run(x, None)
         if bool((route == 1).all()):
