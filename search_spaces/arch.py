@@ -32,7 +32,8 @@ class Arch:
     """A frozen, hashable subnet description.
 
     Per-block tuples hold only the active blocks (``len(kernels[s]) == depths[s]``), so equal subnets
-    compare equal. ``exits`` are sorted by position.
+    compare equal. ``exits`` are sorted by position. ``paths[s]`` > 1 makes stage ``s`` a CIGT trellis: each
+    of its blocks has that many parallel copies and a router picks one per sample (``()`` means all 1).
     """
 
     space: str
@@ -42,10 +43,14 @@ class Arch:
     widths: tuple[tuple[int, ...], ...]
     gates: tuple[tuple[str, ...], ...]
     exits: tuple[ExitChoice, ...] = ()
+    paths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise lists (e.g. from JSON) into tuples so the object is hashable.
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "paths", tuple(int(p) for p in self.paths) or (1,) * len(self.depths))
+        if len(self.paths) != len(self.depths):
+            raise InvalidArchError(f"arch.paths: needs one entry per stage ({len(self.depths)}), got {list(self.paths)}")
         for name in ("kernels", "widths", "gates"):
             object.__setattr__(self, name, tuple(tuple(v) for v in getattr(self, name)))
         exits = tuple(sorted(ExitChoice(int(e[0]), int(e[1]), float(e[2])) for e in self.exits))
@@ -66,10 +71,10 @@ class Arch:
 
     @property
     def is_dynamic(self) -> bool:
-        return bool(self.exits) or any(g != "none" for stage in self.gates for g in stage)
+        return bool(self.exits) or any(p > 1 for p in self.paths) or any(g != "none" for st in self.gates for g in st)
 
     def without_dynamic(self) -> "Arch":
-        """The same backbone with every exit and gate removed."""
+        """The same backbone with every exit, gate and router removed (routed stages keep their first path)."""
         return Arch(
             self.space,
             self.resolution,
@@ -85,7 +90,7 @@ class Arch:
         if len(thresholds) != len(self.exits):
             raise InvalidArchError(f"arch.exits: {len(self.exits)} exits but {len(thresholds)} thresholds given")
         exits = tuple(ExitChoice(e.stage, e.block, float(t)) for e, t in zip(self.exits, thresholds))
-        return Arch(self.space, self.resolution, self.depths, self.kernels, self.widths, self.gates, exits)
+        return Arch(self.space, self.resolution, self.depths, self.kernels, self.widths, self.gates, exits, self.paths)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +100,7 @@ class Arch:
             "stages": [
                 {
                     "depth": d,
+                    "paths": self.paths[s],
                     "blocks": [
                         {"kernel": k, "width": w, "gate": g}
                         for k, w, g in zip(self.kernels[s], self.widths[s], self.gates[s])
@@ -131,6 +137,7 @@ class Arch:
                     ExitChoice(int(e["stage"]), int(e["block"]), float(e["threshold"]))
                     for e in data.get("exits", [])
                 ),
+                paths=tuple(int(st.get("paths", 1)) for st in stages),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InvalidArchError):

@@ -36,6 +36,7 @@ class StageSpec:
     widths: tuple[int, ...]
     gates: tuple[str, ...] = ("none",)
     act: str = "relu"
+    paths: tuple[int, ...] = (1,)  # CIGT: parallel paths per block, one chosen per sample by a router
 
     @property
     def max_depth(self) -> int:
@@ -176,6 +177,7 @@ def _parse_stage(problems: list[str], i: int, raw: Any) -> StageSpec | None:
         widths=_positive_ints(problems, f"{where}.widths", raw.get("widths")),
         gates=gates,
         act=act,
+        paths=_positive_ints(problems, f"{where}.paths", raw.get("paths", [1])),
     )
 
 

@@ -26,20 +26,22 @@ class SearchSpace(SpaceSpec):
         depths = tuple(rng.choice(st.depths) for st in self.stages)
         kernels = tuple(tuple(rng.choice(st.kernels) for _ in range(d)) for st, d in zip(self.stages, depths))
         widths = tuple(tuple(rng.choice(st.widths) for _ in range(d)) for st, d in zip(self.stages, depths))
-        if dynamic:
-            gates = tuple(
-                tuple(rng.choice(self.allowed_gates(s, b, kernels[s][b])) for b in range(d))
-                for s, d in enumerate(depths)
-            )
-            exits = tuple(
-                ExitChoice(s, b, rng.choice(self.exits.thresholds))
-                for s, b in self.exits.positions
-                if b < depths[s] and rng.random() < 0.5
-            )
-        else:
-            gates = tuple(("none",) * d for d in depths)
-            exits = ()
-        return Arch(self.name, rng.choice(self.resolutions), depths, kernels, widths, gates, exits)
+        if not dynamic:
+            return Arch(self.name, rng.choice(self.resolutions), depths, kernels, widths,
+                        tuple(("none",) * d for d in depths))
+        gates = tuple(
+            tuple(rng.choice(self.allowed_gates(s, b, kernels[s][b])) for b in range(d)) for s, d in enumerate(depths)
+        )
+        exits = tuple(
+            ExitChoice(s, b, rng.choice(self.exits.thresholds))
+            for s, b in self.exits.positions
+            if b < depths[s] and rng.random() < 0.5
+        )
+        resolution = rng.choice(self.resolutions)
+        # Drawn last, and only where a stage offers a choice, so spaces without routing sample as before.
+        paths = tuple(rng.choice(st.paths) if len(st.paths) > 1 else st.paths[0] for st in self.stages)
+        gates = tuple(g if p == 1 else ("none",) * len(g) for g, p in zip(gates, paths))
+        return Arch(self.name, resolution, depths, kernels, widths, gates, exits, paths)
 
     def _extreme(self, pick: Any) -> Arch:
         depths = tuple(pick(st.depths) for st in self.stages)
@@ -50,6 +52,8 @@ class SearchSpace(SpaceSpec):
             tuple((pick(st.kernels),) * d for st, d in zip(self.stages, depths)),
             tuple((pick(st.widths),) * d for st, d in zip(self.stages, depths)),
             tuple(("none",) * d for d in depths),
+            (),
+            tuple(pick(st.paths) if 1 not in st.paths else 1 for st in self.stages),
         )
 
     def max_arch(self) -> Arch:
@@ -74,6 +78,10 @@ class SearchSpace(SpaceSpec):
         for s, (st, d) in enumerate(zip(self.stages, arch.depths)):
             if d not in st.depths:
                 problems.append(f"arch.depths[{s}]: {d} is not one of {list(st.depths)}")
+            if arch.paths[s] not in st.paths:
+                problems.append(f"arch.paths[{s}]: {arch.paths[s]} is not one of {list(st.paths)}")
+            elif arch.paths[s] > 1 and any(g != "none" for g in arch.gates[s]):
+                problems.append(f"arch.gates[{s}]: a routed stage (paths {arch.paths[s]}) takes no gates, only 'none'")
         for blk in arch.blocks():
             st, where = self.stages[blk.stage], f"stage {blk.stage} block {blk.block}"
             if blk.block >= st.max_depth:
@@ -122,7 +130,7 @@ class SearchSpace(SpaceSpec):
 
         vec = [unit(arch.resolution, self.resolutions)]
         for s, st in enumerate(self.stages):
-            vec.append(unit(arch.depths[s], st.depths))
+            vec += [unit(arch.depths[s], st.depths), unit(arch.paths[s], st.paths)]
             for b in range(st.max_depth):
                 if b < arch.depths[s]:
                     gate = arch.gates[s][b]
@@ -146,7 +154,8 @@ class SearchSpace(SpaceSpec):
                 for b in range(d):
                     per_kernel = [len(self.allowed_gates(s, b, k)) if dynamic else 1 for k in st.kernels]
                     ways *= sum(per_kernel) * len(st.widths)
-                per_depth += ways
+                routed = (len(st.paths) - 1) * (len(st.kernels) * len(st.widths)) ** d if dynamic else 0
+                per_depth += ways + routed
             total *= per_depth
         if dynamic:
             total *= 2 ** len(self.exits.positions)  # an upper bound: some positions need a minimum depth

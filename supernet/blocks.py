@@ -123,13 +123,30 @@ class ElasticBasicBlock(ElasticBlock):
         return self.bn2(self.conv2(h, self.out_ch, kernel))
 
     def branch_int8(self, x: torch.Tensor, kernel: int, width: int) -> torch.Tensor:
-        """The branch with fake-quantised convs (int8 weights per channel, quint8 activations)."""
+        """The branch in int8 (per-channel weights, quint8 activations): fake-quantised in training, the real
+        int8 kernels of the extracted block in eval, so that supernet and extracted subnet agree exactly."""
+        if not self.training:
+            with torch.no_grad():
+                return self.int8_branch(kernel, width).eval()(x)
+        return self.fake_int8_branch(x, kernel, width)
+
+    def fake_int8_branch(self, x: torch.Tensor, kernel: int, width: int) -> torch.Tensor:
+        """The int8 branch emulated with fake quantization (differentiable; updates ranges in training)."""
         q, hidden = self.dfs_quant, self.hidden(width)
         assert q is not None
         w1 = fake_quant_weight(self.conv1.kernel_weight(hidden, self.in_ch, kernel))
         h = F.relu(self.bn1(q.out1(F.conv2d(q.in1(x), w1, None, self.stride, kernel // 2))))
         w2 = fake_quant_weight(self.conv2.kernel_weight(self.out_ch, hidden, kernel))
         return self.bn2(q.out2(F.conv2d(q.in2(h), w2, None, 1, kernel // 2)))
+
+    def int8_branch(self, kernel: int, width: int) -> Int8Branch:
+        """The standalone int8 branch (real quantized convs) at the quantization points trained with."""
+        q, hidden = self.dfs_quant, self.hidden(width)
+        assert q is not None
+        w1 = self.conv1.kernel_weight(hidden, self.in_ch, kernel)
+        w2 = self.conv2.kernel_weight(self.out_ch, hidden, kernel)
+        return Int8Branch(quantized_conv(w1, self.stride, q.out1), self.bn1.sliced(hidden),
+                          quantized_conv(w2, 1, q.out2), copy.deepcopy(self.bn2), q.in1.qparams(), q.in2.qparams())
 
     def combine(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         return F.relu(self.shortcut(x) + branch)
@@ -152,16 +169,12 @@ class ElasticBasicBlock(ElasticBlock):
             conv1 = static_conv(self.conv1.kernel_weight(hidden, self.in_ch, kernel), self.stride, False)
             conv2 = static_conv(self.conv2.kernel_weight(self.out_ch, hidden, kernel), 1, False)
         emg = self.emg_gate.threshold[:hidden] if gate == "emg" and self.emg_gate is not None else None
-        bn1 = self.bn1.sliced(hidden)
         dfs_gate = int8 = None
-        if gate == "dfs" and self.dfs_quant is not None:
-            q = self.dfs_quant
-            int8 = Int8Branch(quantized_conv(conv1.weight, self.stride, q.out1), copy.deepcopy(bn1),
-                              quantized_conv(conv2.weight, 1, q.out2), copy.deepcopy(self.bn2),
-                              q.in1.qparams(), q.in2.qparams())
-            dfs_gate = copy.deepcopy(self.dfs_gate)
-        return StaticBasicBlock(conv1, bn1, conv2, copy.deepcopy(self.bn2), copy.deepcopy(self.shortcut), gate,
-                                gate_start, gate_end, self._static_skip_gate(gate), emg, dfs_gate, int8)
+        if gate == "dfs":
+            dfs_gate, int8 = copy.deepcopy(self.dfs_gate), self.int8_branch(kernel, width)
+        return StaticBasicBlock(conv1, self.bn1.sliced(hidden), conv2, copy.deepcopy(self.bn2),
+                                copy.deepcopy(self.shortcut), gate, gate_start, gate_end, self._static_skip_gate(gate),
+                                emg, dfs_gate, int8)
 
 
 class ElasticMBConvBlock(ElasticBlock):

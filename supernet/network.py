@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from search_spaces.arch import Arch
+from search_spaces.arch import Arch, BlockChoice
 from search_spaces.space import SearchSpace
 from supernet.blocks import BLOCK_TYPES, ElasticBlock
 from supernet.dynamic.binarizers import binarize
+from supernet.dynamic.cigt import RoutedBlock, Router
 from supernet.dynamic.dfs import DFS_RELATIVE_COST
 from supernet.dynamic.gates import GlobalGater
 from supernet.dynamic.heads import ExitHead, confidence
@@ -37,9 +39,20 @@ class GateTrace:
 
 
 @dataclass
+class RouteTrace:
+    """One router's path probabilities in the last forward pass (N x paths; one-hot in eval): what the
+    information-gain loss and the path statistics read."""
+
+    stage: int
+    block: int
+    probs: torch.Tensor
+
+
+@dataclass
 class _Stats:
     exit_counts: list[float] = field(default_factory=list)
     gate_sums: dict[tuple[int, int], list[float]] = field(default_factory=dict)
+    route_sums: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
 
 class Supernet(nn.Module):
@@ -59,12 +72,19 @@ class Supernet(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.stages = nn.ModuleList()
+        # CIGT: blocks of stages that may be routed get extra path copies (copy 0 is the block itself) and a
+        # router each; a subnet with p paths uses the first p copies.
+        self.path_copies = nn.ModuleDict()
+        self.routers = nn.ModuleDict()
+        self.router_temperature = 1.0  # annealed by training
         for s, st in enumerate(space.stages):
-            blocks = [
-                BLOCK_TYPES[st.block](st, space.block_in_channels(s, b), st.stride if b == 0 else 1, space.allowed_gates(s, b))
-                for b in range(st.max_depth)
-            ]
+            blocks = [self._new_block(s, b) for b in range(st.max_depth)]
             self.stages.append(nn.ModuleList(blocks))
+            if max(st.paths) > 1:
+                for b in range(st.max_depth):
+                    key = f"{s}_{b}"
+                    self.path_copies[key] = nn.ModuleList(self._new_block(s, b) for _ in range(max(st.paths) - 1))
+                    self.routers[key] = Router(space.block_in_channels(s, b), max(st.paths))
         self.exit_heads = nn.ModuleDict(
             {
                 f"{s}_{b}": ExitHead(space.stages[s].out_channels, space.exits.hidden, space.num_classes)
@@ -80,15 +100,24 @@ class Supernet(nn.Module):
             self.gater = GlobalGater(space.input_channels, space.gater.channels, space.gater.hidden, num_gates)
         self.active = space.max_arch()
         self.gate_trace: list[GateTrace] = []
+        self.route_trace: list[RouteTrace] = []
         self._stats = _Stats()
+
+    def _new_block(self, s: int, b: int) -> ElasticBlock:
+        st = self.space.stages[s]
+        in_ch = self.space.block_in_channels(s, b)
+        return BLOCK_TYPES[st.block](st, in_ch, st.stride if b == 0 else 1, self.space.allowed_gates(s, b))
 
     # ---- the subnet contract ---------------------------------------------------------------------------
     def set_active(self, arch: Arch) -> None:
         """Make ``arch`` the subnet that forward passes compute (validated against the space)."""
         self.active = self.space.validate(arch)
 
-    def block(self, stage: int, block: int) -> ElasticBlock:
-        return self.stages[stage][block]  # type: ignore[index]
+    def block(self, stage: int, block: int, path: int = 0) -> ElasticBlock:
+        """The elastic block at a position (``path`` > 0: a CIGT path copy of it)."""
+        if path == 0:
+            return self.stages[stage][block]  # type: ignore[index]
+        return self.path_copies[f"{stage}_{block}"][path - 1]  # type: ignore[index]
 
     def _gate_rows(self, arch: Arch) -> tuple[torch.Tensor, dict[tuple[int, int], tuple[int, int]]]:
         """Gater rows used by ``arch``'s channel-gated blocks, and each block's column range in the output."""
@@ -110,7 +139,14 @@ class Supernet(nn.Module):
         segments, blocks = [], []
         for blk in arch.blocks():
             start, end = columns.get((blk.stage, blk.block), (0, 0))
-            blocks.append(self.block(blk.stage, blk.block).extract(blk.kernel, blk.width, blk.gate, start, end))
+            paths = arch.paths[blk.stage]
+            copies = [self.block(blk.stage, blk.block, p).extract(blk.kernel, blk.width, blk.gate, start, end)
+                      for p in range(paths)]
+            if paths > 1:
+                router = copy.deepcopy(self.routers[f"{blk.stage}_{blk.block}"])
+                blocks.append(RoutedBlock(router, copies, paths))
+            else:
+                blocks.append(copies[0])
             if (blk.stage, blk.block) in exits:
                 head = copy.deepcopy(self.exit_heads[f"{blk.stage}_{blk.block}"])
                 segments.append(Segment(blocks, head, exits[(blk.stage, blk.block)], False))
@@ -132,8 +168,13 @@ class Supernet(nn.Module):
         exits = {(e.stage, e.block) for e in arch.exits}
         h = self.stem(x)
         outs: list[torch.Tensor] = []
-        self.gate_trace = []
+        self.gate_trace, self.route_trace = [], []
         for blk in arch.blocks():
+            if arch.paths[blk.stage] > 1:
+                h = self._routed(h, blk, arch.paths[blk.stage], hard)
+                if (blk.stage, blk.block) in exits:
+                    outs.append(self.exit_heads[f"{blk.stage}_{blk.block}"](h))
+                continue
             module = self.block(blk.stage, blk.block)
             gate = skip = dfs = None
             if blk.gate == "channel":
@@ -154,8 +195,23 @@ class Supernet(nn.Module):
             if (blk.stage, blk.block) in exits:
                 outs.append(self.exit_heads[f"{blk.stage}_{blk.block}"](h))
         outs.append(self.classifier(h))
-        self._record_gates()
+        self._record_traces()
         return outs
+
+    def _routed(self, h: torch.Tensor, blk: BlockChoice, paths: int, hard: bool) -> torch.Tensor:
+        """A CIGT block: every path computed, mixed by the router's tempered softmax in training and
+        selected by its argmax in eval (the exported model runs only the selected path)."""
+        logits = self.routers[f"{blk.stage}_{blk.block}"](h, paths)
+        outs = torch.stack([self.block(blk.stage, blk.block, p)(h, blk.kernel, blk.width) for p in range(paths)])
+        if hard:
+            choice = logits.argmax(dim=1)
+            probs = F.one_hot(choice, paths).to(h.dtype)
+            out = outs[choice, torch.arange(len(h), device=h.device)]
+        else:
+            probs = torch.softmax(logits / self.router_temperature, dim=1)
+            out = (probs.t()[:, :, None, None, None] * outs).sum(dim=0)
+        self.route_trace.append(RouteTrace(blk.stage, blk.block, probs))
+        return out
 
     def forward_with_exits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, exit index per sample) with the active thresholds; computes every exit, then picks."""
@@ -177,11 +233,16 @@ class Supernet(nn.Module):
         return self.forward_with_exits(x)[0]
 
     # ---- statistics -------------------------------------------------------------------------------------
-    def _record_gates(self) -> None:
+    def _record_traces(self) -> None:
         for t in self.gate_trace:
             acc = self._stats.gate_sums.setdefault((t.stage, t.block), [0.0, 0.0])
             acc[0] += float(t.values.detach().float().mean()) * t.values.shape[0]
             acc[1] += t.values.shape[0]
+        for r in self.route_trace:
+            counts = r.probs.detach().sum(dim=0).cpu()
+            key = (r.stage, r.block)
+            old = self._stats.route_sums.get(key)
+            self._stats.route_sums[key] = counts if old is None or len(old) != len(counts) else old + counts
 
     def _record_exits(self, exit_index: torch.Tensor, n_outputs: int) -> None:
         counts = torch.bincount(exit_index.cpu(), minlength=n_outputs).tolist()
@@ -200,12 +261,19 @@ class Supernet(nn.Module):
         """Mean firing rate of each gated block ("stage.block": share of filters on / branches run)."""
         return {f"{s}.{b}": acc[0] / acc[1] for (s, b), acc in sorted(self._stats.gate_sums.items()) if acc[1]}
 
+    def route_stats(self) -> dict[str, list[float]]:
+        """Share of samples sent to each path by each router ("stage.block": [share of path 0, ...])."""
+        return {f"{s}.{b}": (c / c.sum()).tolist() for (s, b), c in sorted(self._stats.route_sums.items())}
+
     # ---- width re-ordering ------------------------------------------------------------------------------
     @torch.no_grad()
     def sort_channels(self) -> None:
         """Re-order every block's hidden channels by importance (function unchanged), gates alongside."""
         for s, stage in enumerate(self.stages):
             for b, module in enumerate(stage):
+                key = f"{s}_{b}"
+                for path in self.path_copies[key] if key in self.path_copies else []:
+                    path.permute_hidden(path.importance_order())  # no gater rows: routed stages are ungated
                 order = module.importance_order()
                 module.permute_hidden(order)
                 if self.gater is not None:
