@@ -25,9 +25,10 @@ from nas4dyn.errors import ConfigError
 from nas4dyn.search import SearchConfig, run_search
 from nas4dyn.search.calibrate import ExitOutcomes, calibrate
 from nas4dyn.search.encoding import decode, suggest
+from nas4dyn.search.outputs import completed as completed_trials
 from nas4dyn.search.objectives import Constraint, parse_constraint, parse_objectives
 from nas4dyn.search.storage import mask_url, open_storage
-from nas4dyn.search.trial import SearchSettings, evaluate_arch, load_context
+from nas4dyn.search.trial import SearchSettings, cheapest_costs, evaluate_arch, load_context
 from tests.conftest import make_decisive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,14 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     net = make_decisive(nas4dyn.build_supernet("tiny"))  # gates and exits take varied decisions
     save_supernet(root / "supernet.pt", net, load_data("synthetic").info.to_dict())
     return root
+
+
+@pytest.fixture(scope="module")
+def lut(run_dir: Path) -> Path:
+    """A quick (rough) latency table of the tiny space."""
+    path = run_dir.parent / "lut.json"
+    assert main(["profile", "--space", "tiny", "--out", str(path), "--repeats", "3", "--calibrate", "6"]) == 0
+    return path
 
 
 def load(path: Path, name: str = "search") -> optuna.Study:
@@ -195,6 +204,34 @@ def test_search_writes_outputs_and_front_honours_constraint(run_dir, tmp_path, c
                  "--objectives", "accuracy:max,macs_max:min", *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "was created with" in err
+
+
+def test_latency_objective_and_constraint(run_dir, lut, tmp_path, capsys):
+    settings = SearchSettings(parse_objectives("accuracy:max,latency_ms:min"), bn_images=64)
+    ctx = load_context(run_dir, settings, latency_table=str(lut))
+    probe = evaluate_arch(ctx, ctx.net.space.max_arch(), ctx.val_batches)
+    bound = 0.8 * probe.metrics["latency_ms"]  # below the largest subnet, above the smallest
+    args = ["search", "--run", str(run_dir), "--out", str(tmp_path), "--trials", "5", "--seed", "2",
+            "--objectives", "accuracy:max,latency_ms:min,macs_expected:min", "--latency-table", str(lut),
+            "--constraint", f"latency_ms<={bound}", *FAST]
+    assert main(args) == 0
+    study = load(tmp_path / "study.db")
+    for entry in json.loads((tmp_path / "pareto.json").read_text()):
+        assert entry["metrics"]["latency_ms"] <= bound
+        assert entry["metrics"]["latency_ms_max"] >= entry["metrics"]["latency_ms"] * 0.999
+    # The trial's expected latency is the latency model's, for the calibrated arch.
+    trial = completed_trials(study)[0]
+    tuned = nas4dyn.Arch.from_dict(trial.user_attrs["arch"])
+    evaluate_arch(ctx, tuned, ctx.val_batches)  # recalibrates BN for it, as the trial did
+    expected = ctx.latency.predict_expected(ctx.net, tuned, ctx.val_batches)
+    assert trial.user_attrs["metrics"]["latency_ms"] == pytest.approx(expected, rel=1e-6)
+    assert "latency_ms" in (tmp_path / "trials.csv").read_text().splitlines()[0]
+    capsys.readouterr()
+    floor = cheapest_costs(ctx)["latency_ms"]
+    args[args.index("--constraint") + 1] = f"latency_ms<={floor - 0.5 * abs(floor) - 1e-6}"
+    assert main(args[:1] + ["--study", "other"] + args[1:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no subnet can meet it" in err
 
 
 def test_bad_input_is_one_line_exit_2_before_any_trial(run_dir, tmp_path, capsys):

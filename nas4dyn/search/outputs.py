@@ -13,7 +13,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import optuna
@@ -21,7 +21,7 @@ from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG hyperv
 from optuna.trial import FrozenTrial, TrialState
 
 from nas4dyn.io import atomic_write, atomic_write_json, atomic_write_text
-from nas4dyn.search.objectives import Objective
+from nas4dyn.search.objectives import Constraint, Objective
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,9 @@ def trials_csv(study: optuna.Study, objectives: Sequence[Objective]) -> str:
     return out.getvalue()
 
 
-def plot_pareto(study: optuna.Study, path: Path, title: str) -> None:
+def plot_pareto(study: optuna.Study, path: Path, title: str, constraints: Sequence[Constraint] = ()) -> None:
     """pareto.png: accuracy against expected latency (when measured) and expected MACs; every completed trial
-    grey (infeasible ones as crosses), the front highlighted."""
+    grey (infeasible ones as crosses), the front highlighted, constraint bounds dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,6 +136,11 @@ def plot_pareto(study: optuna.Study, path: Path, title: str) -> None:
                      if metric in t.user_attrs["metrics"])
         if pts:
             ax.plot(*zip(*pts), "-o", c="tab:red", ms=5, label="Pareto front")
+        for c in constraints:
+            if c.metric == metric:
+                ax.axvline(c.bound * scale, ls="--", c="tab:blue", lw=1, label=str(c))
+            elif c.metric == "accuracy":
+                ax.axhline(c.bound, ls="--", c="tab:blue", lw=1, label=str(c))
         ax.set_xlabel(AXIS_LABELS[metric])
         ax.set_ylabel("validation accuracy")
         ax.grid(alpha=0.3)
@@ -150,11 +155,12 @@ def plot_pareto(study: optuna.Study, path: Path, title: str) -> None:
 
 
 def write_outputs(study: optuna.Study, out_dir: Path, objectives: Sequence[Objective],
-                  reference: dict[str, float], title: Optional[str] = None) -> float:
+                  reference: dict[str, float], constraints: Sequence[Constraint] = ()) -> float:
     """Write pareto.json, trials.csv and pareto.png (each atomically); returns the normalised hypervolume."""
     out_dir.mkdir(parents=True, exist_ok=True)
     hv = study_hypervolume(study, objectives, reference)
     atomic_write_json(out_dir / "pareto.json", pareto_entries(study))
     atomic_write_text(out_dir / "trials.csv", trials_csv(study, objectives))
-    plot_pareto(study, out_dir / "pareto.png", title or f"{study.study_name}: hypervolume {hv:.4f}")
+    plot_pareto(study, out_dir / "pareto.png", f"study {study.study_name}: {len(completed(study))} trials, "
+                f"hypervolume {hv:.4f}", constraints)
     return hv

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from nas4dyn.errors import ConfigError
 from nas4dyn.search import outputs
 from nas4dyn.search.objectives import parse_constraint, parse_objectives
-from nas4dyn.search.optuna_backend import SAMPLERS, make_sampler, run_optuna
+from nas4dyn.search.optuna_backend import make_sampler, run_optuna
 from nas4dyn.search.storage import count, default_storage, fail_orphaned_trials, mask_url, open_storage, open_study
 from nas4dyn.search.trial import SearchSettings, TrialContext, check_constraints, load_context, reference_costs
 
@@ -85,8 +85,6 @@ class Progress:
 
 
 def _check(config: SearchConfig) -> None:
-    if config.sampler not in SAMPLERS:
-        raise ConfigError(f"--sampler {config.sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if config.backend not in BACKENDS:
         raise ConfigError(f"--backend {config.backend!r}: choose one of {', '.join(BACKENDS)}")
     if config.trials < 0:
@@ -163,7 +161,7 @@ def run_search(config: SearchConfig) -> SearchSummary:
             run_optuna(study, ctx, config.trials, progress)
     finally:
         progress.close()
-    hv = outputs.write_outputs(study, out_dir, settings.objectives, reference)
+    hv = outputs.write_outputs(study, out_dir, settings.objectives, reference, settings.constraints)
     return SearchSummary(
         study=config.study,
         storage=mask_url(url),

@@ -179,13 +179,11 @@ def _per_exit(parts: list[Part], units: np.ndarray, num_exits: int, gated: list[
     return np.stack(cols, 1)
 
 
-def evaluate_arch(ctx: TrialContext, arch: Arch, batches: Batches, exit_budget: float = 1.0,
-                  recalibrate: bool = True) -> TrialResult:
+def evaluate_arch(ctx: TrialContext, arch: Arch, batches: Batches, exit_budget: float = 1.0) -> TrialResult:
     """Recalibrate BN for ``arch`` (fixed training subset), measure every exit on ``batches``, calibrate the
     thresholds (limits: the search's constraints on expected metrics and ``exit_budget``), and report."""
     net, space = ctx.net, ctx.net.space
-    if recalibrate:
-        recalibrate_bn(net, arch, ctx.bn_batches, n_images=ctx.settings.bn_images)
+    recalibrate_bn(net, arch, ctx.bn_batches, n_images=ctx.settings.bn_images)
     conf, correct, units = _validation_pass(net, arch, batches)
     layout = arch_layout(space, arch)
     gated = gated_slots(layout)
