@@ -193,13 +193,15 @@ def run_dir(net, data, tmp_path_factory):
     other = nas4dyn.load_space("fmnist").max_arch()
     (root / "pareto.json").write_text(json.dumps([{"arch": a.to_dict(), "metrics": {}} for a in (arch, arch.without_dynamic())]))
     (root / "other_space.json").write_text(json.dumps(other.to_dict()))
+    assert main(["profile", "--space", "tiny", "--out", str(root / "lut.json"), "--repeats", "3", "--calibrate", "2"]) == 0
     return root
 
 
 def test_cli_export_then_evaluate(run_dir, capsys):
     out = run_dir / "exp"
     code = main(["export", "--run", str(run_dir / "run"), "--arch", f"{run_dir / 'pareto.json'}#0", "--out", str(out),
-                 "--bn-images", "64", "--latency-samples", "16", "--repeats", "2"])
+                 "--bn-images", "64", "--latency-samples", "16", "--repeats", "2",
+                 "--latency-table", str(run_dir / "lut.json")])
     assert code == 0
     for name in ("model.ts", "arch.json", "card.json", "onnx.json", "model.seg0.onnx", "model.seg3.onnx"):
         assert (out / name).is_file(), name
@@ -210,7 +212,7 @@ def test_cli_export_then_evaluate(run_dir, capsys):
     assert 0.0 <= card["accuracy"] <= 1.0 and sum(card["exit_rates"]) == pytest.approx(1.0)
     assert card["macs_expected"] < card["macs_max"] and card["latency_ms"] > 0
     assert card["input"]["channels"] == 1 and len(card["input"]["mean"]) == 1
-    assert "latency_ms_predicted" not in card  # no --latency-table given
+    assert card["latency_ms_predicted"] > 0 and card["latency_predicted_table"]["settings"]
     assert Arch.from_dict(json.loads((out / "arch.json").read_text())).exits
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".exp")]  # no temp dirs left behind
 
@@ -229,15 +231,17 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nas4dyn", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("arch, words", [
-    ("missing.json", "no such file"),
-    ("pareto.json#7", "out of range"),
-    ("pareto.json#x", "not an integer"),
-    ("pareto.json", "pick one"),
-    ("other_space.json", "arch.space"),
+@pytest.mark.parametrize("arch, extra, words", [
+    ("missing.json", (), "no such file"),
+    ("pareto.json#7", (), "out of range"),
+    ("pareto.json#x", (), "not an integer"),
+    ("pareto.json", (), "pick one"),
+    ("other_space.json", (), "arch.space"),
+    ("pareto.json#0", ("--latency-table", "no-such-lut.json"), "--latency-table"),
 ])
-def test_cli_export_rejects_a_bad_arch(run_dir, arch, words):
-    out = _cli("export", "--run", str(run_dir / "run"), "--arch", str(run_dir / arch), "--out", str(run_dir / "bad"))
+def test_cli_export_rejects_bad_input(run_dir, arch, extra, words):
+    out = _cli("export", "--run", str(run_dir / "run"), "--arch", str(run_dir / arch), "--out", str(run_dir / "bad"),
+               *extra)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert words in lines[0] and "Traceback" not in out.stderr

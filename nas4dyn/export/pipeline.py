@@ -158,13 +158,12 @@ def verify_export(net: Supernet, arch: Arch, export_dir: Path, images01: torch.T
     return results
 
 
-def _predicted_latency(table: str, net: Supernet, arch: Arch, loader: Any) -> float:
-    try:
-        from nas4dyn.cost import LatencyModel
-    except ImportError:
-        raise ConfigError(f"--latency-table {table}: this build has no latency model (nas4dyn.cost.LatencyModel); "
-                          "drop the flag") from None
-    return float(LatencyModel.load(table).predict_expected(net, arch, loader))
+def _predicted_latency(table: str, net: Supernet, arch: Arch, loader: Any) -> tuple[float, dict[str, Any]]:
+    """(expected ms over the loader's data predicted by the latency table, the table's timing settings)."""
+    from nas4dyn.cost import LatencyModel
+
+    model = LatencyModel.load(table)
+    return float(model.predict_expected(net, arch, loader)), dict(model.table.settings)
 
 
 def _cost(net: Supernet, arch: Arch, loader: Any) -> Optional[dict[str, Any]]:
@@ -222,6 +221,9 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
     if "onnx" in options.formats and other_gates:
         raise ConfigError(f"--format onnx: gate kind(s) {other_gates} of this arch have no ONNX translation "
                           f"(supported: {', '.join(ONNX_GATES)}); use --format torchscript")
+    if options.latency_table and not Path(options.latency_table).is_file():
+        raise ConfigError(f"--latency-table {options.latency_table}: no such file; create one with "
+                          f"`nas4dyn profile --space {net.space.name} --out {options.latency_table}`")
     if options.threads:
         torch.set_num_threads(options.threads)
     source = options.data or info.get("dataset")
@@ -258,11 +260,14 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
         timed, _ = collect(unnormalised(test_loader, bundle.info.mean, bundle.info.std), options.latency_samples)
         latency = measure_latency(scripted, timed, 1, options.latency_repeats)
         cost = _cost(net, arch, test_loader)
-        predicted = _predicted_latency(options.latency_table, net, arch, test_loader) if options.latency_table else None
+        predicted, table_settings = (_predicted_latency(options.latency_table, net, arch, test_loader)
+                                     if options.latency_table else (None, None))
         card = build_card(arch=arch.to_dict(), data_info=info, mean=mean, std=std, resolution=arch.resolution,
                           channels=model.channels, thresholds=list(model.thresholds), exit_names=list(model.exit_names),
                           stats=stats.to_dict(), latency=latency.to_dict(), cost=cost, latency_predicted=predicted,
                           files=files + [CARD_FILE], bn_images=options.bn_images)
+        if table_settings is not None:
+            card["latency_predicted_table"] = {"path": str(options.latency_table), "settings": table_settings}
         card["verification"] = check
         card["macs_realized_batch1"] = realized_macs(scripted, timed, 1)
         atomic_write_json(tmp / CARD_FILE, card)
