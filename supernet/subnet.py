@@ -68,6 +68,8 @@ class SubNet(nn.Module):
     def forward_with_exits(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(logits, index of the exit each sample left at; the final classifier is the last index)."""
         x, gates = self._prepare(x)
+        if x.shape[0] == 1:
+            return self._one_sample(x, gates)
         n = x.shape[0]
         out = torch.zeros(n, self.num_classes, dtype=x.dtype, device=x.device)
         exit_index = torch.full([n], -1, dtype=torch.long, device=x.device)
@@ -91,6 +93,19 @@ class SubNet(nn.Module):
                         alive = stay.numel() > 0
                         idx, h, gates = idx.index_select(0, stay), h.index_select(0, stay), gates.index_select(0, stay)
         return out, exit_index
+
+    def _one_sample(self, x: torch.Tensor, gates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Batch 1: the sample runs until the first exit it passes, with no compaction bookkeeping."""
+        h = self.stem(x)
+        out = x.new_zeros(0)
+        left = -1
+        for i, seg in enumerate(self.segments):
+            if left < 0:
+                h = seg.body(h, gates)
+                logits = seg.head(h)
+                if seg.final or bool(confidence(logits, self.criterion)[0] >= seg.threshold):
+                    out, left = logits, i
+        return out, torch.full([1], left, dtype=torch.long, device=x.device)
 
     @torch.jit.export
     def forward_all(self, x: torch.Tensor) -> List[torch.Tensor]:
