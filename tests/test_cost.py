@@ -290,7 +290,7 @@ def test_profile_cli_end_to_end(tmp_path):
     out = tmp_path / "lut.json"
     proc = subprocess.run(
         [sys.executable, "-m", "nas4dyn", "profile", "--space", "tiny", "--out", str(out), "--repeats", "2",
-         "--calibrate", "3", "--validate", "2", "--statistic", "min"],
+         "--calibrate", "3", "--validate", "2", "--statistic", "min", "--clock", "cpu"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -307,6 +307,7 @@ def test_profile_cli_end_to_end(tmp_path):
         (["--space", "tiny", "--batch-size", "-1"], "--batch-size"),
         (["--space", "no-such-space"], "no-such-space"),
         (["--space", "tiny", "--out", "."], "directory"),
+        (["--space", "tiny", "--clock", "cpu", "--threads", "2"], "--clock cpu"),
     ],
 )
 def test_profile_bad_input_is_one_line_exit_2(args, needle, tmp_path, capsys):

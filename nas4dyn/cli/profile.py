@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nas4dyn.cost.settings import STATISTICS, ProfileSettings
+from nas4dyn.cost.settings import CLOCKS, STATISTICS, ProfileSettings
 from nas4dyn.errors import ConfigError
 from search_spaces.space import load_space
 
@@ -17,8 +17,9 @@ EPILOG = """\
 The table records the device fingerprint (CPU model or GPU name, torch version, threads, batch size, dtype).
 Remote targets: run `nas4dyn profile` on the target device itself and copy the JSON to the machine that
 searches; using a table on another device warns, which is then expected.
-On a machine shared with other jobs, `--statistic min` (the least disturbed of the timed calls) measures the
-model rather than the contention; the median is right on a dedicated device.
+On a dedicated device the defaults (wall clock, median) are right. On a machine shared with other jobs the
+median measures the contention: use `--threads 1 --clock cpu --statistic min` (CPU time of the timing thread,
+least disturbed call), which leaves out the time other jobs hold the core.
 """
 
 
@@ -44,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="held-out random subnets (static + one dynamic path each) timed end to end")
     p.add_argument("--statistic", default=d.statistic, choices=sorted(STATISTICS),
                    help="summary of each item's timed calls")
+    p.add_argument("--clock", default=d.clock, choices=sorted(CLOCKS),
+                   help="wall clock, or CPU time of the timing thread (needs --threads 1 on cpu)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random subnets")
     p.set_defaults(run=run)
 
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     settings = ProfileSettings(device=args.device, threads=args.threads, batch_size=args.batch_size,
                                repeats=args.repeats, calibrate=args.calibrate, validate=args.validate,
-                               statistic=args.statistic, seed=args.seed)
+                               statistic=args.statistic, clock=args.clock, seed=args.seed)
     table = profile_space(space, settings)
     table.save(out)
     fp = table.fingerprint

@@ -282,5 +282,15 @@ class LatencyModel:
     def predict_expected(self, net: Supernet, arch: Arch, loader: Iterable) -> float:
         """Expected ms over ``loader``'s data: Σ P(path) · latency(path), each sample's path (exit and gate
         decisions) measured with the eval-mode ``net``."""
+        self.check_space(net.space)
         paths = trace_paths(net, arch, loader)
         return float(self._correct(self.table_sum(arch, paths)).mean())
+
+    def check_space(self, space: SearchSpace) -> None:
+        """Raises ConfigError when ``space`` is not the space the table was measured for (say, an edited
+        version of it): its blocks would have other shapes than the ones timed."""
+        mine, theirs = self.table.space.to_dict(), space.to_dict()
+        mine.pop("description"), theirs.pop("description")
+        if mine != theirs:
+            raise ConfigError(f"latency table {self.table.source} was measured for another version of space "
+                              f"{self.table.space.name!r}: re-run `nas4dyn profile --space` with this space")

@@ -2,8 +2,8 @@
 
 Every distinct part of the space is timed as the standalone module users run (``Supernet.extract``'s
 blocks, heads and gater): each block configuration (stage, first or later position in the stage, kernel,
-width, input resolution) in each gate state — a channel gate at a few active-filter levels, interpolated in
-between; a skip gate on and off — plus stem, gater, exit heads and classifier. Then random subnets are timed
+width, input resolution) in each gate state — a per-filter gate (channel, EMG) at a few active-filter
+levels, interpolated in between; a skip gate on and off — plus stem, gater, exit heads and classifier. Then random subnets are timed
 end to end, static ones and forced dynamic paths: some fit the linear correction of the table sum, held-out
 ones validate the predictor.
 
@@ -11,7 +11,8 @@ Timing: inputs at the largest resolution of the space (the data's), ``torch.infe
 count pinned, CUDA synchronised around every call. The machine may be shared, so every measured item is timed
 in rounds, interleaved in shuffled order: a slow spell of other load then spreads over all items instead of
 biasing the ones measured during it. In each round an item gets one untimed call (its warm-up after the
-switch) and ``burst`` timed calls; the entry is the median of all its timed calls.
+switch) and ``burst`` timed calls; the entry is the median (or, with ``statistic="min"``, the minimum) of
+all its timed calls.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from nas4dyn.cost.latency import LatencyModel, LatencyTable, accuracy, device_fingerprint, fit_correction
 from nas4dyn.cost.paths import arch_layout, force_path, forced_block, gate_kind, random_path
-from nas4dyn.cost.settings import STATISTICS, ProfileSettings
+from nas4dyn.cost.settings import CLOCKS, STATISTICS, ProfileSettings
 from search_spaces.arch import Arch
 from search_spaces.space import SearchSpace
 from supernet.dynamic.heads import confidence
@@ -138,6 +139,7 @@ def subnet_samples(net: Supernet, x: torch.Tensor, count: int, rng: random.Rando
 def measure(calls: list[Call], settings: ProfileSettings, progress: bool = True) -> list[float]:
     """ms of each call (the ``settings.statistic`` of its timed calls), timed in interleaved rounds (see the module docstring)."""
     sync = torch.cuda.synchronize if settings.device == "cuda" else (lambda: None)
+    clock = CLOCKS[settings.clock]
     rounds = math.ceil(settings.repeats / settings.burst)
     times: list[list[float]] = [[] for _ in calls]
     order = list(range(len(calls)))
@@ -149,10 +151,10 @@ def measure(calls: list[Call], settings: ProfileSettings, progress: bool = True)
             call()
             sync()
             for _ in range(settings.burst):
-                start = time.perf_counter()
+                start = clock()
                 call()
                 sync()
-                times[i].append(time.perf_counter() - start)
+                times[i].append(clock() - start)
     summarize = STATISTICS[settings.statistic]
     return [1e3 * summarize(t) for t in times]
 
@@ -165,6 +167,12 @@ def _score(model: LatencyModel, samples: list[_Subnet], measured: list[float]) -
             predicted = [_predict(model, s) for s, _ in pairs]
             out[kind] = accuracy(predicted, [m for _, m in pairs])
     return out
+
+
+def _record(model: LatencyModel, sample: _Subnet, measured: float) -> dict[str, Any]:
+    """One validation measurement as stored in the table (the path: exit index and units on per gate)."""
+    return {"exit_index": sample.exit_index, "units": sample.units, "measured_ms": measured,
+            "predicted_ms": _predict(model, sample)}
 
 
 def _predict(model: LatencyModel, sample: _Subnet) -> float:
@@ -218,12 +226,9 @@ def profile_space(space: SearchSpace, settings: ProfileSettings, progress: bool 
     table.calibration = _score(model, calibration, calib_ms)
     if validation:
         table.validation = _score(model, validation, valid_ms)
-        worst = max(range(len(validation)), key=lambda i: abs(_predict(model, validation[i]) / valid_ms[i] - 1))
-        table.validation["worst_case"] = {
-            "arch": validation[worst].arch.to_dict(),
-            "exit_index": validation[worst].exit_index,
-            "measured_ms": valid_ms[worst],
-            "predicted_ms": _predict(model, validation[worst]),
-        }
+        records = [_record(model, s, ms) for s, ms in zip(validation, valid_ms)]
+        worst = max(range(len(records)), key=lambda i: abs(records[i]["predicted_ms"] / records[i]["measured_ms"] - 1))
+        table.validation["worst_case"] = {**records[worst], "arch": validation[worst].arch.to_dict()}
+        table.validation["records"] = records
     table.settings["seconds"] = round(time.perf_counter() - started, 1)
     return table

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 
 from nas4dyn.errors import ConfigError
@@ -10,6 +11,10 @@ from nas4dyn.errors import ConfigError
 # machine shared with other jobs, preemption inflates long calls more than short ones and the median measures
 # the contention, while the minimum (least disturbed call) stays reproducible.
 STATISTICS = {"median": statistics.median, "min": min}
+# What a timed call's duration is read from: the wall clock, or the CPU time of the calling thread — which
+# leaves out the time other jobs hold the core (valid for one thread on the CPU, where the calling thread does
+# all the work).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 @dataclass
@@ -19,18 +24,19 @@ class ProfileSettings:
     ``repeats``: timed calls per item; ``burst``: timed calls per item per round; ``channel_levels``:
     active-filter levels measured per channel-gated block (0 .. all, evenly spaced); ``calibrate``: random
     subnets (each timed static and on one dynamic path) that fit the correction; ``validate``: held-out
-    random subnets, likewise; ``statistic``: a key of ``STATISTICS``.
+    random subnets, likewise; ``statistic``: a key of ``STATISTICS``; ``clock``: a key of ``CLOCKS``.
     """
 
     device: str = "cpu"
     threads: int = 1
     batch_size: int = 1
-    repeats: int = 60
-    burst: int = 3
+    repeats: int = 150
+    burst: int = 5
     channel_levels: int = 5
     calibrate: int = 40
     validate: int = 0
     statistic: str = "median"
+    clock: str = "wall"
     seed: int = 0
 
     def check(self) -> None:
@@ -41,6 +47,11 @@ class ProfileSettings:
             raise ConfigError(f"--device {self.device!r}: use cpu or cuda")
         if self.statistic not in STATISTICS:
             raise ConfigError(f"--statistic {self.statistic!r}: use one of {sorted(STATISTICS)}")
+        if self.clock not in CLOCKS:
+            raise ConfigError(f"--clock {self.clock!r}: use one of {sorted(CLOCKS)}")
+        if self.clock == "cpu" and (self.device != "cpu" or self.threads != 1):
+            raise ConfigError("--clock cpu: measures the calling thread only, so it needs --device cpu --threads 1; "
+                              "use --clock wall otherwise")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible here; use --device cpu")
         for name, minimum in (("threads", 1), ("batch_size", 1), ("repeats", 1), ("burst", 1),
