@@ -26,6 +26,7 @@ from nas4dyn.search import SearchConfig, run_search
 from nas4dyn.search.calibrate import ExitOutcomes, calibrate
 from nas4dyn.search.encoding import decode, suggest
 from nas4dyn.search.outputs import completed as completed_trials
+from nas4dyn.search.outputs import hypervolume
 from nas4dyn.search.objectives import Constraint, parse_constraint, parse_objectives
 from nas4dyn.search.storage import mask_url, open_storage
 from nas4dyn.search.trial import SearchSettings, cheapest_costs, evaluate_arch, load_context
@@ -171,6 +172,16 @@ def test_trial_costs_agree_with_the_cost_model(run_dir, tiny_space):
             hits = sum(int((ctx.net(x).argmax(1) == y).sum()) for x, y in ctx.val_batches)
         assert result.metrics["accuracy"] == pytest.approx(hits / result.metrics["samples"])
         checked += 1
+
+
+def test_hypervolume_is_normalised_by_the_reference_corners():
+    objectives = parse_objectives("accuracy:max,macs_expected:min")
+    ref = {"accuracy": 0.5, "macs_expected": 100.0}  # error of the smallest subnet, MACs of the largest
+    points = [{"accuracy": 0.75, "macs_expected": 50.0}, {"accuracy": 0.6, "macs_expected": 10.0}]
+    # Losses (0.5, 0.5) and (0.8, 0.1) against (1, 1): 0.25 + 0.18 - 0.1 overlap.
+    assert hypervolume(points, objectives, ref) == pytest.approx(0.33)
+    assert hypervolume(points + [{"accuracy": 0.4, "macs_expected": 1.0}], objectives, ref) == pytest.approx(0.33)
+    assert hypervolume([], objectives, ref) == 0.0
 
 
 # ---- the command --------------------------------------------------------------------------------------------

@@ -68,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
     ))
     print(f"study {summary.study} in {summary.storage}: {summary.complete} completed, {summary.failed} failed"
           + (f" ({summary.orphaned} of a killed run)" if summary.orphaned else ""))
-    print(f"Pareto front: {summary.front} subnets; hypervolume {summary.hypervolume:.4f} "
-          "(error x cost / largest static subnet's cost, reference 1.0 x 1.1)")
+    ref = summary.reference
+    ref_text = f"error {ref['accuracy']:.4f}, {ref['macs_expected'] / 1e6:.3f} MMACs" + (
+        f", {ref['latency_ms']:.3f} ms" if "latency_ms" in ref else "")
+    print(f"Pareto front: {summary.front} subnets; hypervolume {summary.hypervolume:.4f} (share of the box from "
+          f"the ideal point to the reference: error of the smallest static subnet, costs of the largest: {ref_text})")
     print(f"wrote {summary.out_dir}/pareto.json, trials.csv, pareto.png")
     return 0

@@ -1,10 +1,12 @@
 """Search outputs: pareto.json, trials.csv, pareto.png, and the hypervolume of the front.
 
-Hypervolume normalisation (so studies of one space compare, whatever the sampler): every objective is turned
-into a loss in about [0, 1] — accuracy into error ``1 - accuracy``, a cost into a fraction of the largest
-static subnet's cost (``max_arch``: its MACs, or its predicted full-path latency) — and the reference point is
-1.0 for the error and 1.1 for each cost (a little room above the largest subnet, whose exit heads or gates may
-cost slightly more). The hypervolume is Optuna's (WFG), over the feasible completed trials.
+Hypervolume normalisation (so that studies of one supernet compare, whatever the sampler, and the number is
+sensitive to the front): each objective becomes a loss divided by its value at a trivial corner of the space —
+the error ``1 - accuracy`` by the validation error of the smallest static subnet (``min_arch``), each cost by
+the cost of the largest static subnet (``max_arch``: its MACs, or its predicted latency) — and the reference
+point is 1 in every loss. The hypervolume is then the share of the box between the ideal point (no error, no
+cost) and those corners that the feasible completed trials dominate, in [0, 1]; subnets worse than the smallest
+one's error or dearer than the largest one add nothing. Computed with Optuna's exact (WFG) hypervolume.
 """
 from __future__ import annotations
 
@@ -25,8 +27,6 @@ from nas4dyn.search.objectives import Constraint, Objective
 
 log = logging.getLogger(__name__)
 
-ERROR_REFERENCE = 1.0
-COST_REFERENCE = 1.1
 AXIS_LABELS = {"latency_ms": "expected latency (ms)", "macs_expected": "expected MMACs per image"}
 CSV_METRICS = ("accuracy", "macs_expected", "macs_max", "macs_min", "latency_ms", "latency_ms_max", "exit_budget",
                "samples")
@@ -48,28 +48,24 @@ def front(study: optuna.Study) -> list[FrozenTrial]:
 
 def normalised_losses(metrics: Sequence[dict[str, Any]], objectives: Sequence[Objective],
                       reference: dict[str, float]) -> np.ndarray:
-    """One row per trial: every objective as a loss in the units described in the module docstring."""
+    """One row per trial: every objective as a loss in units of its reference (see the module docstring)."""
     rows = []
     for m in metrics:
         row = []
         for o in objectives:
             value = float(m[o.metric])
             if o.metric == "accuracy":
-                row.append(1.0 - value if o.direction == "max" else value)
-            else:
-                scaled = value / reference[o.metric]
-                row.append(scaled if o.direction == "min" else COST_REFERENCE - scaled)
+                value = 1.0 - value if o.direction == "max" else value
+            elif o.direction == "max":  # a cost to maximise: its shortfall below the reference is the loss
+                value = reference[o.metric] - value
+            row.append(value / max(reference[o.metric], 1e-12))
         rows.append(row)
     return np.asarray(rows, dtype=float).reshape(len(rows), len(objectives))
 
 
-def reference_point(objectives: Sequence[Objective]) -> np.ndarray:
-    return np.array([ERROR_REFERENCE if o.metric == "accuracy" else COST_REFERENCE for o in objectives])
-
-
 def hypervolume(metrics: Sequence[dict[str, Any]], objectives: Sequence[Objective], reference: dict[str, float]) -> float:
-    """Normalised hypervolume of the given trials' metrics (points beyond the reference add nothing)."""
-    ref = reference_point(objectives)
+    """Normalised hypervolume of the given trials' metrics, in [0, 1]."""
+    ref = np.ones(len(objectives))
     losses = normalised_losses(metrics, objectives, reference)
     losses = losses[np.all(losses < ref, axis=1)]
     return float(compute_hypervolume(losses, ref)) if len(losses) else 0.0

@@ -14,11 +14,12 @@ from nas4dyn.search import outputs
 from nas4dyn.search.objectives import parse_constraint, parse_objectives
 from nas4dyn.search.optuna_backend import make_sampler, run_optuna
 from nas4dyn.search.storage import count, default_storage, fail_orphaned_trials, mask_url, open_storage, open_study
-from nas4dyn.search.trial import SearchSettings, TrialContext, check_constraints, load_context, reference_costs
+from nas4dyn.search.trial import SearchSettings, TrialContext, check_constraints, hv_reference, load_context
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("optuna", "ray")
+REFERENCE_ATTR = "nas4dyn:hv_reference"
 
 
 @dataclass
@@ -58,7 +59,7 @@ class SearchSummary:
     orphaned: int  # RUNNING trials of killed runs marked FAILED at start
     front: int
     hypervolume: float
-    reference: dict[str, float] = field(default_factory=dict)
+    reference: dict[str, float] = field(default_factory=dict)  # hypervolume reference point per metric
     out_dir: str = ""
 
 
@@ -138,7 +139,6 @@ def run_search(config: SearchConfig) -> SearchSummary:
     make_sampler(config.sampler, population=config.population)  # fail on bad sampler options before loading
     ctx = load_context(config.run_dir, settings, config.latency_table, config.data_root)
     check_constraints(ctx)
-    reference = reference_costs(ctx)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     url = config.storage or default_storage(out_dir)
@@ -146,6 +146,11 @@ def run_search(config: SearchConfig) -> SearchSummary:
     study = open_study(storage, config.study, [o.optuna_direction for o in settings.objectives], study_settings(ctx),
                        url)
     orphaned = fail_orphaned_trials(study)
+    # Measured once per study and stored, so every rerun reports hypervolumes against the same point.
+    reference = study.user_attrs.get(REFERENCE_ATTR)
+    if reference is None:
+        reference = hv_reference(ctx)
+        study.set_user_attr(REFERENCE_ATTR, reference)
     # A resumed study gets a fresh seed stream, so a seeded sampler does not replay the first run's choices.
     seed = None if config.seed is None else config.seed + len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(config.sampler, seed, config.population)

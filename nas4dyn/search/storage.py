@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +25,7 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from nas4dyn.errors import ConfigError
 
@@ -33,6 +35,7 @@ OWNER_ATTR = "nas4dyn:owner"
 SETTINGS_ATTR = "nas4dyn:settings"
 JOURNAL_PREFIX = "journal:"
 HEARTBEAT_S = 60
+CREATE_ATTEMPTS = 5
 SQLITE_TIMEOUT_S = 120  # processes sharing one SQLite file wait for its lock instead of failing
 _PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 
@@ -60,14 +63,22 @@ def open_storage(url: str, heartbeat: bool = True) -> BaseStorage:
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval: stable in practice since 2.9
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S if heartbeat else None)
-    except Exception as exc:  # sqlalchemy raises many types (ArgumentError, OperationalError, ImportError)
-        message = mask_url(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise ConfigError(f"--storage {mask_url(url)}: cannot open ({type(exc).__name__}: {message}); pass an "
-                          "Optuna RDB URL such as sqlite:///study.db or journal:PATH") from None
+    attempt = 0
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval: stable since 2.9
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S if heartbeat else None)
+        except Exception as exc:  # sqlalchemy raises many types (ArgumentError, OperationalError, ImportError)
+            # Processes that open a new database at once race to create its tables and version row (the loser
+            # sees "already exists" or a UNIQUE violation); a retry finds them made.
+            attempt += 1
+            if isinstance(exc, (OperationalError, IntegrityError)) and attempt < CREATE_ATTEMPTS:
+                time.sleep(0.5 * attempt)
+                continue
+            message = mask_url(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise ConfigError(f"--storage {mask_url(url)}: cannot open ({type(exc).__name__}: {message}); pass an "
+                              "Optuna RDB URL such as sqlite:///study.db or journal:PATH") from None
 
 
 # ---- owners -------------------------------------------------------------------------------------------------

@@ -286,11 +286,14 @@ def check_constraints(ctx: TrialContext) -> None:
                               f"{floor[c.metric]:.6g}; relax the bound to at least that")
 
 
-def reference_costs(ctx: TrialContext) -> dict[str, float]:
-    """Cost of the largest static subnet per cost metric: the unit in which hypervolumes measure cost."""
-    largest = ctx.net.space.max_arch()
-    ref = {"macs_expected": float(count_macs(ctx.net, largest).macs_max)}
-    ref["macs_max"] = ref["macs_expected"]
+def hv_reference(ctx: TrialContext) -> dict[str, float]:
+    """The hypervolume reference point per metric: the validation error of the smallest static subnet (measured
+    like a trial) and every cost of the largest static subnet — what the trivial corners of the space reach."""
+    space = ctx.net.space
+    smallest = evaluate_arch(ctx, space.min_arch(), ctx.val_batches)
+    largest = space.max_arch()
+    ref = {"accuracy": 1.0 - smallest.metrics["accuracy"]}
+    ref["macs_expected"] = ref["macs_max"] = float(count_macs(ctx.net, largest).macs_max)
     if ctx.latency is not None:
         ref["latency_ms"] = ref["latency_ms_max"] = float(ctx.latency.predict(largest))
     return ref
