@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import random
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +168,35 @@ def timed_passes(models: dict[str, nn.Module], images: torch.Tensor, repeats: in
     return times
 
 
+@torch.no_grad()
+def conv_scaling(sub: nn.Module, share: float = 0.5, calls: int = 200) -> tuple[float, float]:
+    """(ms, ms): the block convs of an extracted static subnet at batch 1 with all filters, and with ``share``
+    of each block's hidden filters (its first conv's outputs and its second conv's inputs), as a channel gate
+    leaves them; 10th percentile of ``calls`` timed calls each, weights gathered outside the timing."""
+    x = torch.rand(1, sub.stem[0].in_channels, sub.resolution, sub.resolution)
+    h = sub.stem(x)
+    full = narrow = 0.0
+
+    def best(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[calls // 10] * 1e3
+
+    for blk in (b for seg in sub.segments for b in seg.blocks):
+        c1, c2 = blk.conv1, blk.conv2
+        mid = c1(h)
+        keep = torch.arange(0, c1.out_channels, round(1 / share))
+        w1, w2, mid_k = c1.weight.index_select(0, keep), c2.weight.index_select(1, keep), mid.index_select(1, keep)
+        full += best(lambda: (c1(h), c2(mid)))
+        narrow += best(lambda: (F.conv2d(h, w1, None, c1.stride, c1.padding), F.conv2d(mid_k, w2, None, 1, c2.padding)))
+        h = blk(h, torch.zeros(1, 0))
+    return full, narrow
+
+
 def load_images(n_val: int, n_test: int) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float], str]:
     """(calibration images, timed images, mean, std, source) in [0, 1]: Fashion-MNIST if installed."""
     from nas4dyn.data import load_data, make_loader
@@ -226,6 +257,7 @@ def main() -> None:
         exit_rates = models["exits"].forward_with_exits(test)[1].bincount(minlength=3).double() / len(test)
         gate_rates = {name: float(models[name].gate_decisions(test).float().mean()) for name in ("channel gates", "skip gates")}
         times = timed_passes(models, test, args.repeats)
+        conv_full, conv_half = conv_scaling(net.extract(BACKBONE).eval())
 
     per_pass = {k: (v.mean(1) * 1e3).tolist() for k, v in times.items()}  # mean ms per image, each pass
     med = {k: statistics.median(v) for k, v in per_pass.items()}
@@ -252,7 +284,7 @@ def main() -> None:
         lines.append(f"| {name} | {macs[name] / 1e6:.2f} | {med[name]:.3f} | {spread[name]:.1%} | {floor[name]:.3f} |")
     static_ratio = med["static export"] / med["twin"]
     base = "twin (TorchScript)"  # the static reference of the dynamic ratios: same runtime as the exports
-    lines += ["", f"Exported static ÷ plain twin: **{static_ratio:.3f}** (goal ≤ 1.03) — "
+    lines += ["", f"Exported static ÷ plain twin: **{math.ceil(static_ratio * 1000) / 1000:.3f}** (goal ≤ 1.03) — "
                   f"{'met' if static_ratio <= 1.03 else 'NOT met'}; ÷ the scripted twin: "
                   f"{med['static export'] / med[base]:.3f} (per-image best passes: "
                   f"{floor['static export'] / floor['twin']:.3f} and {floor['static export'] / floor[base]:.3f}).", "",
@@ -265,8 +297,18 @@ def main() -> None:
         mac_red, speed = macs[base] / macs[name], med[base] / med[name]
         ratio = speed / mac_red
         verdict = "goal met" if ratio >= 0.9 else ("≥ 0.8 met" if ratio >= 0.8 else "NOT met")
-        lines.append(f"| {name} | {mac_red:.2f}× | {speed:.2f}× | **{ratio:.3f}** | {verdict} | "
-                     f"{floor[base] / floor[name] / mac_red:.3f} |")
+        lines.append(f"| {name} | {mac_red:.2f}× | {speed:.2f}× | **{math.floor(ratio * 1000) / 1000:.3f}** | {verdict} | "
+                     f"{math.floor(floor[base] / floor[name] / mac_red * 1000) / 1000:.3f} |")
+    lines += [
+        "",
+        f"Where channel gates lose: the backbone's block convs alone take {conv_full:.3f} ms per image at batch 1 "
+        f"with every filter and {conv_half:.3f} ms with half of each block's hidden filters "
+        f"({conv_half / conv_full:.2f}× the time for 0.5× the MACs; 10th percentile of 200 calls each). At these sizes "
+        "(5 x 5 convs, 24-96 channels, 14 x 14 to 4 x 4 maps) a conv's time does not shrink with its filter count: "
+        "oneDNN blocks channels by 8/16 and pays a fixed per-call cost, and the MAC-free work of every image "
+        "(BatchNorm, activations, stem, shortcuts, head, the gater network, the interpreter) stays. Skip gates and "
+        "exits drop whole ops instead, so their time follows their MACs much more closely.",
+    ]
     table = "\n".join(lines)
     print(table)
     if args.write:

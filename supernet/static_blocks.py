@@ -92,6 +92,8 @@ class StaticBlock(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+        if self.gate_kind == "none":
+            return self.run(x, None)
         if self.gate_kind == "channel":
             return self.run(x, gate_logits[:, self.gate_start : self.gate_end] > 0)
         route = self.route(x)
