@@ -125,6 +125,18 @@ def test_retrieval_planted_beats_random(planted, noise):
     assert sizes["gates"] == -(-planted.rates.shape[1] // 8) and sizes["cnn"] == 12 * 4
 
 
+def test_gates_that_never_close_are_reported_not_correlated(fmnist_hierarchy, tmp_path):
+    model = PlantedGates(fmnist_hierarchy, CLASSES, flip=0.0)
+    model.proto[:] = True
+    a = analyze_gates(model, batches(10, per_class=12), CLASSES, fmnist_hierarchy, queries=50)
+    assert all(np.isnan(a.correlations[name].rho) for name in GATE_DISTANCES)
+    assert np.isfinite(a.correlations["cnn_euclidean"].rho)  # the CNN baseline is still measured
+    assert a.gate_summary()["always_on"] == a.rates.shape[1]
+    text = write_report(a, tmp_path).read_text()
+    assert "same binary gating pattern" in text and "n/a" in text
+    assert json.loads((tmp_path / "report.json").read_text())["semantics"]["gates_hamming"]["spearman"] is None
+
+
 def test_patterns_rates_and_summary(planted):
     assert planted.rates.shape == planted.patterns.shape == (10, planted.gate_on.shape[0])
     assert np.array_equal(planted.patterns, planted.rates >= 0.5)

@@ -107,7 +107,11 @@ def analyze_gates(model: GateModel, batches: Iterable[tuple[torch.Tensor, torch.
         reference = hierarchy.distances(classes)
         correlations = {name: mantel(d, reference, permutations, seed) for name, d in distances.items()}
         for name, c in correlations.items():
-            log.info("%s vs hierarchy: Spearman %.3f, Mantel p %.4f", name, c.rho, c.p_value)
+            if np.isnan(c.rho):
+                log.warning("%s: every class pair is at the same distance (or a distance is undefined); "
+                            "its correlation with the hierarchy is undefined", name)
+            else:
+                log.info("%s vs hierarchy: Spearman %.3f, Mantel p %.4f", name, c.rho, c.p_value)
     else:
         log.warning("no class hierarchy for these classes: skipping the semantic correlation "
                     "(pass --hierarchy FILE.json)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -78,8 +79,10 @@ def plot_dendrograms(a: GateAnalysis, path: Path) -> None:
     colours = plt.get_cmap("tab10")
     groups = sorted({a.hierarchy.group_of(c) for c in a.classes}) if a.hierarchy is not None else []
     for ax, name in zip(axes, ("gates_hamming", "cnn_euclidean")):
-        dendrogram(linkage(squareform(a.distances[name], checks=False), "average"), labels=a.classes,
-                   orientation="right", ax=ax, color_threshold=0, above_threshold_color="grey")
+        with warnings.catch_warnings():  # identical patterns: every merge at 0 makes a zero-width x axis
+            warnings.simplefilter("ignore", UserWarning)
+            dendrogram(linkage(squareform(a.distances[name], checks=False), "average"), labels=a.classes,
+                       orientation="right", ax=ax, color_threshold=0, above_threshold_color="grey")
         ax.set_title(_TITLES[name], fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
         for label in ax.get_yticklabels():  # leaves coloured by their top-level hierarchy group
@@ -105,6 +108,13 @@ def markdown(a: GateAnalysis) -> str:
         f"{s['always_off']} always off); {s['differ_between_classes']} differ between class patterns "
         f"(rate >= 0.5)",
         f"- CNN descriptor: {a.feature_dim} penultimate features", "",
+    ]
+    if s["differ_between_classes"] == 0:
+        never_close = " Every gate is always on: the dynamic phase kept all gates open." if s["always_on"] == s[
+            "total"] else ""
+        lines += ["**Every class has the same binary gating pattern**: Hamming and Jaccard distances are all zero "
+                  f"and their correlations undefined.{never_close}", ""]
+    lines += [
         "| gated block | kind | gates | mean rate |", "|---|---|---:|---:|",
     ]
     lines += [f"| {g.name} | {g.kind} | {g.end - g.start} | {_fmt(a.gate_on[g.start:g.end].mean())} |"

@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     what.required = True
     g = what.add_parser("gates", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help="class gating patterns vs a class hierarchy; gate vectors as retrieval descriptors")
-    g.add_argument("--model", required=True, metavar="EXPORT_DIR", help="export directory from `nas4dyn export` (model.ts, card.json)")
+    g.add_argument("--model", required=True, metavar="EXPORT_DIR",
+                   help="export directory from `nas4dyn export` (model.ts, card.json)")
     g.add_argument("--data", required=True, help="fashion-mnist, synthetic, or an ImageFolder directory")
     g.add_argument("--data-root", help="folder holding the Fashion-MNIST IDX files (default: Debian's location)")
     g.add_argument("--split", choices=SPLITS, default="test")
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     report = write_report(analysis, args.out)
     print(f"wrote {report}")
     for name, c in analysis.correlations.items():
-        print(f"  {name:<14} Spearman vs hierarchy {c.rho:+.3f}  (Mantel p = {c.p_value:.4f})")
+        text = f"{c.rho:+.3f}  (Mantel p = {c.p_value:.4f})" if c.rho == c.rho else "undefined (constant distances)"
+        print(f"  {name:<14} Spearman vs hierarchy {text}")
     for r in analysis.retrieval:
         maps = "  ".join(f"mAP@{k} {v:.3f}" for k, v in r.map_at_k.items())
         print(f"  retrieval {r.descriptor:>6}/{r.metric:<9} {r.bytes_per_sample:>5} B/sample  {maps}")
