@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import random
 import statistics
 import sys
@@ -223,6 +224,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_start = os.getloadavg()[0]
     space = nas4dyn.load_space("fmnist")
     val, test, mean, std, source = load_images(1000, args.samples)
     if args.run:
@@ -259,6 +261,7 @@ def main() -> None:
         times = timed_passes(models, test, args.repeats)
         conv_full, conv_half = conv_scaling(net.extract(BACKBONE).eval())
 
+    load_end = os.getloadavg()[0]
     per_pass = {k: (v.mean(1) * 1e3).tolist() for k, v in times.items()}  # mean ms per image, each pass
     med = {k: statistics.median(v) for k, v in per_pass.items()}
     spread = {k: (max(v) - min(v)) / med[k] for k, v in per_pass.items()}
@@ -274,7 +277,11 @@ def main() -> None:
         f"one by one (batch 1), median of {args.repeats} interleaved passes; thresholds and gate biases calibrated "
         f"on 1000 validation images. Exit rates {', '.join(f'{r:.2f}' for r in exit_rates.tolist())} "
         f"(exits after blocks 0.1 and 1.1, then final); share of gates on: channel {gate_rates['channel gates']:.2f}, "
-        f"skip {gate_rates['skip gates']:.2f}.",
+        f"skip {gate_rates['skip gates']:.2f}. The cores were shared with other jobs (1-minute load average "
+        f"{load_start:.1f} at the start, {load_end:.1f} at the end): \"pass spread\" is (slowest - fastest pass) ÷ "
+        "median, and the last column, each image's fastest pass averaged over the images, is a noise-robust "
+        "cross-check of the medians. Realized MACs count every conv and matmul that ran, the gater and the exit "
+        "heads included.",
         "",
         "| model | MMACs/img (realized, FlopCounterMode) | ms/img (median of passes) | pass spread | "
         "ms/img (per-image best pass) |",

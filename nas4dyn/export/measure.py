@@ -63,8 +63,9 @@ class DecisionStats:
 
 @torch.no_grad()
 def decision_stats(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                   desc: str = "evaluating") -> DecisionStats:
-    """Run ``model`` over ``batches`` of (images in [0, 1], labels) and summarise its decisions."""
+                   desc: str = "evaluating", total: Optional[int] = None) -> DecisionStats:
+    """Run ``model`` over ``batches`` of (images in [0, 1], labels) and summarise its decisions
+    (``total``: the number of batches, for the progress bar)."""
     names: list[str] = list(model.exit_names)
     blocks: list[str] = list(model.gate_blocks)
     kinds: list[str] = list(model.gate_kinds)
@@ -73,7 +74,7 @@ def decision_stats(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor,
     correct_at = torch.zeros(len(names), dtype=torch.long)
     gate_on = torch.zeros(sum(sizes), dtype=torch.float64)
     n = 0
-    for x, y in tqdm(batches, desc=desc, unit="batch", leave=False):
+    for x, y in tqdm(batches, desc=desc, unit="batch", total=total, leave=False):
         logits, exit_index = model.forward_with_exits(x)
         hit = (logits.argmax(1) == y).long()
         counts += torch.bincount(exit_index, minlength=len(names))

@@ -351,6 +351,10 @@ class OnnxDynamicModel:
     def forward_with_exits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits N x classes, exit index per sample) for float images N x C x H x W in [0, 1]."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        c, res = self.manifest["channels"], self.manifest["input_resolution"]
+        if x.ndim != 4 or x.shape[1:] != (c, res, res):
+            raise ValueError(f"the ONNX graphs take images N x {c} x {res} x {res} in [0, 1], got shape {list(x.shape)}; "
+                             "resize them, or export with data of this size")
         n = x.shape[0]
         logits_out = np.zeros((n, self.num_classes), dtype=np.float32)
         exit_index = np.full(n, -1, dtype=np.int64)

@@ -250,13 +250,13 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
         scripted = save_torchscript(model, tmp / MODEL_FILE)
         files = ["arch.json", MODEL_FILE]
         if "onnx" in options.formats:
-            written = export_onnx(model, tmp, int(info.get("resolution") or arch.resolution))
+            written = export_onnx(model, tmp, int(bundle.info.resolution))
             files += [p.name for p in written]
         images, _ = collect(unnormalised(test_loader, bundle.info.mean, bundle.info.std), VERIFY_IMAGES)
         check = verify_export(net, arch, tmp, images, mean, std, "onnx" in options.formats)
         log.info("verified against the supernet on %d test images: %s", check["images"], check)
         stats = decision_stats(scripted, unnormalised(test_loader, bundle.info.mean, bundle.info.std),
-                               desc="test accuracy")
+                               desc="test accuracy", total=len(test_loader))
         timed, _ = collect(unnormalised(test_loader, bundle.info.mean, bundle.info.std), options.latency_samples)
         latency = measure_latency(scripted, timed, 1, options.latency_repeats)
         cost = _cost(net, arch, test_loader)
