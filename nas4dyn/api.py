@@ -49,7 +49,8 @@ def load_supernet_file(path: str | Path) -> tuple[Supernet, dict[str, Any]]:
 
 
 def load_supernet(run_dir: str | Path) -> Supernet:
-    """The trained supernet of a run directory (``RUN_DIR/supernet.pt``), in eval mode.
+    """The trained supernet of a run directory (``RUN_DIR/supernet.pt``), in eval mode; its data description
+    (input normalisation, classes) is attached as ``net.data_info``.
 
     Raises:
         CheckpointError: the run directory has no readable supernet.
@@ -58,4 +59,6 @@ def load_supernet(run_dir: str | Path) -> Supernet:
     path = run_dir / "supernet.pt" if run_dir.is_dir() else run_dir
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no supernet.pt here; train one with `nas4dyn train --out {run_dir}`")
-    return load_supernet_file(path)[0]
+    net, data_info = load_supernet_file(path)
+    net.data_info = data_info
+    return net
