@@ -57,12 +57,23 @@ def batch(space, arch, n: int, seed: int = 1) -> torch.Tensor:
                        generator=torch.Generator().manual_seed(seed))
 
 
-def emg_space():
-    """tiny with EMG gates allowed in its first stage (kernel 5 qualifies)."""
+def all_space():
+    """tiny with every dynamic mechanism: EMG and DFS gates in the basic stages (kernel 5 qualifies for EMG),
+    CIGT routing (1, 2 or 3 paths) in the last stage."""
     data = yaml.safe_load((BUILTIN_DIR / "tiny.yaml").read_text())
-    data["name"] = "tiny_emg"
-    data["stages"][0]["gates"] = ["none", "channel", "skip", "emg"]
+    data["name"] = "tiny_all"
+    data["stages"][0]["gates"] = ["none", "channel", "skip", "emg", "dfs"]
+    data["stages"][2]["gates"] = ["none", "channel", "skip", "dfs"]
+    data["stages"][2]["paths"] = [1, 2, 3]
     return space_from_dict(data)
+
+
+def space_and_net(nets, name):
+    if name == "tiny":
+        return nets["tiny"].space, nets["tiny"]
+    space = all_space()
+    torch.manual_seed(0)
+    return space, make_decisive(nas4dyn.build_supernet(space))
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +100,23 @@ def test_static_macs_equal_flop_counter(nets, name):
         assert sum(rep.parts.values()) == rep.macs_max
 
 
-@pytest.mark.parametrize("space_name", ["tiny", "tiny_emg"])
+@pytest.mark.parametrize("space_name", ["tiny", "tiny_all"])
 def test_every_path_equals_flop_counter_of_the_forced_subnet(nets, space_name):
     """The realized MACs of any path (exit + gate states) equal what the extracted subnet computes on it."""
-    space = emg_space() if space_name == "tiny_emg" else nets["tiny"].space
-    torch.manual_seed(0)
-    net = nets["tiny"] if space_name == "tiny" else make_decisive(nas4dyn.build_supernet(space))
+    space, net = space_and_net(nets, space_name)
     rng = random.Random(3)
-    kinds = set()
+    kinds, routed = set(), False
     for _ in range(15):
         arch = space.sample(rng)
         layout = arch_layout(space, arch)
         kinds |= {s.gate for s in layout}
+        routed |= max(arch.paths) > 1
         sub = net.extract(arch).eval()
         parts = mac_parts(sub, arch, layout, space.input_channels)
         exit_index, masks = random_path(layout, len(arch.exits), rng)
+        for slot, mask in zip(gated_slots(layout), masks):
+            if slot.gate == "dfs" and mask.sum() == 1:  # FlopCounterMode does not see quantized convs
+                mask[:] = True
         forced = force_path(sub, exit_index, masks)
         x = batch(space, arch, 1)
         reference = flop_counter_macs(forced, x)
@@ -112,19 +125,32 @@ def test_every_path_equals_flop_counter_of_the_forced_subnet(nets, space_name):
         realized = path_contributions(parts, paths)
         # FlopCounterMode has no softmax counts: compare without the exits' confidence ops.
         assert sum(v[0] for k, v in realized.items() if not k.startswith("confidence")) == pytest.approx(reference)
-    assert {"channel", "skip"} <= kinds and (space_name != "tiny_emg" or "emg" in kinds)
+    assert {"channel", "skip"} <= kinds
+    assert space_name == "tiny" or ({"emg", "dfs"} <= kinds and routed)
 
 
-def test_expected_macs_equal_per_sample_execution(nets):
+def test_dfs_int8_state_counts_the_fp32_multiply_adds(nets):
+    space, net = space_and_net(nets, "tiny_all")
+    arch = Arch("tiny_all", 16, (2, 1, 1), ((5, 5), (3,), (3,)), ((8, 8), (2,), (8,)),
+                (("none", "dfs"), ("none",), ("none",)))
+    block = {p.name: p for p in mac_parts(net.extract(arch), arch, arch_layout(space, arch), 1)}["block.0.1"]
+    skip, int8, fp32 = (float(block.cost(state)) for state in (0, 1, 2))
+    assert skip < int8 == fp32
+
+
+@pytest.mark.parametrize("space_name", ["tiny", "tiny_all"])
+def test_expected_macs_equal_per_sample_execution(nets, space_name):
     """macs_expected = mean over samples of what the extracted subnet computes on each one alone."""
-    net, space = nets["tiny"], nets["tiny"].space
+    space, net = space_and_net(nets, space_name)
     rng = random.Random(5)
-    data = [(batch(space, space.max_arch(), 8, seed=i), None) for i in range(2)]
+    data = [(batch(space, space.max_arch(), 6, seed=i), None) for i in range(2)]
     checked = 0
-    while checked < 4:
+    while checked < 2:
         arch = space.sample(rng)
         if not (arch.exits and any(g != "none" for s in arch.gates for g in s)):
             continue
+        if space_name == "tiny_all" and ("emg" not in arch.gates[0] or "dfs" in arch.gates[0] + arch.gates[2]):
+            continue  # FlopCounterMode does not see DFS's quantized convs
         rep = nas4dyn.count_macs(net, arch, data)
         sub = net.extract(arch).eval()
         per_sample = []
@@ -134,7 +160,7 @@ def test_expected_macs_equal_per_sample_execution(nets):
                 exit_index = sub.forward_with_exits(one)[1].item()
                 confidence = sum(rep.parts[f"confidence.{e.stage}.{e.block}"] for e in arch.exits[: exit_index + 1])
                 per_sample.append(flop_counter_macs(sub, one) + confidence)
-        assert rep.samples == 16
+        assert rep.samples == 12
         assert rep.macs_expected == pytest.approx(np.mean(per_sample))
         assert rep.macs_min <= rep.macs_expected <= rep.macs_max
         assert sum(rep.parts_expected.values()) == pytest.approx(rep.macs_expected)
@@ -181,10 +207,10 @@ def test_expected_macs_with_forced_exit_probabilities(tiny_space):
 
 @pytest.mark.parametrize("kind", ["channel", "emg"])
 def test_gated_block_macs_scale_with_active_filters(kind):
-    space = emg_space()
+    space = all_space()
     torch.manual_seed(0)
     net = nas4dyn.build_supernet(space).eval()
-    arch = Arch("tiny_emg", 16, (1, 1, 1), ((5,), (3,), (3,)), ((8,), (2,), (8,)),
+    arch = Arch("tiny_all", 16, (1, 1, 1), ((5,), (3,), (3,)), ((8,), (2,), (8,)),
                 ((kind,), ("none",), ("none",)))
     parts = {p.name: p for p in mac_parts(net.extract(arch), arch, arch_layout(space, arch), 1)}
     block = parts["block.0.0"]
@@ -219,15 +245,18 @@ def test_empty_loader_is_a_config_error(nets):
 # ---- latency ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_table():
-    return profile_space(nas4dyn.load_space("tiny"), QUICK, progress=False)
+    return profile_space(all_space(), QUICK, progress=False)
 
 
 def test_table_covers_every_configuration_and_predicts(tiny_table):
     space = tiny_table.space
     model = LatencyModel(tiny_table)
     rng = random.Random(4)
-    for _ in range(30):
+    kinds, routed = set(), False
+    for _ in range(40):
         arch = space.sample(rng)
+        kinds |= {g for st in arch.gates for g in st}
+        routed |= max(arch.paths) > 1
         full = model.predict(arch)
         assert full > 0
         layout = arch_layout(space, arch)
@@ -236,6 +265,7 @@ def test_table_covers_every_configuration_and_predicts(tiny_table):
         assert model.predict_path(arch, exit_index, units) > 0
         if exit_index == len(arch.exits) and all(u == s.units for u, s in zip(units, gated_slots(layout))):
             assert model.predict_path(arch, exit_index, units) == pytest.approx(full)
+    assert kinds == {"none", "channel", "skip", "emg", "dfs"} and routed
     assert tiny_table.validation["static"]["n"] == 2
     assert set(tiny_table.calibration) == {"static", "dynamic"}
 
@@ -265,12 +295,13 @@ def test_fingerprint_mismatch_warns(tiny_table, tmp_path):
         LatencyModel.load(path, check_device=False)
 
 
-def test_expected_latency_follows_the_exits(tiny_table, tiny_space):
+def test_expected_latency_follows_the_exits(tiny_table):
+    space = tiny_table.space
     torch.manual_seed(0)
-    net = nas4dyn.build_supernet(tiny_space).eval()  # unperturbed: max softmax stays below 0.5
-    arch = Arch("tiny", 16, (1, 1, 1), ((3,), (3,), (3,)), ((4,), (2,), (8,)),
+    net = nas4dyn.build_supernet(space).eval()  # unperturbed: max softmax stays below 0.5
+    arch = Arch("tiny_all", 16, (1, 1, 1), ((3,), (3,), (3,)), ((4,), (2,), (8,)),
                 (("none",), ("none",), ("none",)), ((0, 0, 0.05),))
-    data = [(batch(tiny_space, arch, 6), None)]
+    data = [(batch(space, arch, 6), None)]
     model = LatencyModel(tiny_table)
     leaves = model.predict_expected(net, arch, data)
     assert leaves == pytest.approx(model.predict_path(arch, 0, []))
@@ -279,10 +310,12 @@ def test_expected_latency_follows_the_exits(tiny_table, tiny_space):
     assert leaves < stays
 
 
-def test_table_of_another_space_names_the_fix(tiny_table):
+def test_table_of_another_space_is_refused(tiny_table, tiny_space):
     fm = nas4dyn.load_space("fmnist")
     with pytest.raises(nas4dyn.InvalidArchError):
         LatencyModel(tiny_table).predict(fm.max_arch())
+    with pytest.raises(nas4dyn.ConfigError, match="another version"):
+        LatencyModel(tiny_table).check_space(tiny_space)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------

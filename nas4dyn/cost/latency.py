@@ -42,7 +42,7 @@ DEVICE_FIELDS = ("device", "device_name", "machine", "torch")
 KEY_FIELDS = {
     "stem": ("resolution",),
     "gater": ("resolution",),
-    "block": ("resolution", "stage", "first", "kernel", "width", "gate"),
+    "block": ("resolution", "stage", "first", "kernel", "width", "gate", "paths"),
     "exit": ("resolution", "stage"),
     "classifier": ("resolution",),
 }
@@ -99,7 +99,7 @@ def accuracy(predicted: Sequence[float], measured: Sequence[float], tolerance: f
 class LatencyTable:
     """Measured latencies (ms) of every distinct part of a space on one device.
 
-    ``levels`` maps an entry key (``("block", resolution, stage, first, kernel, width, gate)`` and the like,
+    ``levels`` maps an entry key (``("block", resolution, stage, first, kernel, width, gate, paths)`` and the like,
     see ``KEY_FIELDS``) to ``(level, ms)`` pairs, sorted by level. ``correction`` is ``(a, b)`` of the fitted
     ``a * table_sum + b``; ``calibration`` and ``validation`` describe its end-to-end accuracy.
     """
@@ -137,7 +137,7 @@ class LatencyTable:
         parts.append(Part("stem", 0, self._levels(("stem", r))))
         gate = 0
         for slot, blk in zip(layout, arch.blocks()):
-            key = ("block", r, slot.stage, slot.block == 0, blk.kernel, blk.width, blk.gate)
+            key = ("block", r, slot.stage, slot.block == 0, blk.kernel, blk.width, blk.gate, slot.paths)
             parts.append(Part(f"block.{slot.name}", slot.segment, self._levels(key), gate if blk.gate != "none" else None))
             gate += blk.gate != "none"
         for i, e in enumerate(arch.exits):

@@ -10,6 +10,7 @@ multiply-adds but is never free: it counts one operation per element.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional
@@ -45,9 +46,9 @@ from nas4dyn.cost.paths import (
     trace_paths,
 )
 from search_spaces.arch import Arch
+from supernet.dynamic.cigt import RoutedBlock
 from supernet.dynamic.heads import confidence
 from supernet.network import Supernet
-from supernet.static_blocks import StaticBlock
 from supernet.subnet import SubNet
 
 # The multiply-add ops (the set FlopCounterMode counts); everything else — BN, activations, pooling,
@@ -96,7 +97,7 @@ class CostReport:
 
 
 class _Confidence(nn.Module):
-    """An exit's confidence as a module: fvcore traces modules' forward methods only."""
+    """An exit's confidence as a module (for fvcore)."""
 
     def __init__(self, criterion: str):
         super().__init__()
@@ -115,31 +116,61 @@ def count_ops(module: nn.Module, inputs: tuple[torch.Tensor, ...], handles: Opti
         return int(analysis.total())
 
 
-def _block_levels(blk: StaticBlock, h: torch.Tensor, units: int) -> tuple[tuple[float, float], ...]:
+def _block_levels(blk: nn.Module, h: torch.Tensor, kind: str, units: int) -> tuple[tuple[float, float], ...]:
     """MACs of a block per gate state: (units on, MACs). A decision module of the block's own is a separate
     part (see ``GateKind.decider``)."""
-    levels = []
+    if kind == "none":
+        return ((0.0, float(count_ops(*_with_logits(blk, torch.zeros(0, dtype=torch.bool), h)))),)
+    gate = gate_kind(kind)
     # Per-filter gates switch convs that are linear in the filters they run, so states 0, 1 and all fix the
     # line; state 0 is traced too because the block may still run work then (a channel-gated block computes
     # one masked filter when every filter is off).
-    for on in sorted({0, 1, units}) if units else (0,):
-        mask = torch.arange(units) < on
-        module, logits = forced_block(blk, mask)
-        levels.append((float(on), float(count_ops(module, (h, logits)))))
+    levels = []
+    for on in sorted({0, 1, units}):
+        mask = torch.arange(units) < gate.macs_as(on)
+        levels.append((float(on), float(count_ops(*_with_logits(blk, mask, h)))))
     return tuple(levels)
+
+
+def _with_logits(blk: nn.Module, mask: torch.Tensor, h: torch.Tensor) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The block forced into the state ``mask``, and its inputs, ready for :func:`count_ops`."""
+    if getattr(blk, "int8_branch", None) is not None:
+        # fvcore cannot trace quantized convs (their state holds a None bias); the int8 state's MACs are
+        # counted through GateKind.macs_as, so a copy without the int8 branch is traced.
+        blk = copy.deepcopy(blk)
+        blk.int8_branch = None
+    module, logits = forced_block(blk, mask)
+    return module, (h, logits)
+
+
+class _Method(nn.Module):
+    """One method of a module as a forward: fvcore traces modules' forward methods only."""
+
+    def __init__(self, module: nn.Module, method: str):
+        super().__init__()
+        self.module, self.method = module, method
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return getattr(self.module, self.method)(*inputs)
+
+
+def _fixed(name: str, segment: int, module: nn.Module, inputs: tuple[torch.Tensor, ...],
+           handles: Optional[dict] = None) -> Part:
+    """A part that costs the same in every gate state."""
+    return Part(name, segment, ((0.0, float(count_ops(module, inputs, handles))),))
 
 
 @torch.no_grad()
 def mac_parts(sub: SubNet, arch: Arch, layout: list[BlockSlot], input_channels: int) -> list[Part]:
-    """The parts of an extracted subnet with their MACs per gate state, traced at batch 1."""
+    """The parts of an extracted subnet (on the CPU) with their MACs per gate state, traced at batch 1."""
     sub = sub.eval()
     x = torch.zeros(1, input_channels, arch.resolution, arch.resolution)
     parts: list[Part] = []
     gates = torch.zeros(1, 0)
     if sub.gater is not None:
-        parts.append(Part("gater", 0, ((0.0, float(count_ops(sub.gater, (x,)))),)))
+        parts.append(_fixed("gater", 0, sub.gater, (x,)))
         gates = torch.ones(1, sub.gater.fc2.out_features)  # every gate open: shapes only
-    parts.append(Part("stem", 0, ((0.0, float(count_ops(sub.stem, (x,)))),)))
+    parts.append(_fixed("stem", 0, sub.stem, (x,)))
     h = sub.stem(x)
     slots = iter(layout)
     gate_index = 0
@@ -148,21 +179,24 @@ def mac_parts(sub: SubNet, arch: Arch, layout: list[BlockSlot], input_channels: 
         for blk in seg.blocks:
             slot = next(slots)
             gate = None
-            if slot.gate != "none":
+            if isinstance(blk, RoutedBlock):
+                # The router only steers which path runs; every path is a copy of one ungated block.
+                parts.append(_fixed(f"router.{slot.name}", seg_index, _Method(blk, "choose"), (h,)))
+            elif slot.gate != "none":
                 gate, gate_index = gate_index, gate_index + 1
                 decider = gate_kind(slot.gate).decider(blk)
                 if decider is not None:
-                    parts.append(Part(f"gate.{slot.name}", seg_index, ((0.0, float(count_ops(decider, (h,)))),)))
-            parts.append(Part(f"block.{slot.name}", seg_index, _block_levels(blk, h, slot.units), gate))
+                    parts.append(_fixed(f"gate.{slot.name}", seg_index, decider, (h,)))
+            body = blk.paths[0] if isinstance(blk, RoutedBlock) else blk
+            parts.append(Part(f"block.{slot.name}", seg_index, _block_levels(body, h, slot.gate, slot.units), gate))
             h = blk(h, gates)
         if seg.final:
-            parts.append(Part("classifier", seg_index, ((0.0, float(count_ops(seg.head, (h,)))),)))
+            parts.append(_fixed("classifier", seg_index, seg.head, (h,)))
         else:
             e = next(exits)
-            logits = seg.head(h)
-            parts.append(Part(f"exit.{e.stage}.{e.block}", seg_index, ((0.0, float(count_ops(seg.head, (h,)))),)))
-            parts.append(Part(f"confidence.{e.stage}.{e.block}", seg_index,
-                              ((0.0, float(count_ops(_Confidence(sub.criterion), (logits,), CONFIDENCE_HANDLES))),)))
+            parts.append(_fixed(f"exit.{e.stage}.{e.block}", seg_index, seg.head, (h,)))
+            parts.append(_fixed(f"confidence.{e.stage}.{e.block}", seg_index, _Confidence(sub.criterion),
+                                (seg.head(h),), CONFIDENCE_HANDLES))
     return parts
 
 
@@ -179,7 +213,7 @@ def count_macs(net: Supernet, arch: Arch, loader: Optional[Iterable] = None) -> 
     """
     net.space.validate(arch)
     layout = arch_layout(net.space, arch)
-    parts = mac_parts(net.extract(arch), arch, layout, net.space.input_channels)
+    parts = mac_parts(net.extract(arch).cpu(), arch, layout, net.space.input_channels)
     paths = trace_paths(net, arch, loader) if loader is not None else SamplePaths.full_path(layout, len(arch.exits))
     realized = path_contributions(parts, paths)
     return CostReport(

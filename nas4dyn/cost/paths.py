@@ -2,7 +2,8 @@
 
 A sample's *path* is the exit it leaves at and, for every gated block, its gate state: how many of the block's
 gate units are on — filters for a channel gate, filters running the large kernel for an EMG gate, 0/1 for a
-skip gate. The MAC counter and the latency model both describe an arch as a list of :class:`Part` objects (a
+skip gate, the option (0 skip, 1 int8, 2 fp32) for a DFS gate. The path a CIGT router picks in a routed stage
+does not change the cost (the paths are copies of one block), so it is not part of a path. The MAC counter and the latency model both describe an arch as a list of :class:`Part` objects (a
 cost per part, per gate state for gated blocks) and share the combination rules here: the full path, the
 cheapest path, and each sample's realized path. :data:`GATES` says, per gate kind, how to read a state from
 the supernet's ``gate_trace`` and how to force a state onto an extracted block.
@@ -21,8 +22,10 @@ from torch import nn
 from nas4dyn.errors import ConfigError
 from search_spaces.arch import Arch
 from search_spaces.space import SearchSpace
+from supernet.dynamic.cigt import RoutedBlock
+from supernet.dynamic.dfs import DFS_OPTIONS, DFS_RELATIVE_COST
 from supernet.dynamic.gates import GlobalGater
-from supernet.network import Supernet
+from supernet.network import GateTrace, Supernet
 from supernet.static_blocks import StaticBlock
 from supernet.subnet import SubNet
 
@@ -37,10 +40,14 @@ def _force_channel(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalG
     gater.fc2.bias[blk.gate_start : blk.gate_end] = torch.where(mask, 1.0, -1.0).to(gater.fc2.bias)
 
 
-def _force_skip(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalGater]) -> None:
-    assert blk.skip_gate is not None
-    blk.skip_gate.fc2.weight.zero_()
-    blk.skip_gate.fc2.bias.fill_(1.0 if bool(mask[0]) else -1.0)
+def _force_option(decider: nn.Module, option: int) -> None:
+    """Make an argmax-over-logits decider (skip gate, DFS gate, CIGT router) pick ``option``."""
+    decider.fc2.weight.zero_()
+    decider.fc2.bias.fill_(-1.0)
+    if decider.fc2.out_features == 1:  # a skip gate: one logit, > 0 runs the branch
+        decider.fc2.bias.fill_(1.0 if option else -1.0)
+    else:
+        decider.fc2.bias[option] = 1.0
 
 
 def _force_emg(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalGater]) -> None:
@@ -48,21 +55,47 @@ def _force_emg(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalGater
     blk.emg_threshold.copy_(torch.where(mask, -_FORCE, _FORCE).to(blk.emg_threshold))
 
 
-class GateKind(NamedTuple):
-    """What the cost model needs to know about one kind of gate."""
+def _states_sum(values: torch.Tensor) -> torch.Tensor:
+    return values.reshape(len(values), -1).sum(1)
 
-    per_filter: bool  # units are the block's hidden filters (else one unit: the branch)
+
+def _dfs_states(values: torch.Tensor) -> torch.Tensor:
+    # The supernet traces a DFS choice as its relative cost; the state is the option's index.
+    costs = torch.tensor(DFS_RELATIVE_COST, dtype=values.dtype, device=values.device)
+    return (values.reshape(-1, 1) - costs).abs().argmin(dim=1).to(values.dtype)
+
+
+def _dfs_rate(states: np.ndarray, units: int) -> float:
+    return float(np.mean(np.asarray(DFS_RELATIVE_COST)[states.astype(int)]))
+
+
+class GateKind(NamedTuple):
+    """What the cost model needs to know about one kind of gate. A block's gate *state* is a number of units
+    on (``units(hidden)`` at most): filters for per-filter gates, the branch for a skip gate, the option index
+    (skip, int8, fp32) for DFS."""
+
+    units: Callable[[int], int]
     force: Callable[[StaticBlock, torch.Tensor, Optional[GlobalGater]], None]  # in place, see force_gate
     # The block's own decision module, whose output only steers control flow (a trace of the block drops it
     # as dead code, so it is costed on its own); None when the decision is computed elsewhere or in the data
     # path (the channel gater is a part of its own; EMG's small-kernel response is also the output).
     decider: Callable[[StaticBlock], Optional[nn.Module]] = lambda blk: None
+    states: Callable[[torch.Tensor], torch.Tensor] = _states_sum  # per-sample states from gate_trace values
+    rate: Callable[[np.ndarray, int], float] = lambda states, units: float(states.mean() / units)
+    # The state whose multiply-adds a state has: DFS's int8 branch runs the fp32 branch's convolutions in
+    # int8 (same MACs, 1/16 of the BitOPs), and fvcore cannot see inside quantized convs.
+    macs_as: Callable[[int], int] = lambda state: state
 
 
 GATES: dict[str, GateKind] = {
-    "channel": GateKind(True, _force_channel),
-    "emg": GateKind(True, _force_emg),
-    "skip": GateKind(False, _force_skip, lambda blk: blk.skip_gate),
+    "channel": GateKind(lambda hidden: hidden, _force_channel),
+    "emg": GateKind(lambda hidden: hidden, _force_emg),
+    "skip": GateKind(lambda hidden: 1, lambda blk, mask, gater: _force_option(blk.skip_gate, int(mask.sum())),
+                     lambda blk: blk.skip_gate),
+    # Reported rate: the mean BitOPs cost relative to fp32, as Supernet.gate_stats reports it.
+    "dfs": GateKind(lambda hidden: len(DFS_OPTIONS) - 1,
+                    lambda blk, mask, gater: _force_option(blk.dfs_gate, int(mask.sum())),
+                    lambda blk: blk.dfs_gate, _dfs_states, _dfs_rate, lambda state: 2 if state == 1 else state),
 }
 
 
@@ -75,14 +108,15 @@ def gate_kind(name: str) -> GateKind:
 
 
 class BlockSlot(NamedTuple):
-    """One active block of an arch: where it sits, which segment runs it, and its gate units."""
+    """One active block of an arch: where it sits, which segment runs it, its gate units and CIGT paths."""
 
     name: str  # "stage.block", the key of gate statistics
     stage: int
     block: int
     segment: int  # index of the exit whose segment holds the block (the final classifier is len(exits))
     gate: str
-    units: int  # gate units: filters of a per-filter gate, 1 for a skip gate, 0 without a gate
+    units: int  # most gate units on (see GateKind); 0 without a gate
+    paths: int  # parallel paths of a routed (CIGT) stage, one runs per sample; 1 otherwise
 
 
 def arch_layout(space: SearchSpace, arch: Arch) -> list[BlockSlot]:
@@ -94,8 +128,9 @@ def arch_layout(space: SearchSpace, arch: Arch) -> list[BlockSlot]:
         units = 0
         if blk.gate != "none":
             hidden = space.stages[blk.stage].hidden_channels(blk.width, space.block_in_channels(blk.stage, blk.block))
-            units = hidden if gate_kind(blk.gate).per_filter else 1
-        slots.append(BlockSlot(f"{blk.stage}.{blk.block}", blk.stage, blk.block, segment, blk.gate, units))
+            units = gate_kind(blk.gate).units(hidden)
+        slots.append(BlockSlot(f"{blk.stage}.{blk.block}", blk.stage, blk.block, segment, blk.gate, units,
+                               arch.paths[blk.stage]))
     return slots
 
 
@@ -174,8 +209,8 @@ class SamplePaths:
         return (counts / max(1, len(self))).tolist()
 
     def gate_rates(self) -> dict[str, float]:
-        """Mean share of each gated block's units that are on ("stage.block" -> 0..1)."""
-        return {s.name: float(self.units[:, g].mean() / s.units) for g, s in enumerate(self.gated)}
+        """Per gated block ("stage.block"): mean share of its units on (DFS: mean cost relative to fp32)."""
+        return {s.name: gate_kind(s.gate).rate(self.units[:, g], s.units) for g, s in enumerate(self.gated)}
 
 
 def path_contributions(parts: list[Part], paths: SamplePaths) -> dict[str, np.ndarray]:
@@ -198,6 +233,13 @@ def min_cost(parts: list[Part]) -> float:
     return float(sum(p.cheapest for p in parts if p.segment == 0))
 
 
+def gate_states(gate_trace: list[GateTrace], n: int) -> torch.Tensor:
+    """N x G gate states (units on, see :class:`GateKind`) from a Supernet's ``gate_trace`` after an eval
+    forward pass of ``n`` samples; it lists the gated blocks in network order."""
+    per_gate = [gate_kind(t.kind).states(t.values) for t in gate_trace]
+    return torch.stack(per_gate, 1) if per_gate else torch.zeros(n, 0)
+
+
 @torch.no_grad()
 def trace_paths(net: Supernet, arch: Arch, loader: Iterable) -> SamplePaths:
     """Run ``loader`` ((x, y) batches, already normalised) through the eval-mode ``net`` with ``arch`` active
@@ -217,9 +259,7 @@ def trace_paths(net: Supernet, arch: Arch, loader: Iterable) -> SamplePaths:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             _, idx = net.forward_with_exits(x.to(device))
             exits.append(idx.cpu().numpy())
-            # gate_trace holds the gated blocks in network order, hard 0/1 in eval: N x filters or N.
-            per_gate = [t.values.reshape(len(x), -1).sum(1).cpu().numpy() for t in net.gate_trace]
-            units.append(np.stack(per_gate, 1) if per_gate else np.zeros((len(x), 0)))
+            units.append(gate_states(net.gate_trace, len(x)).cpu().numpy())
     finally:
         net.set_active(previous)
         net.train(was_training)
@@ -241,39 +281,60 @@ def random_path(layout: list[BlockSlot], num_exits: int, rng: random.Random) -> 
 
 @torch.no_grad()
 def force_gate(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalGater] = None) -> None:
-    """Make ``blk``'s gate decide ``mask`` (its units on/off) for every input, in place. Only the decision
-    layer changes (weights to 0, biases or thresholds to fixed signs), so the block runs exactly the
-    operations of an input that takes this state. A channel gate lives in the subnet's ``gater``."""
+    """Make ``blk``'s gate decide ``mask`` for every input, in place (per-filter gates: the units on; skip and
+    DFS: the state is ``mask.sum()``). Only the decision layer changes (weights to 0, biases or thresholds to
+    fixed signs), so the block runs exactly the operations of an input taking this state. A channel gate
+    lives in the subnet's ``gater``."""
     gate_kind(blk.gate_kind).force(blk, mask, gater)
 
 
-def forced_block(blk: StaticBlock, mask: torch.Tensor, batch: int = 1) -> tuple[StaticBlock, torch.Tensor]:
-    """A standalone extracted block whose gate takes ``mask`` for every input, and the gate logits to call it
-    with (channel gates read theirs from the logits; other gates are forced in a copy)."""
-    if blk.gate_kind == "channel":
+@torch.no_grad()
+def force_route(blk: RoutedBlock, path: int = 0) -> None:
+    """Send every input of a routed block down ``path``: the paths are copies of one block and cost the same,
+    and one path for all keeps a batch together as at batch 1."""
+    _force_option(blk.router, path)
+
+
+def block_gate(blk: nn.Module) -> str:
+    """The gate kind of an extracted block ("none" for a routed block: routed stages are ungated)."""
+    return getattr(blk, "gate_kind", "none")
+
+
+def forced_block(blk: nn.Module, mask: torch.Tensor, batch: int = 1) -> tuple[nn.Module, torch.Tensor]:
+    """A standalone extracted block whose gate takes ``mask`` for every input (a routed block: path 0), and
+    the gate logits to call it with (channel gates read theirs from the logits; others are forced in a copy)."""
+    kind = block_gate(blk)
+    if kind == "channel":
         logits = torch.zeros(batch, blk.gate_end, device=mask.device)
         logits[:, blk.gate_start : blk.gate_end] = torch.where(mask, 1.0, -1.0)
         return blk, logits
     no_logits = torch.zeros(batch, 0, device=mask.device)
-    if blk.gate_kind == "none":
+    if kind == "none" and not isinstance(blk, RoutedBlock):
         return blk, no_logits
     forced = copy.deepcopy(blk)
-    force_gate(forced, mask)
+    if isinstance(forced, RoutedBlock):
+        force_route(forced)
+    else:
+        force_gate(forced, mask)
     return forced, no_logits
 
 
 @torch.no_grad()
 def force_path(sub: SubNet, exit_index: int, masks: list[torch.Tensor]) -> SubNet:
-    """A copy of ``sub`` in which every input takes one path: it leaves at ``exit_index`` and gated block ``g``
-    has exactly the units ``masks[g]`` on — what latency is measured on."""
+    """A copy of ``sub`` in which every input takes one path: it leaves at ``exit_index``, gated block ``g``
+    is in the state ``masks[g]`` and routed blocks take path 0 — what latency is measured on."""
     forced = copy.deepcopy(sub)
     for i, seg in enumerate(forced.segments):
         if not seg.final:
             # Confidence lies in [0, 1]: -1 always leaves, 2 never does.
             seg.threshold = -1.0 if i == exit_index else 2.0
-    gated = [blk for seg in forced.segments for blk in seg.blocks if blk.gate_kind != "none"]
+    blocks = [blk for seg in forced.segments for blk in seg.blocks]
+    gated = [blk for blk in blocks if block_gate(blk) != "none"]
     if len(gated) != len(masks):
         raise ConfigError(f"path has {len(masks)} gate masks but the subnet has {len(gated)} gated blocks")
     for blk, mask in zip(gated, masks):
         force_gate(blk, mask, forced.gater)
+    for blk in blocks:
+        if isinstance(blk, RoutedBlock):
+            force_route(blk)
     return forced

@@ -16,6 +16,7 @@ all its timed calls.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -31,6 +32,7 @@ from nas4dyn.cost.paths import arch_layout, force_path, forced_block, gate_kind,
 from nas4dyn.cost.settings import CLOCKS, STATISTICS, ProfileSettings
 from search_spaces.arch import Arch
 from search_spaces.space import SearchSpace
+from supernet.dynamic.cigt import RoutedBlock
 from supernet.dynamic.heads import confidence
 from supernet.network import Supernet
 from supernet.subnet import resize
@@ -61,12 +63,32 @@ def _stage_sizes(space: SearchSpace, resolution: int) -> list[int]:
 
 
 def _unit_levels(units: int, count: int) -> list[int]:
-    return sorted({round(units * i / (count - 1)) for i in range(count)})
+    """Gate states to measure: every state of a few-state gate, else ``count`` evenly spaced ones."""
+    return sorted({round(units * i / (count - 1)) for i in range(count)}) if units >= count else list(range(units + 1))
 
 
 def _exit_call(head: torch.nn.Module, h: torch.Tensor, criterion: str) -> Call:
     # What SubNet does at an exit a sample does not take: head, confidence test, the any() that syncs.
     return lambda: bool((confidence(head(h), criterion) >= 0.5).any())
+
+
+def _block_variants(net: Supernet, s: int, b: int, k: int, w: int, settings: ProfileSettings, batch: int,
+                    dev: torch.device) -> dict[tuple[str, int], dict[int, tuple[torch.nn.Module, torch.Tensor]]]:
+    """Every way to run block (s, b) with kernel ``k`` and width ``w``: (gate kind, CIGT paths) -> gate state
+    -> (extracted module forced into that state, gate logits to call it with)."""
+    space, st = net.space, net.space.stages[s]
+    hidden = st.hidden_channels(w, space.block_in_channels(s, b))
+    out = {}
+    for gate in space.allowed_gates(s, b, k):
+        blk = net.block(s, b).extract(k, w, gate, 0, hidden if gate == "channel" else 0).eval()
+        units = gate_kind(gate).units(hidden) if gate != "none" else 0
+        levels = _unit_levels(units, settings.channel_levels) if units else [0]
+        out[(gate, 1)] = {on: forced_block(blk, torch.arange(units, device=dev) < on, batch) for on in levels}
+    for paths in (p for p in st.paths if p > 1):  # routed stages are ungated
+        copies = [net.block(s, b, i).extract(k, w, "none", 0, 0) for i in range(paths)]
+        routed = RoutedBlock(copy.deepcopy(net.routers[f"{s}_{b}"]), copies, paths).eval()
+        out[("none", paths)] = {0: forced_block(routed, torch.zeros(0, dtype=torch.bool, device=dev), batch)}
+    return out
 
 
 def table_calls(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> dict[tuple, dict[float, Call]]:
@@ -76,20 +98,10 @@ def table_calls(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> di
     blocks = {}  # extracted once per configuration; the input resolution only changes the input
     for s, st in enumerate(space.stages):
         for b in range(min(2, st.max_depth)):  # later positions of a stage share one configuration
-            in_ch = space.block_in_channels(s, b)
             for k in st.kernels:
                 for w in st.widths:
-                    hidden = st.hidden_channels(w, in_ch)
-                    for gate in space.allowed_gates(s, b, k):
-                        per_filter = gate != "none" and gate_kind(gate).per_filter
-                        blk = net.block(s, b).extract(k, w, gate, 0, hidden if gate == "channel" else 0).eval()
-                        if per_filter:
-                            levels = _unit_levels(hidden, settings.channel_levels)
-                        else:
-                            levels = [0, 1] if gate != "none" else [0]
-                        units = hidden if per_filter else 1
-                        forced = [forced_block(blk, torch.arange(units, device=dev) < on, batch) for on in levels]
-                        blocks[(s, b == 0, k, w, gate)] = (dict(zip(levels, forced)), in_ch)
+                    for (gate, paths), states in _block_variants(net, s, b, k, w, settings, batch, dev).items():
+                        blocks[(s, b == 0, k, w, gate, paths)] = (states, space.block_in_channels(s, b))
     for r in space.resolutions:
         xr = resize(x, r)
         sizes = _stage_sizes(space, r)
@@ -101,10 +113,10 @@ def table_calls(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> di
             for rows in sorted({min(hidden), net.gater.fc2.out_features}):
                 gater = net.gater.extract(torch.arange(rows)).eval().to(dev)
                 calls[("gater", r)][float(rows)] = lambda g=gater, xr_=xr: g(xr_)
-        for (s, first, k, w, gate), (states, in_ch) in blocks.items():
+        for (s, first, k, w, gate, paths), (states, in_ch) in blocks.items():
             size = sizes[s] if first else sizes[s + 1]
             h = torch.randn(batch, in_ch, size, size, device=dev)
-            calls[("block", r, s, first, k, w, gate)] = {
+            calls[("block", r, s, first, k, w, gate, paths)] = {
                 float(on): (lambda m=module, h_=h, g=logits: m(h_, g)) for on, (module, logits) in states.items()
             }
         for s in sorted({p[0] for p in space.exits.positions}):
