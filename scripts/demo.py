@@ -32,7 +32,7 @@ def run(step: str, args: list[str], done: Path | None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out", help="folder for every output")
-    ap.add_argument("--trials", type=int, default=12, help="search trials")
+    ap.add_argument("--trials", type=int, default=8, help="search trials")
     ap.add_argument("--space", default="fmnist")
     args = ap.parse_args()
     out = Path(args.out)
@@ -42,7 +42,7 @@ def main() -> None:
                                "--preset", "quick"] + (["--resume"] if (run_dir / "checkpoint.pt").exists() else []),
                      run_dir / "supernet.pt"),
         "profile": run("profile", ["profile", "--space", args.space, "--device", "cpu", "--out", str(lut),
-                                   "--repeats", "15", "--calibrate", "12", "--validate", "12",
+                                   "--repeats", "10", "--calibrate", "8", "--validate", "8",
                                    "--statistic", "min"], lut),
         "search": run("search", ["search", "--run", str(run_dir), "--out", str(search),
                                  "--objectives", "accuracy:max,latency_ms:min", "--latency-table", str(lut),
