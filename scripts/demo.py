@@ -4,7 +4,7 @@ train -> profile -> search -> export -> evaluate, then one summary table.
 Every step is the real CLI verb. Steps whose outputs already exist are skipped, so an interrupted demo
 resumes where it stopped (training itself resumes from its checkpoint).
 
-Usage: python scripts/demo.py [--out demo_out] [--trials 12]
+Usage: python scripts/demo.py [--out demo_out] [--trials 8]
 """
 from __future__ import annotations
 
