@@ -114,7 +114,18 @@ def main() -> None:
     lines += [
         "",
         "Goal: ≥ 95% of static subnets and of dynamic paths within ±10% of measured (99% hoped for); profiling "
-        "`fmnist` at batch 1 in ≤ 10 min (the wall time above includes the validation runs).",
+        "`fmnist` at batch 1 in ≤ 10 min (the wall time above includes the 40 calibration and the "
+        f"{args.validate} validation subnets, each timed static and on one dynamic path).",
+        "",
+        "How to read it: every row is one independent profile — its own table, correction and validation. "
+        "Validation subnets are random and held out (another seed than calibration); a dynamic path is a "
+        "random dynamic subnet forced onto a random exit and random gate states (gate biases and thresholds "
+        "fixed, so the extracted model runs exactly that path), timed end to end at batch 1 against the "
+        "table's prediction for that path; random dynamic samples without exits or gates are dropped, hence "
+        "n < 100. `median/wall` is the default (right on a dedicated device); on this shared CPU preemption "
+        "inflates long calls more than short ones, so its medians measure the contention. `min/cpu` times the "
+        "thread's CPU time and keeps the least disturbed call, which is what the CLI help recommends on shared "
+        "machines.",
     ]
     text = "\n".join(lines)
     print(text)

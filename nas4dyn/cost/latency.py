@@ -138,7 +138,8 @@ class LatencyTable:
         gate = 0
         for slot, blk in zip(layout, arch.blocks()):
             key = ("block", r, slot.stage, slot.block == 0, blk.kernel, blk.width, blk.gate, slot.paths)
-            parts.append(Part(f"block.{slot.name}", slot.segment, self._levels(key), gate if blk.gate != "none" else None))
+            index = gate if blk.gate != "none" else None
+            parts.append(Part(f"block.{slot.name}", slot.segment, self._levels(key), index))
             gate += blk.gate != "none"
         for i, e in enumerate(arch.exits):
             parts.append(Part(f"exit.{e.stage}.{e.block}", i, self._levels(("exit", r, e.stage))))

@@ -3,9 +3,11 @@
 A sample's *path* is the exit it leaves at and, for every gated block, its gate state: how many of the block's
 gate units are on — filters for a channel gate, filters running the large kernel for an EMG gate, 0/1 for a
 skip gate, the option (0 skip, 1 int8, 2 fp32) for a DFS gate. The path a CIGT router picks in a routed stage
-does not change the cost (the paths are copies of one block), so it is not part of a path. The MAC counter and the latency model both describe an arch as a list of :class:`Part` objects (a
-cost per part, per gate state for gated blocks) and share the combination rules here: the full path, the
-cheapest path, and each sample's realized path. :data:`GATES` says, per gate kind, how to read a state from
+does not change the cost (the paths are copies of one block), so it is not part of a path.
+
+The MAC counter and the latency model both describe an arch as a list of :class:`Part` objects (a cost per
+part, per gate state for gated blocks) and share the combination rules here: the full path, the cheapest
+path, and each sample's realized path. :data:`GATES` says, per gate kind, how to read a state from
 the supernet's ``gate_trace`` and how to force a state onto an extracted block.
 """
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Every distinct part of the space is timed as the standalone module users run (``Supernet.extract``'s
 blocks, heads and gater): each block configuration (stage, first or later position in the stage, kernel,
-width, input resolution) in each gate state — a per-filter gate (channel, EMG) at a few active-filter
-levels, interpolated in between; a skip gate on and off — plus stem, gater, exit heads and classifier. Then random subnets are timed
-end to end, static ones and forced dynamic paths: some fit the linear correction of the table sum, held-out
-ones validate the predictor.
+width, input resolution, CIGT paths) in each gate state — a per-filter gate (channel, EMG) at a few
+active-filter levels, interpolated in between; a skip gate on and off; each DFS option — plus stem, gater,
+exit heads and classifier. Then random subnets are timed end to end, static ones and forced dynamic paths:
+some fit the linear correction of the table sum, held-out ones validate the predictor.
 
 Timing: inputs at the largest resolution of the space (the data's), ``torch.inference_mode``, the thread
 count pinned, CUDA synchronised around every call. The machine may be shared, so every measured item is timed
@@ -64,7 +64,9 @@ def _stage_sizes(space: SearchSpace, resolution: int) -> list[int]:
 
 def _unit_levels(units: int, count: int) -> list[int]:
     """Gate states to measure: every state of a few-state gate, else ``count`` evenly spaced ones."""
-    return sorted({round(units * i / (count - 1)) for i in range(count)}) if units >= count else list(range(units + 1))
+    if units < count:
+        return list(range(units + 1))
+    return sorted({round(units * i / (count - 1)) for i in range(count)})
 
 
 def _exit_call(head: torch.nn.Module, h: torch.Tensor, criterion: str) -> Call:
@@ -149,7 +151,8 @@ def subnet_samples(net: Supernet, x: torch.Tensor, count: int, rng: random.Rando
 
 
 def measure(calls: list[Call], settings: ProfileSettings, progress: bool = True) -> list[float]:
-    """ms of each call (the ``settings.statistic`` of its timed calls), timed in interleaved rounds (see the module docstring)."""
+    """ms of each call (the ``settings.statistic`` of its timed calls), timed in interleaved rounds (see the
+    module docstring)."""
     sync = torch.cuda.synchronize if settings.device == "cuda" else (lambda: None)
     clock = CLOCKS[settings.clock]
     rounds = math.ceil(settings.repeats / settings.burst)
@@ -239,7 +242,8 @@ def profile_space(space: SearchSpace, settings: ProfileSettings, progress: bool 
     if validation:
         table.validation = _score(model, validation, valid_ms)
         records = [_record(model, s, ms) for s, ms in zip(validation, valid_ms)]
-        worst = max(range(len(records)), key=lambda i: abs(records[i]["predicted_ms"] / records[i]["measured_ms"] - 1))
+        worst = max(range(len(records)),
+                    key=lambda i: abs(records[i]["predicted_ms"] / records[i]["measured_ms"] - 1))
         table.validation["worst_case"] = {**records[worst], "arch": validation[worst].arch.to_dict()}
         table.validation["records"] = records
     table.settings["seconds"] = round(time.perf_counter() - started, 1)
