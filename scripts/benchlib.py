@@ -3,27 +3,17 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import re
 from pathlib import Path
 
 import torch
 
+from nas4dyn.cost.latency import device_name
 from nas4dyn.io import atomic_write_text
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_line(threads: int) -> str:
-    return (f"{cpu_model()}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}, "
+    return (f"{device_name('cpu')}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}, "
             f"{datetime.date.today().isoformat()}")
 
 
