@@ -27,6 +27,7 @@ from nas4dyn.cost.paths import (
     SamplePaths,
     arch_layout,
     full_cost,
+    gate_states,
     gated_slots,
     min_cost,
     path_contributions,
@@ -161,9 +162,7 @@ def _validation_pass(net: Supernet, arch: Arch, batches: Batches) -> tuple[np.nd
         conf.append(torch.stack([confidence(o, net.space.exits.criterion) for o in outs[:-1]], 1)
                     if len(outs) > 1 else torch.zeros(len(x), 0))
         correct.append(torch.stack([o.argmax(1) == y for o in outs], 1))
-        # gate_trace lists the gated blocks in network order: N x filters (channel) or N (skip), 0/1 when hard.
-        per_gate = [t.values.reshape(len(x), -1).sum(1) for t in net.gate_trace]
-        units.append(torch.stack(per_gate, 1) if per_gate else torch.zeros(len(x), 0))
+        units.append(gate_states(net.gate_trace, len(x)))  # the cost model's units, DFS options included
     net.reset_stats()
     return (torch.cat(conf).numpy().astype(np.float64), torch.cat(correct).numpy(),
             torch.cat(units).double().numpy())
