@@ -7,6 +7,7 @@ With --write the table replaces the "Supernet" section of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0]
     space = nas4dyn.load_space(args.space)
     net = nas4dyn.build_supernet(space).train()
     res = max(space.resolutions)
@@ -85,6 +87,9 @@ def main() -> None:
         "",
         f"max ÷ min supernet step time: {speed_ratio:.2f}× for a MAC ratio of {mac_ratio:.2f}× "
         f"(goal: ≥ half the MAC ratio, {mac_ratio / 2:.2f}×) — {'met' if speed_ratio >= mac_ratio / 2 else 'NOT met'}.",
+        "",
+        f"Load average (1 min) before → after: {load_before:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+        "(above the core count, other jobs shared the CPU and absolute times are inflated).",
     ]
     table = "\n".join(lines)
     print(table)
