@@ -66,10 +66,13 @@ def evaluate_phase(net: Supernet, elastic: list[str], train_eval: Dataset, val: 
     # Every rank recalibrates on the same images (identical statistics) and evaluates its own val shard.
     recal = make_loader(train_eval, EVAL_BATCH, seed=seed, limit=config.bn_recal_images)
     shard = make_loader(Subset(val, range(env.rank, len(val), env.world_size)), EVAL_BATCH)
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
+    done: dict[Arch, dict[str, Any]] = {}  # e.g. min == max while nothing is elastic: measure once
     for name, arch in probe_archs(net.space, elastic, config.eval_threshold).items():
-        recalibrate_bn(probe, arch, _on_device(recal, env), config.bn_recal_images)
-        results[name] = {"arch": arch.to_dict(), **accuracy_and_rates(probe, shard, env)}
+        if arch not in done:
+            recalibrate_bn(probe, arch, _on_device(recal, env), config.bn_recal_images)
+            done[arch] = {"arch": arch.to_dict(), **accuracy_and_rates(probe, shard, env)}
+        results[name] = done[arch]
     return results
 
 

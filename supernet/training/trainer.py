@@ -159,7 +159,7 @@ class Trainer:
         net.gate_trace = []  # drop the last graph's references (and let evaluation deep-copy the net)
         sync_gradients(net, self.env)
         if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            logs["grad_norm"] = float(nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
         opt.step()
         logs["loss"] = sum(v for k, v in logs.items() if k.startswith("loss_"))
         return logs
