@@ -278,3 +278,16 @@ class Supernet(nn.Module):
                 module.permute_hidden(order)
                 if self.gater is not None:
                     self.gater.permute_rows(self.gate_offsets[(s, b)][0], order)
+
+    @torch.no_grad()
+    def seed_path_copies(self) -> None:
+        """Copy every routed block's weights into its extra path copies.
+
+        Called when routing starts to train: the copies begin as the trained shared block (so a routed subnet
+        starts as accurate as its single-path backbone) and the router and the information-gain loss then
+        specialise them, instead of training paths from scratch in a short dynamic phase.
+        """
+        for key, copies in self.path_copies.items():
+            s, b = (int(i) for i in key.split("_"))
+            for copy_ in copies:
+                copy_.load_state_dict(self.stages[s][b].state_dict())

@@ -5,8 +5,10 @@ import random
 
 import pytest
 import torch
+import yaml
 
 import nas4dyn
+from search_spaces.space import BUILTIN_DIR, SearchSpace, space_from_dict
 from supernet.dynamic.gates import SkipGate
 
 torch.set_num_threads(2)
@@ -30,6 +32,17 @@ def make_decisive(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for head in list(getattr(net, "exit_heads", {}).values()):
             head.fc.weight.mul_(8.0)
     return net.eval()
+
+
+def all_space() -> SearchSpace:
+    """tiny with every dynamic mechanism: EMG and DFS gates in the basic stages (kernel 5 qualifies for EMG),
+    CIGT routing (1, 2 or 3 paths) in the last stage."""
+    data = yaml.safe_load((BUILTIN_DIR / "tiny.yaml").read_text())
+    data["name"] = "tiny_all"
+    data["stages"][0]["gates"] = ["none", "channel", "skip", "emg", "dfs"]
+    data["stages"][2]["gates"] = ["none", "channel", "skip", "dfs"]
+    data["stages"][2]["paths"] = [1, 2, 3]
+    return space_from_dict(data)
 
 
 @pytest.fixture(scope="session")

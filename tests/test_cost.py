@@ -10,7 +10,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 import nas4dyn
@@ -29,8 +28,7 @@ from nas4dyn.cost.paths import (
 from nas4dyn.cost.profiler import profile_space
 from nas4dyn.cost.settings import ProfileSettings
 from search_spaces import Arch
-from search_spaces.space import BUILTIN_DIR, space_from_dict
-from tests.conftest import make_decisive
+from tests.conftest import all_space, make_decisive
 
 # Small enough for a test, large enough that every code path runs.
 QUICK = ProfileSettings(repeats=2, burst=1, channel_levels=3, calibrate=3, validate=2)
@@ -55,17 +53,6 @@ def flop_counter_macs(fn, *args) -> float:
 def batch(space, arch, n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, space.input_channels, arch.resolution, arch.resolution,
                        generator=torch.Generator().manual_seed(seed))
-
-
-def all_space():
-    """tiny with every dynamic mechanism: EMG and DFS gates in the basic stages (kernel 5 qualifies for EMG),
-    CIGT routing (1, 2 or 3 paths) in the last stage."""
-    data = yaml.safe_load((BUILTIN_DIR / "tiny.yaml").read_text())
-    data["name"] = "tiny_all"
-    data["stages"][0]["gates"] = ["none", "channel", "skip", "emg", "dfs"]
-    data["stages"][2]["gates"] = ["none", "channel", "skip", "dfs"]
-    data["stages"][2]["paths"] = [1, 2, 3]
-    return space_from_dict(data)
 
 
 def space_and_net(nets, name):

@@ -1,6 +1,7 @@
 """Seed-paper mechanisms as gate kinds: EMGNet multi-scale kernels and DFS skip / int8 / fp32 routing."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -11,7 +12,7 @@ import nas4dyn
 from nas4dyn.errors import InvalidArchError
 from search_spaces import Arch
 from supernet.static_blocks import StaticBasicBlock
-from tests.conftest import make_decisive
+from tests.conftest import all_space, make_decisive
 
 SPACE = "fmnist_dynamic_all"
 
@@ -152,6 +153,25 @@ def test_routed_stage_runs_only_the_chosen_path(net, space):
         net(x)
     shares = net.route_stats()
     assert set(shares) == {"2.0", "2.1"} and all(abs(sum(v) - 1) < 1e-6 for v in shares.values())
+
+
+def test_seeded_path_copies_make_routing_start_from_the_shared_block():
+    space = all_space()
+    torch.manual_seed(0)
+    net = make_decisive(nas4dyn.build_supernet(space))
+    single = Arch("tiny_all", 16, (1, 1, 2), ((5,), (3,), (3, 3)), ((8,), (3,), (16, 16)),
+                  (("none",), ("none",), ("none", "none")))
+    routed = dataclasses.replace(single, paths=(1, 1, 3))
+    x = torch.randn(8, 1, 16, 16)
+
+    def logits(arch: Arch) -> torch.Tensor:
+        net.set_active(arch)
+        with torch.no_grad():
+            return net.forward_all(x)[-1]
+
+    assert (logits(routed) - logits(single)).abs().max() > 1e-3  # untrained copies differ from the block
+    net.seed_path_copies()
+    assert (logits(routed) - logits(single)).abs().max() <= 1e-5
 
 
 def test_information_gain_loss_rewards_class_pure_balanced_routes():

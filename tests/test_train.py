@@ -18,10 +18,14 @@ import yaml
 import nas4dyn
 from nas4dyn.cli.main import main
 from nas4dyn.errors import ConfigError
-from supernet.network import GateTrace
-from supernet.training.config import PRESETS, build_config
-from supernet.training.losses import gated_mac_rate
+from nas4dyn.data import load_data
+from supernet.network import GateTrace, RouteTrace
+from supernet.training.config import PRESETS, build_config, config_from_mapping
+from supernet.training.losses import gated_mac_rate, subnet_loss
 from supernet.training.sampling import restrict, sandwich
+from supernet.training.schedule import make_optimizer, plan_phases
+from supernet.training.trainer import Trainer
+from tests.conftest import all_space
 
 TINY = {
     "batch_size": 32,
@@ -103,6 +107,58 @@ def test_gated_mac_rate_weights_gates_by_their_macs():
     off = GateTrace(0, 1, "skip", torch.zeros(2), 120.0)
     assert gated_mac_rate([]) is None
     assert torch.allclose(gated_mac_rate([on, off]), torch.full((2,), 40.0 / 160.0))
+
+
+def test_paths_are_sampled_only_where_the_phase_makes_them_elastic():
+    space = all_space()
+    with_paths = [a for step in range(30) for _, a in sandwich(space, {"gates", "paths"}, 2, 0, 0, step, 0.5)]
+    assert {a.paths[2] for a in with_paths} == {1, 2, 3}
+    without = [a for step in range(30) for _, a in sandwich(space, {"gates", "depth"}, 2, 0, 0, step, 0.5)]
+    assert {a.paths for a in without} == {(1, 1, 1)}
+
+
+def test_information_gain_term_reaches_the_router_only_when_weighted():
+    probs = torch.softmax(torch.randn(6, 2, requires_grad=True), dim=1)
+    y, outs = torch.arange(6) % 3, [torch.randn(6, 10)]
+    config = build_config("quick")
+    loss, parts = subnet_loss(outs, y, None, [], config, [RouteTrace(2, 0, probs)])
+    assert "ig" in parts and loss.requires_grad
+    config.ig_weight = 0.0
+    assert "ig" not in subnet_loss(outs, y, None, [], config, [RouteTrace(2, 0, probs)])[1]
+
+
+def test_dynamic_parts_learn_at_their_own_rate():
+    config = build_config("quick", overrides=["dynamic_lr_scale=4"])
+    net = nas4dyn.build_supernet(all_space())
+    plan = plan_phases(config, 10)[-1]
+    lr = {name: g["lr"] for g in make_optimizer(net, plan, config)[0].param_groups
+          for name, p in net.named_parameters() if any(p is q for q in g["params"])}
+    assert len(lr) == len(list(net.parameters()))
+    assert lr["gater.fc2.weight"] == lr["stages.0.0.emg_gate.threshold"] == 4 * plan.config.lr
+    assert lr["stages.0.0.conv1.weight"] == lr["classifier.fc.weight"] == plan.config.lr
+
+
+def test_dynamic_phase_trains_every_mechanism_and_reports_its_rates(tmp_path):
+    """A few steps on tiny_all: routers anneal and learn, and the phase reports path and per-kind gate rates."""
+    config = config_from_mapping({
+        "batch_size": 16, "bn_recal_images": 32, "num_random": 2, "router_temperature_start": 4.0,
+        "router_temperature_end": 0.5, "phases": [{"name": "dynamic", "epochs": 0.6, "lr": 0.05,
+                                                    "elastic": ["kernel", "exits", "gates", "paths"]}]})
+    data = load_data("synthetic", synthetic={"n_train": 120, "n_test": 20})
+    trainer = Trainer(all_space(), data, config, tmp_path / "run")
+    plan = trainer.plans[0]
+    assert plan.steps >= 3
+    temperatures = []
+    for trainer.step in (0, plan.steps - 1, 0):
+        temperatures.append(trainer.router_temperature(plan))
+    assert temperatures == pytest.approx([4.0, 0.5, 4.0])
+    before = {k: v.clone() for k, v in trainer.net.routers.state_dict().items()}
+    subnets = trainer.run()["phases"][0]["subnets"]
+    assert any(not torch.equal(before[k], v) for k, v in trainer.net.routers.state_dict().items())
+    shares = subnets["max_routed"]["path_rates"]["2.0"]
+    assert len(shares) == 3 and sum(shares) == pytest.approx(1.0)
+    assert {"max_skip", "max_emg", "max_dfs"} <= set(subnets)
+    assert all(subnets[f"max_{kind}"]["gate_rates"] for kind in ("skip", "emg", "dfs"))
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------

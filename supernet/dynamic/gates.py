@@ -23,7 +23,9 @@ class GlobalGater(nn.Module):
         self.features = nn.Sequential(*layers)
         self.fc1 = nn.Linear(in_ch, hidden)
         self.fc2 = nn.Linear(hidden, num_gates)
-        nn.init.constant_(self.fc2.bias, 2.0)  # start with gates open: the backbone trains first
+        # Open at the start (the backbone is trained first), near enough to zero for the budget loss to close some
+        # within a short dynamic phase.
+        nn.init.constant_(self.fc2.bias, 1.0)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)))
@@ -59,7 +61,7 @@ class SkipGate(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(in_ch, hidden)
         self.fc2 = nn.Linear(hidden, outputs)
-        nn.init.constant_(self.fc2.bias, 2.0)  # start open
+        nn.init.constant_(self.fc2.bias, 1.0)  # open at the start, as the global gater
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """N x outputs logits from the globally pooled input."""

@@ -16,8 +16,8 @@ import yaml
 
 from nas4dyn.errors import ConfigError
 
-# Dimensions a phase can make elastic; the others stay at their maximum (exits and gates: off).
-DIMENSIONS = ("resolution", "kernel", "depth", "width", "exits", "gates")
+# Dimensions a phase can make elastic; the others stay at their maximum (exits, gates: off; paths: one).
+DIMENSIONS = ("resolution", "kernel", "depth", "width", "exits", "gates", "paths")
 
 
 @dataclass
@@ -44,14 +44,22 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-5
     label_smoothing: float = 0.0
+    augment: bool = True  # random crop and flip; short runs converge faster without
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
     final_lr_fraction: float = 0.0  # cosine decay within each phase ends at lr * this
     kd_ratio: float = 1.0  # in-place distillation weight (students: CE + kd_ratio * KD)
     kd_temperature: float = 1.0
+    dynamic_lr_scale: float = 10.0  # learning-rate multiplier of exit heads, gates and routers
     exit_weight: float = 1.0  # weight of the mean exit loss
     exit_kd_alpha: float = 0.5  # exit loss = (1 - alpha) CE + alpha KD from the final classifier
     budget_target: float = 0.6  # target share of gated MACs that gates keep on
-    budget_weight: float = 2.0
+    budget_weight: float = 10.0
+    # CIGT routing: information-gain loss weight, its path-balance coefficient, and the router's softmax
+    # temperature, annealed geometrically from start to end over each phase that samples paths.
+    ig_weight: float = 0.5
+    ig_balance: float = 1.0
+    router_temperature_start: float = 2.0
+    router_temperature_end: float = 0.25
     eval_threshold: float = 0.9  # exit threshold of the dynamic probe subnets evaluated after each phase
     bn_recal_images: int = 2000
     checkpoint_every: int = 200  # steps; a checkpoint is also written at every phase end
@@ -69,28 +77,32 @@ _STATIC = ["resolution", "kernel", "depth", "width"]
 
 # Presets, tuned on Fashion-MNIST with the fmnist space on 2 CPU cores (see docs/BENCHMARKS.md).
 PRESETS: dict[str, dict[str, Any]] = {
+    # One epoch of the max subnet, then short progressive-shrinking phases at a low rate (the dynamic parts
+    # learn at dynamic_lr_scale x): the whole run fits about 5 minutes.
     "quick": {
-        "batch_size": 256,
+        "batch_size": 128,
         "num_random": 1,
+        "augment": False,
         "bn_recal_images": 1000,
         "checkpoint_every": 100,
         "phases": [
-            _phase("full", 1.2, 0.2, [], warmup_epochs=0.1),
-            _phase("kernel", 0.1, 0.03, ["resolution", "kernel"]),
-            _phase("depth", 0.1, 0.03, ["resolution", "kernel", "depth"]),
-            _phase("width", 0.15, 0.03, _STATIC, sort_channels=True),
-            _phase("dynamic", 0.2, 0.03, _ALL),
+            _phase("full", 1.0, 0.1, [], warmup_epochs=0.03),
+            _phase("kernel", 0.04, 0.005, ["resolution", "kernel"]),
+            _phase("depth", 0.04, 0.005, ["resolution", "kernel", "depth"]),
+            _phase("width", 0.05, 0.005, _STATIC, sort_channels=True),
+            _phase("dynamic", 0.15, 0.005, _ALL),
         ],
     },
+    # About 40 minutes on 2 CPU cores for the fmnist space.
     "default": {
-        "batch_size": 256,
+        "batch_size": 128,
         "num_random": 1,
         "phases": [
-            _phase("full", 6.0, 0.2, [], warmup_epochs=0.3),
-            _phase("kernel", 1.0, 0.06, ["resolution", "kernel"]),
-            _phase("depth", 1.0, 0.06, ["resolution", "kernel", "depth"]),
-            _phase("width", 1.5, 0.06, _STATIC, sort_channels=True),
-            _phase("dynamic", 2.0, 0.04, _ALL),
+            _phase("full", 5.0, 0.1, [], warmup_epochs=0.2),
+            _phase("kernel", 0.6, 0.02, ["resolution", "kernel"]),
+            _phase("depth", 0.6, 0.02, ["resolution", "kernel", "depth"]),
+            _phase("width", 1.0, 0.02, _STATIC, sort_channels=True),
+            _phase("dynamic", 1.2, 0.01, _ALL),
         ],
     },
 }
@@ -172,10 +184,15 @@ _RULES: dict[str, tuple[type, float, Optional[float], bool]] = {
     "final_lr_fraction": (float, 0.0, 1.0, False),
     "kd_ratio": (float, 0.0, None, False),
     "kd_temperature": (float, 0.0, None, True),
+    "dynamic_lr_scale": (float, 0.0, None, True),
     "exit_weight": (float, 0.0, None, False),
     "exit_kd_alpha": (float, 0.0, 1.0, False),
     "budget_target": (float, 0.0, 1.0, True),
     "budget_weight": (float, 0.0, None, False),
+    "ig_weight": (float, 0.0, None, False),
+    "ig_balance": (float, 0.0, None, False),
+    "router_temperature_start": (float, 0.0, None, True),
+    "router_temperature_end": (float, 0.0, None, True),
     "eval_threshold": (float, 0.0, 1.0, True),
     "bn_recal_images": (int, 1, None, False),
     "checkpoint_every": (int, 1, None, False),
@@ -218,8 +235,9 @@ def config_from_mapping(data: Mapping[str, Any]) -> TrainConfig:
     for key, (kind, low, high, low_open) in _RULES.items():
         if key in data:
             _check_number(problems, key, data[key], kind, low, high, low_open)
-    if "nesterov" in data and not isinstance(data["nesterov"], bool):
-        problems.append(f"nesterov: {data['nesterov']!r} must be true or false")
+    for key in ("nesterov", "augment"):
+        if key in data and not isinstance(data[key], bool):
+            problems.append(f"{key}: {data[key]!r} must be true or false")
     raw_phases = data.get("phases")
     phases: list[PhaseConfig] = []
     if not isinstance(raw_phases, list) or not raw_phases:

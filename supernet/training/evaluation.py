@@ -1,7 +1,8 @@
-"""Phase-end evaluation: BN recalibration, then validation accuracy, exit rates and gate rates per subnet."""
+"""Phase-end evaluation: BN recalibration, then validation accuracy, exit, gate and path rates per subnet."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Iterable
 
 import torch
@@ -22,7 +23,8 @@ EVAL_BATCH = 500
 @torch.no_grad()
 def accuracy_and_rates(net: Supernet, loader: Iterable, env: DistEnv = DistEnv()) -> dict[str, Any]:
     """Dynamic-inference accuracy of ``net``'s active subnet (eval mode) on ``loader``, with its exit and gate
-    rates; under torchrun each rank passes its shard and gets the totals over all ranks."""
+    rates and its routers' path shares; under torchrun each rank passes its shard and gets the totals over all
+    ranks."""
     net.eval()
     net.reset_stats()
     correct = total = 0
@@ -30,22 +32,26 @@ def accuracy_and_rates(net: Supernet, loader: Iterable, env: DistEnv = DistEnv()
         pred = net(x.to(env.device)).argmax(1).cpu()
         correct += int((pred == y).sum())
         total += len(y)
-    exits, gates = net.exit_stats(), net.gate_stats()
-    names = sorted(gates)
+    exits, gates, routes = net.exit_stats(), net.gate_stats(), net.route_stats()
+    names, routers = sorted(gates), sorted(routes)
+    shares = [r for name in routers for r in routes[name]]
     # Rates are shares of this shard; weight them by the shard size before summing over ranks.
-    sums = all_sum([correct, total] + [r * total for r in exits] + [gates[n] * total for n in names], env)
+    sums = all_sum([correct, total] + [r * total for r in exits + [gates[n] for n in names] + shares], env)
     n = max(sums[1], 1.0)
-    rates = [v / n for v in sums[2:]]
+    rates = iter(v / n for v in sums[2:])
     return {
         "val_acc": sums[0] / n,
-        "exit_rates": rates[: len(exits)],
-        "gate_rates": dict(zip(names, rates[len(exits):])),
+        "exit_rates": [next(rates) for _ in exits],
+        "gate_rates": {name: next(rates) for name in names},
+        "path_rates": {name: [next(rates) for _ in routes[name]] for name in routers},
     }
 
 
 def probe_archs(space: SearchSpace, elastic: list[str], threshold: float) -> dict[str, Arch]:
     """The subnets evaluated after a phase: its max and min static subnets and, once exits or gates are
-    trained, both with every exit (at ``threshold``) and channel gates wherever allowed."""
+    trained, both with every exit (at ``threshold``) and channel gates wherever allowed; then the max subnet
+    with each other gate kind the space offers on every block (``max_skip``, ``max_emg``, ...) and, once paths
+    are trained, with every stage at its most paths (``max_routed``), so each mechanism's rates are reported."""
     top, bottom = (a.without_dynamic() for a in extremes(space, set(elastic), threshold))
     archs = {"max": top, "min": bottom}
     if "exits" in elastic or "gates" in elastic:
@@ -53,6 +59,12 @@ def probe_archs(space: SearchSpace, elastic: list[str], threshold: float) -> dic
             if "exits" in elastic:
                 arch = all_exits(space, arch, threshold)
             archs[name] = gated(space, arch) if "gates" in elastic else arch
+    if "gates" in elastic:
+        kinds = {k for blk in top.blocks() for k in space.allowed_gates(blk.stage, blk.block, blk.kernel)}
+        for kind in sorted(kinds - {"none", "channel"}):
+            archs[f"max_{kind}"] = gated(space, top, kind)
+    if "paths" in elastic and any(len(st.paths) > 1 for st in space.stages):
+        archs["max_routed"] = dataclasses.replace(top, paths=tuple(max(st.paths) for st in space.stages))
     return archs
 
 

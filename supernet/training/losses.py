@@ -1,4 +1,5 @@
-"""Losses of a sandwich step: in-place distillation, exit-head distillation and the compute-budget loss."""
+"""Losses of a sandwich step: in-place distillation, exit-head distillation, the compute-budget loss and
+CIGT's information-gain loss on routed stages."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -6,7 +7,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from supernet.network import GateTrace
+from supernet.dynamic.cigt import information_gain_loss
+from supernet.network import GateTrace, RouteTrace
 from supernet.training.config import TrainConfig
 
 
@@ -32,12 +34,14 @@ def gated_mac_rate(trace: Sequence[GateTrace]) -> Optional[torch.Tensor]:
 
 
 def subnet_loss(outs: list[torch.Tensor], y: torch.Tensor, teacher: Optional[torch.Tensor],
-                trace: Sequence[GateTrace], config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+                trace: Sequence[GateTrace], config: TrainConfig, routes: Sequence[RouteTrace] = ()
+                ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one subnet's ``forward_all`` outputs (exits first, final classifier last).
 
     Final classifier: cross-entropy, plus ``kd_ratio`` x in-place distillation from the max subnet's logits
     (``teacher``; None for the max subnet itself). Exits: distillation from this subnet's final classifier
-    mixed with cross-entropy. Gates: the compute-budget loss. Returns the loss and its parts for logging.
+    mixed with cross-entropy. Gates: the compute-budget loss. Routers (``routes``): the information-gain loss,
+    averaged over routed blocks. Returns the loss and its parts for logging.
     """
     final = outs[-1]
     loss = F.cross_entropy(final, y, label_smoothing=config.label_smoothing)
@@ -64,4 +68,8 @@ def subnet_loss(outs: list[torch.Tensor], y: torch.Tensor, teacher: Optional[tor
         loss = loss + config.budget_weight * budget
         parts["budget"] = float(budget.detach())
         parts["gate_rate"] = float(rate.detach().mean())
+    if routes and config.ig_weight > 0:
+        ig = torch.stack([information_gain_loss(r.probs, y, final.shape[1], config.ig_balance) for r in routes]).mean()
+        loss = loss + config.ig_weight * ig
+        parts["ig"] = float(ig.detach())
     return loss, parts

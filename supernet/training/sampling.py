@@ -31,7 +31,8 @@ def _blocks(values: tuple, sampled_depth: int, depth: int, keep: bool, default: 
 
 
 def restrict(space: SearchSpace, arch: Arch, elastic: frozenset[str] | set[str]) -> Arch:
-    """``arch`` with every dimension outside ``elastic`` set to its maximum (exits and gates: none)."""
+    """``arch`` with every dimension outside ``elastic`` set to its maximum (exits and gates: none; one
+    path per stage)."""
     top = space.max_arch()
     depths = arch.depths if "depth" in elastic else top.depths
     kernels, widths, gates = [], [], []
@@ -41,7 +42,9 @@ def restrict(space: SearchSpace, arch: Arch, elastic: frozenset[str] | set[str])
         gates.append(_blocks(arch.gates[s], arch.depths[s], d, "gates" in elastic, "none"))
     exits = tuple(e for e in arch.exits if e.block < depths[e.stage]) if "exits" in elastic else ()
     resolution = arch.resolution if "resolution" in elastic else top.resolution
-    return space.validate(Arch(space.name, resolution, depths, tuple(kernels), tuple(widths), tuple(gates), exits))
+    paths = arch.paths if "paths" in elastic else ()
+    return space.validate(Arch(space.name, resolution, depths, tuple(kernels), tuple(widths), tuple(gates), exits,
+                               paths))
 
 
 def all_exits(space: SearchSpace, arch: Arch, threshold: float) -> Arch:
@@ -53,8 +56,8 @@ def all_exits(space: SearchSpace, arch: Arch, threshold: float) -> Arch:
 def gated(space: SearchSpace, arch: Arch, kind: str = "channel") -> Arch:
     """``arch`` with a ``kind`` gate on every block that allows one (the others keep theirs)."""
     gates = tuple(
-        tuple(kind if kind in space.allowed_gates(s, b) else g for b, g in enumerate(arch.gates[s]))
-        for s in range(len(arch.depths))
+        tuple(kind if kind in space.allowed_gates(s, b, k) else g for b, (g, k) in enumerate(zip(gs, ks)))
+        for s, (gs, ks) in enumerate(zip(arch.gates, arch.kernels))
     )
     return Arch(space.name, arch.resolution, arch.depths, arch.kernels, arch.widths, gates, arch.exits)
 
@@ -76,7 +79,7 @@ def sandwich(space: SearchSpace, elastic: frozenset[str] | set[str], num_random:
     if not elastic:
         return [Sampled("max", top)]
     rng = step_rng(seed, phase, step)
-    dynamic = bool({"exits", "gates"} & set(elastic))
+    dynamic = bool({"exits", "gates", "paths"} & set(elastic))
     randoms = [Sampled("random", restrict(space, space.sample(rng, dynamic=dynamic), elastic))
                for _ in range(num_random)]
     return [Sampled("max", top), Sampled("min", bottom), *randoms]

@@ -54,18 +54,27 @@ class LRCurve:
         return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+# Parameters of the dynamic parts (exit heads, gates, routers): they start untrained in the dynamic phase.
+DYNAMIC_PARTS = ("exit_heads", "gater", "routers", "skip_gate", "emg_gate", "dfs_gate")
+
+
 def make_optimizer(net: torch.nn.Module, plan: PhasePlan, config: TrainConfig
                    ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
     """SGD over every parameter with the phase's learning rate, and its scheduler.
 
     Weight decay skips BN and bias vectors and the elastic-kernel transforms, which start at identity and
-    would otherwise be pulled toward zero.
+    would otherwise be pulled toward zero. The dynamic parts learn at ``dynamic_lr_scale`` times the rate:
+    they start from scratch in a phase whose rate is set low to keep the shared backbone in place.
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in net.named_parameters():
-        (no_decay if p.ndim <= 1 or "kernel_transforms" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.SGD(groups, lr=plan.config.lr, momentum=config.momentum,
-                          nesterov=config.nesterov and config.momentum > 0)
+        decays = not (p.ndim <= 1 or "kernel_transforms" in name)
+        dynamic = any(part in name.split(".") for part in DYNAMIC_PARTS)
+        groups.setdefault((decays, dynamic), []).append(p)
+    opt = torch.optim.SGD(
+        [{"params": params, "weight_decay": config.weight_decay if decays else 0.0,
+          "lr": plan.config.lr * (config.dynamic_lr_scale if dynamic else 1.0)}
+         for (decays, dynamic), params in sorted(groups.items())],
+        lr=plan.config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
     curve = LRCurve(plan.steps, plan.warmup_steps, config.final_lr_fraction)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, curve)

@@ -146,23 +146,36 @@ class Trainer:
             with torch.no_grad():
                 teacher = net.forward_all(x)[-1]
         net.train()
+        net.router_temperature = self.router_temperature(plan)
         logs: dict[str, float] = {}
         for role, arch in subnets:
             net.set_active(arch)
             with frozen_bn_statistics(net) if role != "max" else contextlib.nullcontext():
                 outs = net.forward_all(x)
-            loss, parts = subnet_loss(outs, y, None if role == "max" else teacher, net.gate_trace, cfg)
+            loss, parts = subnet_loss(outs, y, None if role == "max" else teacher, net.gate_trace, cfg,
+                                      net.route_trace)
             loss.backward()  # gradients accumulate over the sandwich; graphs are freed one subnet at a time
             logs[f"loss_{role}"] = logs.get(f"loss_{role}", 0.0) + float(loss.detach())
-            if "gate_rate" in parts:
-                logs["gate_rate"] = parts["gate_rate"]
-        net.gate_trace = []  # drop the last graph's references (and let evaluation deep-copy the net)
+            for key in ("gate_rate", "ig"):
+                if key in parts:
+                    logs[key] = parts[key]
+        # Drop the last graph's references (and let evaluation deep-copy the net).
+        net.gate_trace, net.route_trace = [], []
         sync_gradients(net, self.env)
         if cfg.grad_clip > 0:
             logs["grad_norm"] = float(nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
         opt.step()
         logs["loss"] = sum(v for k, v in logs.items() if k.startswith("loss_"))
         return logs
+
+    def router_temperature(self, plan: PhasePlan) -> float:
+        """CIGT's annealed softmax temperature: geometric from start to end over a phase that samples paths
+        (a pure function of the step, so a resumed run anneals alike)."""
+        cfg = self.config
+        if "paths" not in plan.config.elastic:
+            return cfg.router_temperature_end
+        progress = self.step / max(1, plan.steps - 1)
+        return cfg.router_temperature_start * (cfg.router_temperature_end / cfg.router_temperature_start) ** progress
 
     # ---- phases ------------------------------------------------------------------------------------------
     def _global_step(self) -> int:
@@ -171,6 +184,9 @@ class Trainer:
     def _run_phase(self, plan: PhasePlan) -> None:
         if self.step == 0 and plan.config.sort_channels:
             self.net.sort_channels()  # first-k widths now keep the most important channels
+        if self.step == 0 and "paths" in plan.config.elastic and not any(
+                "paths" in p.config.elastic for p in self.plans[: plan.index]):
+            self.net.seed_path_copies()  # routing starts: every path begins as the trained shared block
         opt, sched = make_optimizer(self.net, plan, self.config)
         if self.resumed is not None and self.step > 0:
             opt.load_state_dict(self.resumed["optimizer"])
