@@ -188,6 +188,7 @@ class Supernet(nn.Module):
             h = module(h, blk.kernel, blk.width, gate, skip, emg=blk.gate == "emg", dfs=dfs)
             if blk.gate != "none":
                 values = {"channel": gate, "skip": skip, "emg": module.emg_values, "dfs": dfs}[blk.gate]
+                module.emg_values = None  # the trace keeps them; a graph tensor left on the module blocks deepcopy
                 if dfs is not None:  # one number per sample: the chosen option's relative cost
                     values = dfs @ torch.tensor(DFS_RELATIVE_COST, dtype=dfs.dtype, device=dfs.device)
                 unit = module.gate_unit_macs(size, blk.kernel, blk.width, blk.gate)

@@ -17,6 +17,7 @@ from nas4dyn.cli.main import main
 from nas4dyn.data import load_data
 from nas4dyn.export.measure import realized_macs
 from nas4dyn.export.onnx import OnnxDynamicModel, export_onnx
+from nas4dyn.export.program import load_program
 from nas4dyn.export.torchscript import save_torchscript
 from search_spaces import Arch
 from search_spaces.arch import ExitChoice
@@ -227,6 +228,18 @@ def test_cli_export_then_evaluate(run_dir, capsys):
     assert result["latency_batch64"]["ms_per_sample"] < result["latency_batch1"]["ms_per_sample"] * 2
 
 
+def test_cli_exports_a_static_arch_with_torch_export_too(run_dir):
+    out = run_dir / "exp_static"
+    assert main(["export", "--run", str(run_dir / "run"), "--arch", f"{run_dir / 'pareto.json'}#1", "--out", str(out),
+                 "--format", "torchscript,export", "--bn-images", "0", "--latency-samples", "4", "--repeats", "1"]) == 0
+    assert "model.pt2" in json.loads((out / "card.json").read_text())["files"]
+    x = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    program, scripted = load_program(out), nas4dyn.load_exported(out)
+    with torch.no_grad():
+        assert (program(x) - scripted(x)).abs().max() <= 1e-5
+        assert (program(x[:1]) - scripted(x[:1])).abs().max() <= 1e-5  # the batch dimension is dynamic
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nas4dyn", *args], capture_output=True, text=True, timeout=300)
 
@@ -238,6 +251,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     ("pareto.json", (), "pick one"),
     ("other_space.json", (), "arch.space"),
     ("pareto.json#0", ("--latency-table", "no-such-lut.json"), "--latency-table"),
+    ("pareto.json#0", ("--format", "torchscript,export"), "torch.export cannot carry"),
 ])
 def test_cli_export_rejects_bad_input(run_dir, arch, extra, words):
     out = _cli("export", "--run", str(run_dir / "run"), "--arch", str(run_dir / arch), "--out", str(run_dir / "bad"),

@@ -1,6 +1,7 @@
 """Seed-paper mechanisms as gate kinds: EMGNet multi-scale kernels and DFS skip / int8 / fp32 routing."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 
@@ -172,6 +173,17 @@ def test_seeded_path_copies_make_routing_start_from_the_shared_block():
     assert (logits(routed) - logits(single)).abs().max() > 1e-3  # untrained copies differ from the block
     net.seed_path_copies()
     assert (logits(routed) - logits(single)).abs().max() <= 1e-5
+
+
+def test_a_training_forward_leaves_no_graph_on_the_modules():
+    """Phase-end evaluation deep-copies the net right after training steps: no module may hold a non-leaf."""
+    space = all_space()
+    net = nas4dyn.build_supernet(space).train()
+    net.set_active(Arch("tiny_all", 16, (2, 1, 2), ((5, 5), (3,), (3, 3)), ((8, 8), (3,), (16, 16)),
+                        (("emg", "dfs"), ("none",), ("none", "skip"))))
+    net.forward_all(torch.randn(4, 1, 16, 16))[-1].sum().backward()
+    net.gate_trace, net.route_trace = [], []
+    copy.deepcopy(net)
 
 
 def test_information_gain_loss_rewards_class_pure_balanced_routes():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from nas4dyn.export.pipeline import FORMATS, ExportOptions, export_run, parse_formats
+from nas4dyn.export.pipeline import DEFAULT_FORMATS, FORMATS, ExportOptions, export_run, parse_formats
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", required=True, metavar="SEARCH_DIR/pareto.json#INDEX|ARCH.json",
                    help="the subnet: an entry of a search's pareto.json, or an arch JSON file")
     p.add_argument("--out", required=True, metavar="EXPORT_DIR", help="directory to write (replaced when complete)")
-    p.add_argument("--format", default=",".join(FORMATS), help="comma-separated formats (model.ts is always written)")
+    p.add_argument("--format", default=",".join(DEFAULT_FORMATS),
+                   help=f"comma-separated, from {','.join(FORMATS)} (model.ts is always written; export: "
+                        "torch.export's model.pt2, static archs only)")
     p.add_argument("--latency-table", metavar="LUT.json", help="latency table from `nas4dyn profile`; fills "
                    "latency_ms_predicted in the card")
     p.add_argument("--data", help="data for the card's test figures (default: the run's dataset)")

@@ -19,6 +19,7 @@ from nas4dyn.export.card import CARD_FILE, build_card, read_card
 from nas4dyn.export.measure import collect, decision_stats, measure_latency, realized_macs, unnormalised
 from nas4dyn.export.onnx import ONNX_GATES, OnnxDynamicModel, export_onnx
 from nas4dyn.export.runtime import export_subnet
+from nas4dyn.export.program import PROGRAM_FILE, check_exportable, load_program, save_program
 from nas4dyn.export.torchscript import MODEL_FILE, load_exported, save_torchscript
 from nas4dyn.io import atomic_write_json
 from search_spaces.arch import Arch
@@ -27,7 +28,8 @@ from supernet.network import Supernet
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", "export")  # export: torch.export's model.pt2, static archs only
+DEFAULT_FORMATS = ("torchscript", "onnx")
 VERIFY_IMAGES = 256
 LOGITS_TOLERANCE = 1e-4
 
@@ -115,7 +117,7 @@ def _check_data_fits(info: Any, channels: int, num_classes: int, source: str) ->
 class ExportOptions:
     """Knobs of :func:`export_run` (the CLI flags of ``nas4dyn export``)."""
 
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     data: Optional[str] = None  # default: the run's dataset
     data_root: Optional[str] = None
     bn_images: int = 2000
@@ -128,7 +130,7 @@ class ExportOptions:
 
 @torch.no_grad()
 def verify_export(net: Supernet, arch: Arch, export_dir: Path, images01: torch.Tensor, mean: list[float],
-                  std: list[float], onnx_too: bool) -> dict[str, Any]:
+                  std: list[float], formats: tuple[str, ...]) -> dict[str, Any]:
     """Compare the written model(s) with the supernet's dynamic eval forward on ``images01``: identical exit
     indices and predictions, logits within 1e-4.
 
@@ -145,8 +147,10 @@ def verify_export(net: Supernet, arch: Arch, export_dir: Path, images01: torch.T
         net.set_active(previous)
     results: dict[str, Any] = {"images": len(images01)}
     candidates = {"torchscript": lambda: load_exported(export_dir).forward_with_exits(images01)}
-    if onnx_too:
+    if "onnx" in formats:
         candidates["onnx"] = lambda: tuple(map(torch.from_numpy, OnnxDynamicModel(export_dir).forward_with_exits(images01.numpy())))
+    if "export" in formats:  # a static arch: every sample leaves at the final classifier (index 0)
+        candidates["export"] = lambda: (load_program(export_dir)(images01), torch.zeros(len(images01), dtype=torch.long))
     for name, run in candidates.items():
         logits, exit_index = run()
         diff = float((logits - ref_logits).abs().max()) if len(logits) else 0.0
@@ -221,6 +225,8 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
     if "onnx" in options.formats and other_gates:
         raise ConfigError(f"--format onnx: gate kind(s) {other_gates} of this arch have no ONNX translation "
                           f"(supported: {', '.join(ONNX_GATES)}); use --format torchscript")
+    if "export" in options.formats:
+        check_exportable(arch)
     if options.latency_table and not Path(options.latency_table).is_file():
         raise ConfigError(f"--latency-table {options.latency_table}: no such file; create one with "
                           f"`nas4dyn profile --space {net.space.name} --out {options.latency_table}`")
@@ -253,7 +259,9 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
             written = export_onnx(model, tmp, int(bundle.info.resolution))
             files += [p.name for p in written]
         images, _ = collect(unnormalised(test_loader, bundle.info.mean, bundle.info.std), VERIFY_IMAGES)
-        check = verify_export(net, arch, tmp, images, mean, std, "onnx" in options.formats)
+        if "export" in options.formats:
+            files.append(save_program(model, images[:2], tmp / PROGRAM_FILE).name)
+        check = verify_export(net, arch, tmp, images, mean, std, options.formats)
         log.info("verified against the supernet on %d test images: %s", check["images"], check)
         stats = decision_stats(scripted, unnormalised(test_loader, bundle.info.mean, bundle.info.std),
                                desc="test accuracy", total=len(test_loader))

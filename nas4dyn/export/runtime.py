@@ -6,7 +6,7 @@ compaction), narrows convs to the filters the channel gates leave on, and runs s
 It carries what a user of ``model.ts`` needs to read its outputs (thresholds, gate layout), and is
 TorchScript-scriptable so the control flow survives ``torch.jit.script``.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: TorchScript reads the class annotations below as types.
 
 import logging
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
@@ -30,6 +30,14 @@ class ExportedModel(nn.Module):
     ``gate_blocks`` ("stage.block" of every gated block in network order), ``gate_kinds`` and
     ``gate_sizes`` (columns of :meth:`gate_decisions` per gated block).
     """
+
+    # Declared on the class so that TorchScript keeps them even when empty (a static arch): it cannot infer
+    # the element type of an empty list from its value.
+    thresholds: List[float]
+    exit_names: List[str]
+    gate_blocks: List[str]
+    gate_kinds: List[str]
+    gate_sizes: List[int]
 
     def __init__(self, subnet: SubNet, mean: Sequence[float], std: Sequence[float], arch: Arch, channels: int):
         super().__init__()
