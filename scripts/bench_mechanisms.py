@@ -4,7 +4,8 @@ follows its saving in MACs.
 
 One backbone (every stage at full depth, 5x5 kernels in the first two stages, full widths, 28 x 28), with on
 every block that allows it: channel gates (GaterNet), skip gates, EMG gates (EMGNet), DFS gates (skip / int8 /
-fp32); and CIGT routing with the most paths per stage. For each: test accuracy of the supernet's dynamic eval
+fp32), and the same DFS gates forced to int8 on every input (the int8 path as it is, whatever the trained
+gates prefer); and CIGT routing with the most paths per stage. For each: test accuracy of the supernet's dynamic eval
 (after BN recalibration), decision rates (share of gates on; DFS: mean BitOPs relative to fp32 and the share
 of each option; routers: share of samples per path), realized MACs per image of the exported TorchScript model
 (FlopCounterMode at batch 1; for DFS the cost model's count, because FlopCounterMode does not see quantized
@@ -19,6 +20,7 @@ With --write the table replaces the "Dynamic mechanisms" section of docs/BENCHMA
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -39,7 +41,7 @@ from nas4dyn.data import load_data, make_loader  # noqa: E402
 from nas4dyn.export.measure import realized_macs  # noqa: E402
 from nas4dyn.export.torchscript import load_exported, save_torchscript  # noqa: E402
 from search_spaces.arch import Arch  # noqa: E402
-from supernet.dynamic.dfs import DFS_OPTIONS, DFS_RELATIVE_COST  # noqa: E402
+from supernet.dynamic.dfs import DFS_OPTIONS, DFS_RELATIVE_COST, DFSGate  # noqa: E402
 from supernet.training.bn import recalibrate_bn  # noqa: E402
 from supernet.training.evaluation import accuracy_and_rates  # noqa: E402
 from supernet.training.sampling import gated  # noqa: E402
@@ -54,8 +56,20 @@ def variants(space) -> dict[str, Arch]:
     out = {"static": BACKBONE}
     for kind in ("channel", "skip", "emg", "dfs"):
         out[f"{kind} gates"] = gated(space, BACKBONE, kind)
+    out["dfs gates forced to int8"] = out["dfs gates"]
     out["routing"] = dataclasses.replace(BACKBONE, paths=tuple(max(st.paths) for st in space.stages))
     return out
+
+
+@torch.no_grad()
+def forced_int8(net):
+    """A copy of ``net`` whose DFS gates choose int8 for every input: the int8 path's accuracy and latency
+    as they are, whatever the trained gates prefer."""
+    net = copy.deepcopy(net)
+    for gate in (m for m in net.modules() if isinstance(m, DFSGate)):
+        gate.fc2.weight.zero_()
+        gate.fc2.bias.copy_(torch.tensor([-10.0, 10.0, -10.0]))
+    return net
 
 
 @torch.no_grad()
@@ -94,15 +108,18 @@ def main() -> None:
     archs = variants(net.space)
 
     rows, models = {}, {}
+    int8_net = forced_int8(net)
+    trained_net = net
     with tempfile.TemporaryDirectory() as tmp:
         for name, arch in archs.items():
+            net = int8_net if name.endswith("int8") else trained_net
             recalibrate_bn(net, arch, recal, 2000)
             net.set_active(arch)
             stats = accuracy_and_rates(net, test_loader)
             path = Path(tmp) / f"{name.replace(' ', '_')}.ts"
             save_torchscript(nas4dyn.export_subnet(net, arch, info), path)
             models[name] = load_exported(path)
-            if name == "dfs gates":  # FlopCounterMode cannot see the int8 convs: take the cost model's count
+            if name.startswith("dfs"):  # FlopCounterMode cannot see the int8 convs: take the cost model's count
                 macs = nas4dyn.count_macs(net, arch, make_loader(data.test, 500, limit=args.samples)).macs_expected
                 stats["dfs_options"] = dfs_option_shares(net, arch, make_loader(data.test, 500, limit=2000))
             else:
