@@ -106,9 +106,13 @@ def test_dfs_int8_path_uses_quantized_kernels_and_matches_fake_quant(net, space)
         real, fake = block.int8_branch(5, 48).eval()(h), block.fake_int8_branch(h, 5, 48)
     assert torch.equal(ref_exit, out_exit) and (ref - out).abs().max() <= 1e-5
     assert (ref - fp32).abs().max() > 1e-3  # the int8 branch really differs from fp32
-    # Training's fake quantization emulates the int8 kernels to within rounding at a few quantization points.
+    # Training's fake quantization emulates the int8 kernels to within rounding: the two round at different
+    # points, so single outputs may differ by a few quantization steps (scaled by the last BN), on average by
+    # less than one.
     step = max(q.qparams()[0] for q in (block.dfs_quant.out1, block.dfs_quant.out2))
-    assert (real - fake).abs().max() <= 4 * step * float(block.bn2.weight.abs().max() / block.bn2.running_var.min().sqrt())
+    unit = step * float(block.bn2.weight.abs().max() / block.bn2.running_var.min().sqrt())
+    diff = (real - fake).abs()
+    assert diff.max() <= 8 * unit and diff.mean() <= 0.5 * unit
 
 
 def test_dfs_gate_learns_through_the_straight_through_estimator(net, space):
