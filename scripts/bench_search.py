@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,8 @@ def main() -> None:
     body = "\n".join([
         f"Command: `{cmd}` — {machine_line(args.threads)}; run `{args.run}` ({data}); objectives "
         f"{OBJECTIVES}; every trial recalibrates BN on 2000 training images and measures the "
-        "whole validation split; the CPU was shared with other work, so times are upper bounds.",
+        f"whole validation split; wall-clock times, 1-minute load average {os.getloadavg()[0]:.1f} at the end "
+        "(above ~2, other jobs shared the 2 cores).",
         "",
         f"Throughput: **{per_min_trial:.1f} trials/min** (median trial {statistics.median(durations):.1f} s); "
         f"{per_min_wall:.1f} trials/min wall-clock from first trial start to last trial end ({len(durations)} "
