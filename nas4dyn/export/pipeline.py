@@ -18,8 +18,8 @@ from nas4dyn.errors import CheckpointError, ConfigError, DataError, InvalidArchE
 from nas4dyn.export.card import CARD_FILE, build_card, read_card
 from nas4dyn.export.measure import collect, decision_stats, measure_latency, realized_macs, unnormalised
 from nas4dyn.export.onnx import ONNX_GATES, OnnxDynamicModel, export_onnx
-from nas4dyn.export.runtime import export_subnet
 from nas4dyn.export.program import PROGRAM_FILE, check_exportable, load_program, save_program
+from nas4dyn.export.runtime import export_subnet
 from nas4dyn.export.torchscript import MODEL_FILE, load_exported, save_torchscript
 from nas4dyn.io import atomic_write_json
 from search_spaces.arch import Arch
