@@ -43,6 +43,7 @@ from nas4dyn.export.torchscript import load_exported, save_torchscript  # noqa: 
 from search_spaces.arch import Arch, ExitChoice  # noqa: E402
 from supernet.dynamic.gates import SkipGate  # noqa: E402
 from supernet.network import Supernet  # noqa: E402
+from supernet.training.sampling import gated  # noqa: E402
 
 # The backbone: every stage at full depth, 5x5 kernels in the first two stages, full widths, 28 x 28 input.
 BACKBONE = Arch("fmnist", 28, (2, 3, 2), ((5, 5), (5, 5, 5), (3, 3)), ((24, 24), (48, 48, 48), (96, 96)),
@@ -141,12 +142,6 @@ def calibrate_gates(net: Supernet, skip_arch: Arch, x: torch.Tensor, scale: floa
         gate.fc2.bias.copy_(-between(scale * (out - gate.fc2.bias), 0.5))
 
 
-def gated(arch: Arch, space, kind: str) -> Arch:
-    gates = tuple(tuple(kind if kind in space.allowed_gates(s, b, arch.kernels[s][b]) else "none" for b in range(d))
-                  for s, d in enumerate(arch.depths))
-    return dataclasses.replace(arch, gates=gates)
-
-
 # ---- measurement --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def timed_passes(models: dict[str, nn.Module], images: torch.Tensor, repeats: int) -> dict[str, torch.Tensor]:
@@ -240,8 +235,8 @@ def main() -> None:
     exits = (ExitChoice(0, 1, 1.0), ExitChoice(1, 1, 1.0))
     variants = {
         "exits": calibrate_exits(net, dataclasses.replace(BACKBONE, exits=exits), norm(val), args.exit_share),
-        "channel gates": gated(BACKBONE, space, "channel"),
-        "skip gates": gated(BACKBONE, space, "skip"),
+        "channel gates": gated(space, BACKBONE, "channel"),
+        "skip gates": gated(space, BACKBONE, "skip"),
     }
     calibrate_gates(net, variants["skip gates"], norm(val))
 

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nas4dyn  # noqa: E402
+import bench_export  # noqa: E402
 from bench_export import load_images, timed_passes  # noqa: E402
 from benchlib import machine_line, replace_section  # noqa: E402
 from nas4dyn.api import load_supernet_file  # noqa: E402
@@ -47,8 +48,7 @@ from supernet.training.evaluation import accuracy_and_rates  # noqa: E402
 from supernet.training.sampling import gated  # noqa: E402
 
 SPACE = "fmnist_dynamic_all"
-BACKBONE = Arch(SPACE, 28, (2, 3, 2), ((5, 5), (5, 5, 5), (3, 3)), ((24, 24), (48, 48, 48), (96, 96)),
-                (("none",) * 2, ("none",) * 3, ("none",) * 2))
+BACKBONE = dataclasses.replace(bench_export.BACKBONE, space=SPACE)  # the export benchmark's, in this space
 GOALS = {"routing": 0.8, "emg gates": 0.8}
 
 

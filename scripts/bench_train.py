@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -101,8 +102,9 @@ def main() -> None:
         "| measure | value | goal |",
         "|---|---|---|",
         f"| training wall time (phases incl. evaluation) | {train_s / 60:.1f} min | ≤ {limit / 60:.0f} min |",
-        f"| whole command wall time / CPU time | " + (f"{wall / 60:.1f} min / {cpu / 60:.1f} CPU-min" if wall == wall
-                                                      else "not timed here (--reuse of an earlier run)") + " | — |",
+        "| whole command wall time / CPU time | "
+        + ("not timed here (--reuse of an earlier run)" if math.isnan(wall)
+           else f"{wall / 60:.1f} min / {cpu / 60:.1f} CPU-min") + " | — |",
         f"| max subnet test accuracy ({results['max'][1] / 1e6:.1f} MMACs) | {100 * results['max'][0]:.2f}% "
         f"| ≥ {100 * max_goal:.1f}% |",
         f"| min subnet test accuracy ({results['min'][1] / 1e6:.1f} MMACs) | {100 * results['min'][0]:.2f}% | "
