@@ -2,20 +2,23 @@
 
 1. The exported static subnet (``model.ts``) against a hand-written plain PyTorch twin with the same weights:
    the export must cost nothing (ratio <= 1.03).
-2. Dynamic subnets of the same backbone — exits only, channel gates only, skip gates only — against the static
-   twin (scripted, the exports' runtime): speed-up ÷ MAC reduction, i.e. (twin latency ÷ mean per-sample
+2. Dynamic subnets of the same backbone — exits only, channel gates only, skip gates only, EMG gates only
+   (where the space allows them) — against the static twin (scripted, the exports' runtime): speed-up ÷ MAC reduction, i.e. (twin latency ÷ mean per-sample
    latency) ÷ (twin MACs ÷ realized mean MACs), >= 0.8 (goal 0.9). MACs are counted with FlopCounterMode on
    every timed image at batch 1.
 
+The backbone is ``--space``'s largest subnet with every block at the middle kernel choice (fmnist: 5/5/3),
+at the largest resolution; images are Fashion-MNIST for the one-channel 28 x 28 spaces, synthetic otherwise.
 Untrained weights are used (or a trained run with ``--run``); exit thresholds and gate biases are calibrated
 on validation images so that a real share of samples exits early or closes gates: each exit's threshold is
-set so that ``--exit-share`` of the samples reaching it leave, and each gate's bias so that it is on for half
-of the images (channel-gate and skip-gate logits are first scaled so that the decisions vary per image).
+set so that ``--exit-share`` of the samples reaching it leave, and each gate's bias (EMG: threshold) so that
+it is on for half of the images (channel-gate and skip-gate logits are first scaled so that the decisions
+vary per image).
 Timings: each model runs over the same ``--samples`` test images, the models taking turns image by image, median
 over ``--repeats`` passes.
 
-Usage: python scripts/bench_export.py [--threads 1] [--repeats 7] [--samples 300] [--write]
-With --write the table replaces the "Export" section of docs/BENCHMARKS.md.
+Usage: python scripts/bench_export.py [--space fmnist] [--threads 1] [--repeats 7] [--samples 300] [--write]
+With --write the table replaces the "Export" section of docs/BENCHMARKS.md ("Export (SPACE)" for other spaces).
 """
 from __future__ import annotations
 
@@ -41,13 +44,19 @@ from benchlib import machine_line, replace_section  # noqa: E402
 from nas4dyn.export.measure import collect, realized_macs, unnormalised  # noqa: E402
 from nas4dyn.export.torchscript import load_exported, save_torchscript  # noqa: E402
 from search_spaces.arch import Arch, ExitChoice  # noqa: E402
+from search_spaces.space import SearchSpace  # noqa: E402
+from supernet.dynamic.emg import EMGGate  # noqa: E402
 from supernet.dynamic.gates import SkipGate  # noqa: E402
 from supernet.network import Supernet  # noqa: E402
 from supernet.training.sampling import gated  # noqa: E402
 
-# The backbone: every stage at full depth, 5x5 kernels in the first two stages, full widths, 28 x 28 input.
-BACKBONE = Arch("fmnist", 28, (2, 3, 2), ((5, 5), (5, 5, 5), (3, 3)), ((24, 24), (48, 48, 48), (96, 96)),
-                (("none",) * 2, ("none",) * 3, ("none",) * 2))
+
+def backbone(space: SearchSpace) -> Arch:
+    """Every stage at full depth and width, every block at its stage's middle kernel choice (fmnist: 5/5/3),
+    the largest resolution, no exits and no gates."""
+    top = space.max_arch()
+    kernels = tuple((st.kernels[(len(st.kernels) - 1) // 2],) * d for st, d in zip(space.stages, top.depths))
+    return dataclasses.replace(top, kernels=kernels)
 
 
 # ---- the hand-written twin ----------------------------------------------------------------------------------
@@ -126,9 +135,10 @@ def calibrate_exits(net: Supernet, arch: Arch, x: torch.Tensor, share: float) ->
 
 
 @torch.no_grad()
-def calibrate_gates(net: Supernet, skip_arch: Arch, x: torch.Tensor, scale: float = 10.0) -> None:
-    """Scale gate logits so decisions vary per image, then put each gate's median logit at 0 (on for half):
-    the global gater's rows on ``x``, the skip gates on their inputs under ``skip_arch``."""
+def calibrate_gates(net: Supernet, skip_arch: Arch, emg_arch: Arch | None, x: torch.Tensor, scale: float = 10.0) -> None:
+    """Put each gate's median logit at 0 (on for half of ``x``): the global gater's rows and the skip gates
+    (under ``skip_arch``) after scaling their logits so that decisions vary per image; the EMG thresholds
+    (under ``emg_arch``) at each filter's median small-kernel response."""
     net.gater.fc2.weight.mul_(scale)
     net.gater.fc2.bias.sub_(between(net.gater(x), 0.5))
     seen: dict[SkipGate, torch.Tensor] = {}
@@ -140,6 +150,22 @@ def calibrate_gates(net: Supernet, skip_arch: Arch, x: torch.Tensor, scale: floa
     for gate, out in seen.items():
         gate.fc2.weight.mul_(scale)
         gate.fc2.bias.copy_(-between(scale * (out - gate.fc2.bias), 0.5))
+    if emg_arch is None:
+        return
+    emg: dict[EMGGate, torch.Tensor] = {}
+
+    def small_response(gate: EMGGate, inputs: tuple[Any, ...], _: Any) -> None:
+        h, weight, stride = inputs
+        k = weight.shape[-1]
+        emg[gate] = F.conv2d(h, weight[..., 1:-1, 1:-1], None, stride, (k - 2) // 2).mean(dim=(2, 3))
+
+    hooks = [m.register_forward_hook(small_response) for m in net.modules() if isinstance(m, EMGGate)]
+    net.set_active(emg_arch)
+    net.forward_all(x)
+    for h in hooks:
+        h.remove()
+    for gate, response in emg.items():
+        gate.threshold[: response.shape[1]] = between(response, 0.5)
 
 
 # ---- measurement --------------------------------------------------------------------------------------------
@@ -193,15 +219,20 @@ def conv_scaling(sub: nn.Module, share: float = 0.5, calls: int = 200) -> tuple[
     return full, narrow
 
 
-def load_images(n_val: int, n_test: int) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float], str]:
-    """(calibration images, timed images, mean, std, source) in [0, 1]: Fashion-MNIST if installed."""
+def load_images(space: SearchSpace, n_val: int, n_test: int) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float], str]:
+    """(calibration images, timed images, mean, std, source) in [0, 1]: Fashion-MNIST if installed and the space
+    takes one-channel 28 x 28 images, synthetic images of the space's shape otherwise."""
     from nas4dyn.data import load_data, make_loader
     from nas4dyn.errors import DataError
 
+    res = max(space.resolutions)
+    synthetic = {"resolution": res, "channels": space.input_channels, "n_train": 2 * n_val, "n_test": n_test}
     try:
+        if (space.input_channels, res) != (1, 28):
+            raise DataError("not a Fashion-MNIST-shaped space")
         bundle, source = load_data("fashion-mnist", augment=False), "Fashion-MNIST"
     except DataError:
-        bundle, source = load_data("synthetic", augment=False, synthetic={"resolution": 28, "n_test": n_test}), "synthetic"
+        bundle, source = load_data("synthetic", augment=False, synthetic=synthetic), "synthetic"
     info = bundle.info
     val, _ = collect(unnormalised(make_loader(bundle.val, 256, limit=n_val), info.mean, info.std), n_val)
     test, _ = collect(unnormalised(make_loader(bundle.test, 256, limit=n_test), info.mean, info.std), n_test)
@@ -210,51 +241,58 @@ def load_images(n_val: int, n_test: int) -> tuple[torch.Tensor, torch.Tensor, li
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--space", default="fmnist", help="the space whose backbone is exported (with --run: the run's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--samples", type=int, default=300, help="test images timed at batch 1")
     ap.add_argument("--exit-share", type=float, default=0.4, help="share of the samples reaching an exit that leave")
-    ap.add_argument("--run", help="a trained run directory (default: an untrained fmnist supernet)")
+    ap.add_argument("--run", help="a trained run directory (default: an untrained supernet of --space)")
     ap.add_argument("--write", action="store_true", help="write the table into docs/BENCHMARKS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()[0]
-    space = nas4dyn.load_space("fmnist")
-    val, test, mean, std, source = load_images(1000, args.samples)
     if args.run:
         from nas4dyn.api import load_supernet_file
 
         net, info = load_supernet_file(Path(args.run) / "supernet.pt")
-        mean, std = list(info["mean"]), list(info["std"])
+        space = net.space
     else:
+        space = nas4dyn.load_space(args.space)
         net = nas4dyn.build_supernet(space).eval()
+    val, test, mean, std, source = load_images(space, 1000, args.samples)
+    if args.run:
+        mean, std = list(info["mean"]), list(info["std"])
+    base_arch = backbone(space)
     norm = lambda t: (t - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)  # noqa: E731
     info = {"mean": mean, "std": std}
 
-    exits = (ExitChoice(0, 1, 1.0), ExitChoice(1, 1, 1.0))
+    exits = tuple(ExitChoice(s, b, 1.0) for s, b in space.exits.positions if b == 1)[:2]
     variants = {
-        "exits": calibrate_exits(net, dataclasses.replace(BACKBONE, exits=exits), norm(val), args.exit_share),
-        "channel gates": gated(space, BACKBONE, "channel"),
-        "skip gates": gated(space, BACKBONE, "skip"),
+        "exits": calibrate_exits(net, dataclasses.replace(base_arch, exits=exits), norm(val), args.exit_share),
+        "channel gates": gated(space, base_arch, "channel"),
+        "skip gates": gated(space, base_arch, "skip"),
     }
-    calibrate_gates(net, variants["skip gates"], norm(val))
+    emg_arch = gated(space, base_arch, "emg")
+    if emg_arch != base_arch:
+        variants["emg gates"] = emg_arch
+    calibrate_gates(net, variants["skip gates"], variants.get("emg gates"), norm(val))
 
     with tempfile.TemporaryDirectory() as tmp:
         def exported(arch: Arch, name: str) -> torch.jit.ScriptModule:
             save_torchscript(nas4dyn.export_subnet(net, arch, info), Path(tmp) / f"{name}.ts")
             return load_exported(Path(tmp) / f"{name}.ts")
 
-        twin = Twin(space, BACKBONE, mean, std).copy_from(net.extract(BACKBONE).eval())
-        models = {"twin": twin, "twin (TorchScript)": torch.jit.script(twin), "static export": exported(BACKBONE, "static")}
+        twin = Twin(space, base_arch, mean, std).copy_from(net.extract(base_arch).eval())
+        models = {"twin": twin, "twin (TorchScript)": torch.jit.script(twin), "static export": exported(base_arch, "static")}
         models.update({name: exported(arch, name.replace(" ", "_")) for name, arch in variants.items()})
         with torch.no_grad():
             assert (twin(test) - models["static export"](test)).abs().max() <= 1e-4, "twin differs from the export"
         macs = {name: realized_macs(model, test, 1) for name, model in models.items()}
-        exit_rates = models["exits"].forward_with_exits(test)[1].bincount(minlength=3).double() / len(test)
-        gate_rates = {name: float(models[name].gate_decisions(test).float().mean()) for name in ("channel gates", "skip gates")}
+        exit_rates = models["exits"].forward_with_exits(test)[1].bincount(minlength=len(exits) + 1).double() / len(test)
+        gate_rates = {name: float(models[name].gate_decisions(test).float().mean()) for name in variants if "gates" in name}
         times = timed_passes(models, test, args.repeats)
-        conv_full, conv_half = conv_scaling(net.extract(BACKBONE).eval())
+        conv_full, conv_half = conv_scaling(net.extract(base_arch).eval())
 
     load_end = os.getloadavg()[0]
     per_pass = {k: (v.mean(1) * 1e3).tolist() for k, v in times.items()}  # mean ms per image, each pass
@@ -262,17 +300,19 @@ def main() -> None:
     spread = {k: (max(v) - min(v)) / med[k] for k, v in per_pass.items()}
     # Noise-robust cross-check: each image's fastest pass, averaged over the images.
     floor = {k: float(v.min(0).values.mean() * 1e3) for k, v in times.items()}
-    cmd = (f"python scripts/bench_export.py --threads {args.threads} --repeats {args.repeats} --samples {args.samples} "
+    cmd = (f"python scripts/bench_export.py --space {space.name} --threads {args.threads} --repeats {args.repeats} --samples {args.samples} "
            f"--exit-share {args.exit_share}{' --run ' + args.run if args.run else ''}{' --write' if args.write else ''}")
     lines = [
         f"Command: `{cmd}` — {machine_line(args.threads)}",
         "",
-        f"Backbone: fmnist depths {list(BACKBONE.depths)}, kernels 5/5/3, full widths, 28 x 28 input, "
+        f"Backbone: {space.name} depths {list(base_arch.depths)}, kernels "
+        f"{'/'.join(str(ks[0]) for ks in base_arch.kernels)}, full widths, {base_arch.resolution} x "
+        f"{base_arch.resolution} input, "
         f"{'trained run ' + args.run if args.run else 'untrained weights'}; {len(test)} {source} test images timed "
         f"one by one (batch 1), median of {args.repeats} interleaved passes; thresholds and gate biases calibrated "
         f"on 1000 validation images. Exit rates {', '.join(f'{r:.2f}' for r in exit_rates.tolist())} "
-        f"(exits after blocks 0.1 and 1.1, then final); share of gates on: channel {gate_rates['channel gates']:.2f}, "
-        f"skip {gate_rates['skip gates']:.2f}. The cores were shared with other jobs (1-minute load average "
+        f"(exits after blocks {' and '.join(f'{e.stage}.{e.block}' for e in exits)}, then final); share of gates "
+        f"on: {', '.join(f'{k.split()[0]} {v:.2f}' for k, v in gate_rates.items())}. The cores were shared with other jobs (1-minute load average "
         f"{load_start:.1f} at the start, {load_end:.1f} at the end): \"pass spread\" is (slowest - fastest pass) ÷ "
         "median, and the last column, each image's fastest pass averaged over the images, is a noise-robust "
         "cross-check of the medians. Realized MACs count every conv and matmul that ran, the gater and the exit "
@@ -314,7 +354,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        replace_section(Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md", "Export", table)
+        title = "Export" if space.name == "fmnist" else f"Export ({space.name})"
+        replace_section(Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md", title, table)
 
 
 if __name__ == "__main__":

@@ -48,16 +48,16 @@ from supernet.training.evaluation import accuracy_and_rates  # noqa: E402
 from supernet.training.sampling import gated  # noqa: E402
 
 SPACE = "fmnist_dynamic_all"
-BACKBONE = dataclasses.replace(bench_export.BACKBONE, space=SPACE)  # the export benchmark's, in this space
 GOALS = {"routing": 0.8, "emg gates": 0.8}
 
 
 def variants(space) -> dict[str, Arch]:
-    out = {"static": BACKBONE}
+    base = bench_export.backbone(space)  # the export benchmark's backbone, in this space
+    out = {"static": base}
     for kind in ("channel", "skip", "emg", "dfs"):
-        out[f"{kind} gates"] = gated(space, BACKBONE, kind)
+        out[f"{kind} gates"] = gated(space, base, kind)
     out["dfs gates forced to int8"] = out["dfs gates"]
-    out["routing"] = dataclasses.replace(BACKBONE, paths=tuple(max(st.paths) for st in space.stages))
+    out["routing"] = dataclasses.replace(base, paths=tuple(max(st.paths) for st in space.stages))
     return out
 
 
@@ -138,7 +138,7 @@ def main() -> None:
         f"Command: `{cmd}` — {machine_line(args.threads)}; 1-minute load average {load_start:.1f} at the start, "
         f"{load_end:.1f} at the end.",
         "",
-        f"Backbone: {SPACE} depths {list(BACKBONE.depths)}, kernels 5/5/3, full widths, 28 x 28; accuracy on the "
+        f"Backbone: {SPACE} depths {list(archs['static'].depths)}, kernels 5/5/3, full widths, 28 x 28; accuracy on the "
         f"{len(data.test)} Fashion-MNIST test images (supernet dynamic eval = the exported model, by the export "
         f"tests); MACs and latency of the exported TorchScript model on {args.samples} test images at batch 1, "
         f"median of {args.repeats} interleaved passes.",

@@ -1,7 +1,7 @@
 """Benchmark: does the supernet slice (not mask)? Train-step time of the supernet at an arch vs its
 extracted static twin, and min-arch vs max-arch speed against their MAC ratio.
 
-Usage: python scripts/bench_supernet.py [--space fmnist] [--batch 64] [--repeats 7] [--steps 5] [--write]
+Usage: python scripts/bench_supernet.py [--spaces fmnist mbv3] [--batches 256 16] [--repeats 7] [--steps 5] [--write]
 With --write the table replaces the "Supernet" section of docs/BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -36,23 +36,14 @@ def macs(module: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 2 / len(x)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--space", default="fmnist")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--write", action="store_true", help="write the table into docs/BENCHMARKS.md")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def bench_space(name: str, batch: int, args: argparse.Namespace) -> list[str]:
+    """Markdown lines for one space: max and min arch, supernet vs extracted twin, and the speed goal."""
     torch.manual_seed(0)
-    load_before = os.getloadavg()[0]
-    space = nas4dyn.load_space(args.space)
+    space = nas4dyn.load_space(name)
     net = nas4dyn.build_supernet(space).train()
     res = max(space.resolutions)
-    x = torch.randn(args.batch, space.input_channels, res, res)
-    y = torch.randint(0, space.num_classes, (args.batch,))
+    x = torch.randn(batch, space.input_channels, res, res)
+    y = torch.randint(0, space.num_classes, (batch,))
 
     rows, times = [], {}
     for label, arch in (("max", space.max_arch()), ("min", space.min_arch())):
@@ -60,37 +51,66 @@ def main() -> None:
         twin = net.extract(arch).train()
         forwards = {"supernet": (net, lambda t: net.forward_all(t)[-1]), "twin": (twin, lambda t: twin.forward_all(t)[-1])}
         samples: dict[str, list[float]] = {k: [] for k in forwards}
-        for name, (model, fwd) in forwards.items():  # warm-up
+        for name_, (model, fwd) in forwards.items():  # warm-up
             train_step_seconds(model, fwd, x, y, 2)
         for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
-            for name, (model, fwd) in forwards.items():
-                samples[name].append(train_step_seconds(model, fwd, x, y, args.steps))
+            for name_, (model, fwd) in forwards.items():
+                samples[name_].append(train_step_seconds(model, fwd, x, y, args.steps))
         med = {k: statistics.median(v) for k, v in samples.items()}
-        times[label] = med["supernet"]
+        times[label] = (med["supernet"], med["twin"])
         mac = macs(twin.eval(), x[:1])
-        rows.append((label, mac, med["supernet"] * 1e3, med["twin"] * 1e3, med["supernet"] / med["twin"]))
+        rows.append((label, arch.resolution, mac, med["supernet"] * 1e3, med["twin"] * 1e3,
+                     med["supernet"] / med["twin"]))
 
-    mac_ratio = rows[0][1] / rows[1][1]
-    speed_ratio = times["max"] / times["min"]
+    mac_ratio = rows[0][2] / rows[1][2]
+    speed_ratio = times["max"][0] / times["min"][0]
+    twin_ratio = times["max"][1] / times["min"][1]
+    met = speed_ratio >= mac_ratio / 2
     lines = [
-        f"Command: `python scripts/bench_supernet.py --space {args.space} --batch {args.batch} "
-        f"--repeats {args.repeats} --steps {args.steps}{' --write' if args.write else ''}` — {machine_line(args.threads)}",
+        f"### {name} (batch {batch})",
         "",
-        "Train step (forward + backward + SGD step), medians of interleaved repeats, one run:",
-        "",
-        "| arch | MMACs/img | supernet step (ms) | extracted twin step (ms) | supernet ÷ twin | goal |",
-        "|---|---|---|---|---|---|",
+        "| arch | input | MMACs/img | supernet step (ms) | extracted twin step (ms) | supernet ÷ twin | goal |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for (label, mac, sup, twin, ratio), goal in zip(rows, ("≤ 1.10", "≤ 1.25")):
-        lines.append(f"| {label} | {mac / 1e6:.2f} | {sup:.1f} | {twin:.1f} | {ratio:.3f} | {goal} |")
+    for (label, res_, mac, sup, twin, ratio), goal in zip(rows, ("≤ 1.10", "≤ 1.25")):
+        lines.append(f"| {label} | {res_} | {mac / 1e6:.2f} | {sup:.1f} | {twin:.1f} | {ratio:.3f} | {goal} |")
     lines += [
         "",
-        f"max ÷ min supernet step time: {speed_ratio:.2f}× for a MAC ratio of {mac_ratio:.2f}× "
-        f"(goal: ≥ half the MAC ratio, {mac_ratio / 2:.2f}×) — {'met' if speed_ratio >= mac_ratio / 2 else 'NOT met'}.",
+        f"max ÷ min supernet step time: **{speed_ratio:.2f}×** for a MAC ratio of {mac_ratio:.2f}× "
+        f"(goal: ≥ half the MAC ratio, {mac_ratio / 2:.2f}×) — {'met' if met else 'NOT met'}; the extracted "
+        f"static twins themselves: {twin_ratio:.2f}×.",
         "",
-        f"Load average (1 min) before → after: {load_before:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
-        "(above the core count, other jobs shared the CPU and absolute times are inflated).",
     ]
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spaces", nargs="+", default=["fmnist"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[64], help="one batch size per space")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write", action="store_true", help="write the table into docs/BENCHMARKS.md")
+    args = ap.parse_args()
+    if len(args.batches) != len(args.spaces):
+        ap.error(f"--batches: give one batch size per space ({len(args.spaces)}), got {len(args.batches)}")
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    lines = [
+        f"Command: `python scripts/bench_supernet.py --spaces {' '.join(args.spaces)} --batches "
+        f"{' '.join(map(str, args.batches))} --repeats {args.repeats} --steps {args.steps}"
+        f"{' --write' if args.write else ''}` — {machine_line(args.threads)}",
+        "",
+        "Train step (forward + backward + SGD step), medians of interleaved repeats, one run, random weights and "
+        "inputs at the space's largest resolution (the min arch resizes to its own):",
+        "",
+    ]
+    for name, batch in zip(args.spaces, args.batches):
+        lines += bench_space(name, batch, args)
+    lines.append(f"Load average (1 min) before → after: {load_before:.1f} → {os.getloadavg()[0]:.1f} on "
+                 f"{os.cpu_count()} cores (above the core count, other jobs shared the CPU and absolute times are "
+                 "inflated).")
     table = "\n".join(lines)
     print(table)
     if args.write:

@@ -143,7 +143,7 @@ class Supernet(nn.Module):
             copies = [self.block(blk.stage, blk.block, p).extract(blk.kernel, blk.width, blk.gate, start, end)
                       for p in range(paths)]
             if paths > 1:
-                router = copy.deepcopy(self.routers[f"{blk.stage}_{blk.block}"])
+                router = self.routers[f"{blk.stage}_{blk.block}"].sliced(paths)
                 blocks.append(RoutedBlock(router, copies, paths))
             else:
                 blocks.append(copies[0])

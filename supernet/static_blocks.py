@@ -50,7 +50,7 @@ class StaticBlock(nn.Module):
     def emg_gates(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(small-kernel response of every filter, per-sample EMG gates N x filters)."""
         small = F.conv2d(x, self.small_weight, None, self.stride, self.padding - 1)
-        return small, small.mean(dim=(2, 3)) - self.emg_threshold > 0
+        return small, small.mean(dim=(2, 3)) > self.emg_threshold  # the supernet's (mean - threshold) > 0
 
     def run(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -158,10 +158,13 @@ class StaticBasicBlock(StaticBlock):
 
     def emg_conv1(self, x: torch.Tensor) -> torch.Tensor:
         small, gates = self.emg_gates(x)
-        on = gates.any(0).nonzero().squeeze(1)
+        one = x.shape[0] == 1  # one sample: every large response computed is its own, nothing to mix
+        on = (gates[0] if one else gates.any(0)).nonzero().squeeze(1)
         if on.numel() == 0:
             return small
         large = F.conv2d(x, self.conv1.weight.index_select(0, on), None, self.stride, self.padding)
+        if one:
+            return small.index_copy_(1, on, large)
         picked = torch.where(gates.index_select(1, on)[:, :, None, None], large, small.index_select(1, on))
         return small.index_copy(1, on, picked)
 

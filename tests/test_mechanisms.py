@@ -202,6 +202,38 @@ def test_information_gain_loss_rewards_class_pure_balanced_routes():
     assert information_gain_loss(uniform, labels, 4) == pytest.approx(0.0, abs=1e-6)
     assert information_gain_loss(collapsed, labels, 4) == pytest.approx(0.0, abs=1e-6)
     assert information_gain_loss(pure, labels, 4, balance=2.0) < information_gain_loss(pure, labels, 4)
+    # Above 1 the balance term breaks the tie between a collapsed router and an uninformed uniform one.
+    assert information_gain_loss(collapsed, labels, 4, balance=2.0) > information_gain_loss(uniform, labels, 4, balance=2.0)
+
+
+def test_router_standardises_logits_so_no_path_wins_every_sample():
+    from supernet.dynamic.cigt import Router
+
+    torch.manual_seed(0)
+    router = Router(8, 3).train()
+    with torch.no_grad():
+        router.fc2.bias.copy_(torch.tensor([10.0, 0.0, -10.0]))  # a lead no input-dependent part can overturn
+    x = torch.randn(64, 8, 4, 4)
+    features = torch.relu(router.bn(router.fc1(x.mean(dim=(2, 3)))))
+    raw = torch.nn.functional.linear(features, router.fc2.weight, router.fc2.bias)  # the logits before the BN
+    assert set(raw.argmax(1).tolist()) == {0}
+    shares = torch.bincount(router(x, 3).argmax(1), minlength=3).float() / 64
+    assert (shares > 0.1).all(), shares
+
+
+def test_bn_recalibration_covers_the_routers(net, space):
+    from nas4dyn.data import load_data, make_loader
+    from supernet.training.bn import recalibrate_bn
+
+    arch = routed_arch(space)
+    router = net.routers["2_0"]
+    with torch.no_grad():
+        router.balance.running_mean.fill_(50.0)  # statistics left over from other subnets
+        router.bn.running_var.fill_(1e4)
+    data = load_data("synthetic", augment=False, synthetic={"resolution": 28, "n_train": 64, "n_test": 8})
+    recalibrate_bn(net, arch, make_loader(data.train, 32), n_images=64)
+    assert router.balance.running_mean.abs().max() < 50.0 and router.bn.running_var.max() < 1e4
+    assert int(router.balance.num_batches_tracked) >= 1
 
 
 def test_routers_learn_in_training(net, space):

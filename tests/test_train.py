@@ -109,6 +109,23 @@ def test_gated_mac_rate_weights_gates_by_their_macs():
     assert torch.allclose(gated_mac_rate([on, off]), torch.full((2,), 40.0 / 160.0))
 
 
+def test_block_budget_pulls_every_gate_toward_the_target():
+    """The global rate can sit on target with one gate always on and another always off; the per-block term
+    sees that and pushes the open gate down and the closed one up."""
+    config = build_config("quick", overrides=["budget_target=0.5", "budget_weight=1", "block_budget_weight=0"])
+    on = torch.ones(4, 3, requires_grad=True)
+    off = torch.zeros(4, requires_grad=True)
+    trace = [GateTrace(0, 0, "channel", on, 10.0), GateTrace(0, 1, "skip", off, 30.0)]
+    outs, y = [torch.randn(4, 10)], torch.arange(4)
+    loss, parts = subnet_loss(outs, y, None, trace, config)
+    assert parts["budget"] == 0.0 and "block_budget" not in parts
+    config.block_budget_weight = 1.0
+    loss, parts = subnet_loss(outs, y, None, trace, config)
+    loss.backward()
+    assert parts["block_budget"] == 0.25
+    assert (on.grad > 0).all() and (off.grad < 0).all()
+
+
 def test_paths_are_sampled_only_where_the_phase_makes_them_elastic():
     space = all_space()
     with_paths = [a for step in range(30) for _, a in sandwich(space, {"gates", "paths"}, 2, 0, 0, step, 0.5)]

@@ -7,25 +7,41 @@ runs only the chosen path per sample.
 """
 from __future__ import annotations
 
+import copy
 from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from supernet.ops.elastic import ElasticBatchNorm1d
+
 
 class Router(nn.Module):
-    """Pooled features -> FC -> BN -> ReLU -> FC: one logit per path (the first ``paths`` are used)."""
+    """Pooled features -> FC -> BN -> ReLU -> FC -> BN: one logit per path (the first ``paths`` are used).
+
+    The last BN standardises each path's logit over the data. Without it the ReLU features' positive mean
+    gives one path a lead for every sample, and the argmax sends them all there (a collapsed router) long
+    before the information-gain loss can make routes input-dependent; standardised, a path wins where its
+    logit is high relative to its own average, so every path starts in use.
+    """
 
     def __init__(self, in_ch: int, max_paths: int, hidden: int = 16):
         super().__init__()
         self.fc1 = nn.Linear(in_ch, hidden)
         self.bn = nn.BatchNorm1d(hidden)
         self.fc2 = nn.Linear(hidden, max_paths)
+        self.balance: nn.Module = ElasticBatchNorm1d(max_paths)
 
     def forward(self, x: torch.Tensor, paths: int) -> torch.Tensor:
         h = F.relu(self.bn(self.fc1(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))))
-        return F.linear(h, self.fc2.weight[:paths], self.fc2.bias[:paths])
+        return self.balance(F.linear(h, self.fc2.weight[:paths], self.fc2.bias[:paths]))
+
+    def sliced(self, paths: int) -> "Router":
+        """A copy for a standalone subnet with ``paths`` paths (a plain BatchNorm on its logits)."""
+        router = copy.deepcopy(self)
+        router.balance = self.balance.sliced(paths)
+        return router
 
 
 def information_gain_loss(probs: torch.Tensor, labels: torch.Tensor, num_classes: int, balance: float = 1.0) -> torch.Tensor:
@@ -33,6 +49,8 @@ def information_gain_loss(probs: torch.Tensor, labels: torch.Tensor, num_classes
 
     ``probs`` are the router's N x P path probabilities. Minimising it makes each class favour a path
     (low conditional entropy) while all paths stay in use (high marginal entropy; ``balance`` weighs it).
+    With ``balance`` = 1 a router sending everything down one path scores 0, as well as a uniform uninformed
+    one; above 1 the collapsed router is strictly worse.
     """
     joint = F.one_hot(labels, num_classes).to(probs.dtype).t() @ probs / len(labels)  # classes x paths
     p_class = joint.sum(dim=1, keepdim=True)

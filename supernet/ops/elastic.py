@@ -56,18 +56,19 @@ class ElasticConv2d(nn.Module):
         self.weight.data[:, : len(order)] = self.weight.data[:, order]
 
 
-class ElasticBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm over the first ``C`` channels of its statistics, ``C`` taken from the input."""
+class _ElasticBatchNorm:
+    """BatchNorm over the first ``C`` channels of its statistics, ``C`` taken from the input (a mixin put before
+    the fixed-size BatchNorm class it slices, which ``sliced`` returns)."""
+
+    plain: type
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
-        if c == self.num_features:
-            return super().forward(x)
         training = self.training or self.running_mean is None
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm does
                 momentum = 1.0 / float(self.num_batches_tracked)
         # Slices of the buffers are views, so F.batch_norm updates the full-size statistics in place.
         return F.batch_norm(
@@ -81,9 +82,9 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
             self.eps,
         )
 
-    def sliced(self, c: int) -> nn.BatchNorm2d:
-        """A plain BatchNorm2d holding a copy of the first ``c`` channels (statistics included)."""
-        bn = nn.BatchNorm2d(c, eps=self.eps, momentum=self.momentum)
+    def sliced(self, c: int) -> nn.Module:
+        """A plain BatchNorm holding a copy of the first ``c`` channels (statistics included)."""
+        bn = self.plain(c, eps=self.eps, momentum=self.momentum)
         with torch.no_grad():
             for name in ("weight", "bias", "running_mean", "running_var"):
                 getattr(bn, name).copy_(getattr(self, name)[:c])
@@ -94,6 +95,18 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
         n = len(order)
         for t in (self.weight, self.bias, self.running_mean, self.running_var):
             t.data[:n] = t.data[order]
+
+
+class ElasticBatchNorm2d(_ElasticBatchNorm, nn.BatchNorm2d):
+    """Elastic BatchNorm of conv channels."""
+
+    plain = nn.BatchNorm2d
+
+
+class ElasticBatchNorm1d(_ElasticBatchNorm, nn.BatchNorm1d):
+    """Elastic BatchNorm of features (a router's path logits)."""
+
+    plain = nn.BatchNorm1d
 
 
 def static_conv(weight: torch.Tensor, stride: int, depthwise: bool) -> nn.Conv2d:

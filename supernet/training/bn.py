@@ -19,7 +19,7 @@ def recalibrate_bn(net: Supernet, arch: Arch, loader: Iterable, n_images: int = 
     """
     net.set_active(arch)
     net.eval()
-    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns = [m for m in net.modules() if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d))]  # routers' BN too
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()

@@ -54,10 +54,12 @@ class TrainConfig:
     exit_kd_alpha: float = 0.5  # exit loss = (1 - alpha) CE + alpha KD from the final classifier
     budget_target: float = 0.6  # target share of gated MACs that gates keep on
     budget_weight: float = 10.0
-    # CIGT routing: information-gain loss weight, its path-balance coefficient, and the router's softmax
-    # temperature, annealed geometrically from start to end over each phase that samples paths.
-    ig_weight: float = 0.5
-    ig_balance: float = 1.0
+    block_budget_weight: float = 0.0  # per-gate pull toward budget_target (ConvNet-AIG): against collapsed gates
+    # CIGT routing: information-gain loss weight, its path-balance coefficient (above 1, so that a router
+    # collapsed onto one path loses to a balanced one), and the router's softmax temperature, annealed
+    # geometrically from start to end over each phase that samples paths.
+    ig_weight: float = 2.0
+    ig_balance: float = 2.0
     router_temperature_start: float = 2.0
     router_temperature_end: float = 0.25
     eval_threshold: float = 0.9  # exit threshold of the dynamic probe subnets evaluated after each phase
@@ -83,6 +85,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "num_random": 1,
         "augment": False,
+        # The dynamic phase is ~100 steps, in which each gate kind sits in a fraction of the random subnets:
+        # gates, routers and exit heads learn 40x faster than the backbone, and each gate is pulled toward the
+        # budget on its own (else they stay open, or one closes for every input while the others stay open).
+        "dynamic_lr_scale": 40.0,
+        "block_budget_weight": 10.0,
         "bn_recal_images": 1000,
         "checkpoint_every": 100,
         "phases": [
@@ -90,7 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             _phase("kernel", 0.04, 0.005, ["resolution", "kernel"]),
             _phase("depth", 0.04, 0.005, ["resolution", "kernel", "depth"]),
             _phase("width", 0.05, 0.005, _STATIC, sort_channels=True),
-            _phase("dynamic", 0.15, 0.005, _ALL),
+            _phase("dynamic", 0.25, 0.01, _ALL),
         ],
     },
     # About 40 minutes on 2 CPU cores for the fmnist space.
@@ -189,6 +196,7 @@ _RULES: dict[str, tuple[type, float, Optional[float], bool]] = {
     "exit_kd_alpha": (float, 0.0, 1.0, False),
     "budget_target": (float, 0.0, 1.0, True),
     "budget_weight": (float, 0.0, None, False),
+    "block_budget_weight": (float, 0.0, None, False),
     "ig_weight": (float, 0.0, None, False),
     "ig_balance": (float, 0.0, None, False),
     "router_temperature_start": (float, 0.0, None, True),

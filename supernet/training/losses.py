@@ -33,6 +33,11 @@ def gated_mac_rate(trace: Sequence[GateTrace]) -> Optional[torch.Tensor]:
     return used / full
 
 
+def block_rates(trace: Sequence[GateTrace]) -> torch.Tensor:
+    """Each gated block's batch-mean share of its own gated MACs that run (one value per gate)."""
+    return torch.stack([(t.values.mean(dim=1) if t.values.ndim == 2 else t.values).mean() for t in trace])
+
+
 def subnet_loss(outs: list[torch.Tensor], y: torch.Tensor, teacher: Optional[torch.Tensor],
                 trace: Sequence[GateTrace], config: TrainConfig, routes: Sequence[RouteTrace] = ()
                 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -40,7 +45,8 @@ def subnet_loss(outs: list[torch.Tensor], y: torch.Tensor, teacher: Optional[tor
 
     Final classifier: cross-entropy, plus ``kd_ratio`` x in-place distillation from the max subnet's logits
     (``teacher``; None for the max subnet itself). Exits: distillation from this subnet's final classifier
-    mixed with cross-entropy. Gates: the compute-budget loss. Routers (``routes``): the information-gain loss,
+    mixed with cross-entropy. Gates: the compute-budget loss (and, with ``block_budget_weight``, each gated
+    block's rate pulled toward the same target). Routers (``routes``): the information-gain loss,
     averaged over routed blocks. Returns the loss and its parts for logging.
     """
     final = outs[-1]
@@ -68,6 +74,12 @@ def subnet_loss(outs: list[torch.Tensor], y: torch.Tensor, teacher: Optional[tor
         loss = loss + config.budget_weight * budget
         parts["budget"] = float(budget.detach())
         parts["gate_rate"] = float(rate.detach().mean())
+    if trace and config.block_budget_weight > 0:
+        # ConvNet-AIG's per-gate target rate: the global budget alone can be met by shutting some blocks for
+        # every input and leaving the others open; pulling each gate toward the target keeps it input-dependent.
+        per_block = ((block_rates(trace) - config.budget_target) ** 2).mean()
+        loss = loss + config.block_budget_weight * per_block
+        parts["block_budget"] = float(per_block.detach())
     if routes and config.ig_weight > 0:
         ig = torch.stack([information_gain_loss(r.probs, y, final.shape[1], config.ig_balance) for r in routes]).mean()
         loss = loss + config.ig_weight * ig
