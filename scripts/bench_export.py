@@ -345,11 +345,12 @@ def main() -> None:
         "",
         f"Where channel gates lose: the backbone's block convs alone take {conv_full:.3f} ms per image at batch 1 "
         f"with every filter and {conv_half:.3f} ms with half of each block's hidden filters "
-        f"({conv_half / conv_full:.2f}× the time for 0.5× the MACs; 10th percentile of 200 calls each). At these sizes "
-        "(5 x 5 convs, 24-96 channels, 14 x 14 to 4 x 4 maps) a conv's time does not shrink with its filter count: "
-        "oneDNN blocks channels by 8/16 and pays a fixed per-call cost, and the MAC-free work of every image "
-        "(BatchNorm, activations, stem, shortcuts, head, the gater network, the interpreter) stays. Skip gates and "
-        "exits drop whole ops instead, so their time follows their MACs much more closely.",
+        f"({conv_half / conv_full:.2f}× the time for 0.5× the MACs; 10th percentile of 200 calls each). A narrowed "
+        "conv's time falls less than its filter count at batch 1 (oneDNN blocks channels by 8/16 and pays a fixed "
+        "per-call cost; a gate leaves any number of filters on), and the MAC-free work of every image (BatchNorm, "
+        "activations, stem, shortcuts, head, the gater network, gathering the open filters' weights, the "
+        "interpreter) stays. Skip gates and exits drop whole ops instead, so their time follows their MACs much "
+        "more closely.",
     ]
     table = "\n".join(lines)
     print(table)

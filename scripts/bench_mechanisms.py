@@ -104,7 +104,7 @@ def main() -> None:
     data = load_data("fashion-mnist", augment=False)
     recal = make_loader(data.train_eval, 500, seed=0, limit=2000)
     test_loader = make_loader(data.test, 500)
-    _, timed, _, _, _ = load_images(10, args.samples)
+    _, timed, _, _, _ = load_images(net.space, 10, args.samples)
     archs = variants(net.space)
 
     rows, models = {}, {}

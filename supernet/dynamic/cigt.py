@@ -81,6 +81,12 @@ class RoutedBlock(nn.Module):
         choice = self.choose(x)
         n = x.shape[0]
         out = torch.zeros(0)
+        if n == 1:  # one sample: one host sync, then only its path runs (no index bookkeeping)
+            chosen = int(choice[0])
+            for i, path in enumerate(self.paths):
+                if i == chosen:
+                    out = path(x, gate_logits)
+            return out
         started = False
         for i, path in enumerate(self.paths):
             idx = (choice == i).nonzero().squeeze(1)
