@@ -147,7 +147,8 @@ def main() -> None:
         f"{per_min_wall:.1f} trials/min wall-clock from first trial start to last trial end ({len(durations)} "
         "trials of the sampler comparison).",
         "",
-        f"Hypervolume at {args.trials} trials, one fresh study per seed — the share of the box between the ideal "
+        f"Hypervolume at {args.trials} trials, one fresh study per seed, each starting from the same three corner "
+        "subnets (largest and smallest static, largest with every exit) — the share of the box between the ideal "
         f"point and the reference point (validation error of the smallest static subnet {reference['accuracy']:.4f}, "
         f"expected MACs of the largest static subnet {reference['macs_expected'] / 1e6:.2f} M) that the feasible "
         "trials dominate (Optuna's WFG hypervolume on the normalised losses):",

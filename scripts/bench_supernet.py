@@ -51,11 +51,11 @@ def bench_space(name: str, batch: int, args: argparse.Namespace) -> list[str]:
         twin = net.extract(arch).train()
         forwards = {"supernet": (net, lambda t: net.forward_all(t)[-1]), "twin": (twin, lambda t: twin.forward_all(t)[-1])}
         samples: dict[str, list[float]] = {k: [] for k in forwards}
-        for name_, (model, fwd) in forwards.items():  # warm-up
+        for role, (model, fwd) in forwards.items():  # warm-up
             train_step_seconds(model, fwd, x, y, 2)
         for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
-            for name_, (model, fwd) in forwards.items():
-                samples[name_].append(train_step_seconds(model, fwd, x, y, args.steps))
+            for role, (model, fwd) in forwards.items():
+                samples[role].append(train_step_seconds(model, fwd, x, y, args.steps))
         med = {k: statistics.median(v) for k, v in samples.items()}
         times[label] = (med["supernet"], med["twin"])
         mac = macs(twin.eval(), x[:1])

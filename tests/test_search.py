@@ -206,10 +206,18 @@ def test_search_writes_outputs_and_front_honours_constraint(run_dir, tmp_path, c
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     study = load(out / "study.db")
     assert states(study) == {"COMPLETE": 10}
+    # A fresh study starts from the space's corners: the largest and smallest static subnets, then the largest
+    # with every exit; a rerun does not enqueue them again.
+    space = nas4dyn.load_space("tiny")
+    first = [decode(space, t.params) for t in study.trials[:3]]
+    assert first[0] == space.max_arch() and first[1] == space.min_arch()
+    assert first[2].without_dynamic() == space.max_arch() and len(first[2].exits) == len(space.exits.positions)
     # Rerunning with a larger target continues the same study.
     assert main(["search", "--run", str(run_dir), "--out", str(out), "--trials", "11", "--seed", "0",
                  "--constraint", "macs_expected<=150k", *FAST]) == 0
-    assert states(load(out / "study.db")) == {"COMPLETE": 11}
+    again = load(out / "study.db")
+    assert states(again) == {"COMPLETE": 11}
+    assert sum("fixed_params" in t.system_attrs for t in again.trials) == 3  # Optuna's mark of enqueued trials
     # ...but not with other objectives.
     assert main(["search", "--run", str(run_dir), "--out", str(out), "--trials", "11",
                  "--objectives", "accuracy:max,macs_max:min", *FAST]) == 2

@@ -77,6 +77,30 @@ def decode(space: SearchSpace, params: dict[str, Any]) -> Arch:
     return space.validate(arch)
 
 
+def corner_params(space: SearchSpace, static: bool = False) -> list[dict[str, Any]]:
+    """Parameter vectors of the space's corners, to start a fresh study from: the largest static subnet, the
+    smallest, and (dynamic searches) the largest with every exit at an even exit budget. Samplers that learn
+    from good trials (NSGA-II's first generation, TPE) then start from the supernet's best-trained subnets."""
+    def vector(pick: int, exits: bool, exit_budget: float) -> dict[str, Any]:
+        params: dict[str, Any] = {"resolution": sorted(space.resolutions)[pick]}
+        for s, st in enumerate(space.stages):
+            params[f"depth.{s}"] = sorted(st.depths)[pick]
+            if not static and len(st.paths) > 1:
+                params[f"paths.{s}"] = 1 if 1 in st.paths else min(st.paths)
+            for b in range(st.max_depth):
+                params[f"kernel.{s}.{b}"] = sorted(st.kernels)[pick]
+                params[f"width.{s}.{b}"] = sorted(st.widths)[pick]
+                if not static and len(space.allowed_gates(s, b)) > 1:
+                    params[f"gate.{s}.{b}"] = "none"
+        if not static:
+            params.update({f"exit.{s}.{b}": exits for s, b in space.exits.positions})
+            params[BUDGET] = exit_budget
+        return params
+
+    corners = [vector(-1, False, 1.0), vector(0, False, 1.0)]
+    return corners if static or not space.exits.positions else corners + [vector(-1, True, 0.5)]
+
+
 def budget(params: dict[str, Any]) -> float:
     """The trial's exit budget in [0, 1] (1 for static searches: never leave early)."""
     return float(params.get(BUDGET, 1.0))

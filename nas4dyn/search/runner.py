@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from nas4dyn.errors import ConfigError
 from nas4dyn.search import outputs
+from nas4dyn.search.encoding import corner_params
 from nas4dyn.search.objectives import parse_constraint, parse_objectives
 from nas4dyn.search.optuna_backend import make_sampler, run_optuna
 from nas4dyn.search.storage import count, default_storage, fail_orphaned_trials, mask_url, open_storage, open_study
@@ -146,6 +147,9 @@ def run_search(config: SearchConfig) -> SearchSummary:
     study = open_study(storage, config.study, [o.optuna_direction for o in settings.objectives], study_settings(ctx),
                        url)
     orphaned = fail_orphaned_trials(study)
+    if not study.trials:  # a fresh study starts from the space's corners (the same for every sampler)
+        for params in corner_params(ctx.net.space, config.static):
+            study.enqueue_trial(params)
     # Measured once per study and stored, so every rerun reports hypervolumes against the same point.
     reference = study.user_attrs.get(REFERENCE_ATTR)
     if reference is None:
