@@ -44,7 +44,9 @@ def load_supernet_file(path: str | Path) -> tuple[Supernet, dict[str, Any]]:
     try:
         net.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the space stored with them ({str(exc)[:200]})") from None
+        detail = " ".join(str(exc).split())[:200]  # torch's message spans lines; ours is one
+        raise CheckpointError(f"{path}: weights do not fit the space stored with them (written by another "
+                              f"nas4dyn version? train it again): {detail}") from None
     return net.eval(), blob.get("data", {})
 
 

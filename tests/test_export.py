@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import nas4dyn
-from nas4dyn.api import save_supernet
+from nas4dyn.api import load_supernet_file, save_supernet
 from nas4dyn.cli.main import main
 from nas4dyn.data import load_data
 from nas4dyn.export.measure import realized_macs
@@ -178,6 +178,17 @@ def test_exported_model_really_skips_work(net, data):
     late = per_sample[exits == len(arch.exits)]
     assert len(late) and late.min() < late.max()  # different gate patterns, different work
     assert per_sample.mean() < full
+
+
+def test_supernet_file_with_missing_weights_is_a_one_line_checkpoint_error(net, data, tmp_path):
+    path = tmp_path / "supernet.pt"
+    save_supernet(path, net, data["info"])
+    blob = torch.load(path, weights_only=True)
+    blob["state_dict"] = {k: v for k, v in blob["state_dict"].items() if not k.startswith("stem.")}
+    torch.save(blob, path)
+    with pytest.raises(nas4dyn.CheckpointError) as err:
+        load_supernet_file(path)
+    assert "Missing key" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_load_exported_reports_a_missing_model(tmp_path):
