@@ -3,8 +3,8 @@
 1. The exported static subnet (``model.ts``) against a hand-written plain PyTorch twin with the same weights:
    the export must cost nothing (ratio <= 1.03).
 2. Dynamic subnets of the same backbone — exits only, channel gates only, skip gates only, EMG gates only
-   (where the space allows them) — against the static twin (scripted, the exports' runtime): speed-up ÷ MAC reduction, i.e. (twin latency ÷ mean per-sample
-   latency) ÷ (twin MACs ÷ realized mean MACs), >= 0.8 (goal 0.9). MACs are counted with FlopCounterMode on
+   (where the space allows them) — against the static twin (scripted, the exports' runtime): speed-up ÷ MAC
+   reduction, i.e. (twin latency ÷ mean per-sample latency) ÷ (twin MACs ÷ realized mean MACs), >= 0.8 (goal 0.9). MACs are counted with FlopCounterMode on
    every timed image at batch 1.
 
 The backbone is ``--space``'s largest subnet with every block at the middle kernel choice (fmnist: 5/5/3),
@@ -154,12 +154,10 @@ def calibrate_gates(net: Supernet, skip_arch: Arch, emg_arch: Arch | None, x: to
         return
     emg: dict[EMGGate, torch.Tensor] = {}
 
-    def small_response(gate: EMGGate, inputs: tuple[Any, ...], _: Any) -> None:
-        h, weight, stride = inputs
-        k = weight.shape[-1]
-        emg[gate] = F.conv2d(h, weight[..., 1:-1, 1:-1], None, stride, (k - 2) // 2).mean(dim=(2, 3))
+    def record(gate: EMGGate, inputs: tuple[Any, ...], _: Any) -> None:
+        emg[gate] = gate.small_response(*inputs).mean(dim=(2, 3))
 
-    hooks = [m.register_forward_hook(small_response) for m in net.modules() if isinstance(m, EMGGate)]
+    hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, EMGGate)]
     net.set_active(emg_arch)
     net.forward_all(x)
     for h in hooks:

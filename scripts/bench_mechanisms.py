@@ -34,8 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nas4dyn  # noqa: E402
-import bench_export  # noqa: E402
-from bench_export import load_images, timed_passes  # noqa: E402
+from bench_export import backbone, load_images, timed_passes  # noqa: E402
 from benchlib import machine_line, replace_section  # noqa: E402
 from nas4dyn.api import load_supernet_file  # noqa: E402
 from nas4dyn.data import load_data, make_loader  # noqa: E402
@@ -52,7 +51,7 @@ GOALS = {"routing": 0.8, "emg gates": 0.8}
 
 
 def variants(space) -> dict[str, Arch]:
-    base = bench_export.backbone(space)  # the export benchmark's backbone, in this space
+    base = backbone(space)  # the export benchmark's backbone, in this space
     out = {"static": base}
     for kind in ("channel", "skip", "emg", "dfs"):
         out[f"{kind} gates"] = gated(space, base, kind)

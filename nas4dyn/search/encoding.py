@@ -28,6 +28,11 @@ class Suggester(Protocol):
     def suggest_float(self, name: str, low: float, high: float) -> float: ...
 
 
+def _unrouted(paths: tuple[int, ...]) -> int:
+    """The path count of a stage that takes no routing choice: 1 when allowed (no CIGT trellis)."""
+    return 1 if 1 in paths else min(paths)
+
+
 def suggest(trial: Suggester, space: SearchSpace, static: bool = False) -> dict[str, Any]:
     """Ask ``trial`` for one full parameter vector of ``space`` (``static``: no exits, no gates, no budget)."""
     params: dict[str, Any] = {"resolution": trial.suggest_categorical("resolution", list(space.resolutions))}
@@ -56,9 +61,8 @@ def decode(space: SearchSpace, params: dict[str, Any]) -> Arch:
         InvalidArchError: the parameters do not fit ``space`` (e.g. a study of another space).
     """
     depths = tuple(int(params[f"depth.{s}"]) for s in range(len(space.stages)))
-    # A stage without a routing choice keeps its only path count (1 in spaces without CIGT trellises).
-    paths = tuple(int(params.get(f"paths.{s}", 1 if 1 in st.paths else min(st.paths)))
-                  for s, st in enumerate(space.stages))
+    # A stage without a routing choice keeps its only path count.
+    paths = tuple(int(params.get(f"paths.{s}", _unrouted(st.paths))) for s, st in enumerate(space.stages))
     kernels, widths, gates = [], [], []
     for s, d in enumerate(depths):
         ks = tuple(int(params[f"kernel.{s}.{b}"]) for b in range(d))
@@ -86,7 +90,7 @@ def corner_params(space: SearchSpace, static: bool = False) -> list[dict[str, An
         for s, st in enumerate(space.stages):
             params[f"depth.{s}"] = sorted(st.depths)[pick]
             if not static and len(st.paths) > 1:
-                params[f"paths.{s}"] = 1 if 1 in st.paths else min(st.paths)
+                params[f"paths.{s}"] = _unrouted(st.paths)
             for b in range(st.max_depth):
                 params[f"kernel.{s}.{b}"] = sorted(st.kernels)[pick]
                 params[f"width.{s}.{b}"] = sorted(st.widths)[pick]

@@ -21,6 +21,12 @@ class EMGGate(nn.Module):
         super().__init__()
         self.threshold = nn.Parameter(torch.zeros(channels))
 
+    @staticmethod
+    def small_response(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+        """The response (N x C x H x W) of the centre (k-2) x (k-2) of the k x k ``weight``."""
+        k = weight.shape[-1]
+        return F.conv2d(x, weight[..., 1:-1, 1:-1], None, stride, (k - 2) // 2)
+
     def logits(self, small: torch.Tensor) -> torch.Tensor:
         """Gate logits (N x C) from the small kernel's response (N x C x H x W)."""
         return small.mean(dim=(2, 3)) - self.threshold[: small.shape[1]]
@@ -28,9 +34,8 @@ class EMGGate(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, gates): each channel's response from the large ``weight`` where its gate is on, else from
         the centre of ``weight``. In training the mix is differentiable in the gates."""
-        k = weight.shape[-1]
-        small = F.conv2d(x, weight[..., 1:-1, 1:-1], None, stride, (k - 2) // 2)
-        large = F.conv2d(x, weight, None, stride, k // 2)
+        small = self.small_response(x, weight, stride)
+        large = F.conv2d(x, weight, None, stride, weight.shape[-1] // 2)
         gates = binarize(self.logits(small), "sigmoid_ste", self.training)
         if self.training:
             return small + gates[:, :, None, None] * (large - small), gates
