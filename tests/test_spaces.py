@@ -18,6 +18,7 @@ def test_builtins_load_and_fmnist_is_regular_conv():
     fm = load_space("fmnist")
     assert fm.input_channels == 1
     assert all(st.block == "basic" for st in fm.stages)
+    assert set().union(*(st.kernels for st in fm.stages)) == {3, 5, 7}
     assert len(fm.exits.positions) >= 3
     assert all(set(st.gates) >= {"channel", "skip"} for st in fm.stages)
     mb = load_space("mbv3")

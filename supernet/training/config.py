@@ -100,15 +100,19 @@ PRESETS: dict[str, dict[str, Any]] = {
             _phase("dynamic", 0.25, 0.01, _ALL),
         ],
     },
-    # About 40 minutes on 2 CPU cores for the fmnist space.
+    # About 40 minutes on 2 CPU cores for the fmnist space. Most of the time goes to the max subnet alone (no
+    # augmentation: over 3 epochs it learns faster without, 91.8% vs 91.9% after 5 with), then short shrinking
+    # phases at a low rate, whose sandwich steps cost ~2.5 full steps each and set the max subnet back.
     "default": {
         "batch_size": 128,
         "num_random": 1,
+        "augment": False,
+        "block_budget_weight": 10.0,
         "phases": [
-            _phase("full", 5.0, 0.1, [], warmup_epochs=0.2),
-            _phase("kernel", 0.6, 0.02, ["resolution", "kernel"]),
-            _phase("depth", 0.6, 0.02, ["resolution", "kernel", "depth"]),
-            _phase("width", 1.0, 0.02, _STATIC, sort_channels=True),
+            _phase("full", 8.0, 0.1, [], warmup_epochs=0.2),
+            _phase("kernel", 0.5, 0.01, ["resolution", "kernel"]),
+            _phase("depth", 0.5, 0.01, ["resolution", "kernel", "depth"]),
+            _phase("width", 0.8, 0.01, _STATIC, sort_channels=True),
             _phase("dynamic", 1.2, 0.01, _ALL),
         ],
     },
