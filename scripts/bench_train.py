@@ -93,7 +93,8 @@ def main() -> None:
     limit, max_goal, min_goal = TARGETS[args.preset]
     train_s = metrics["total_wall_time_s"]
     lines = [
-        f"Command: `python scripts/bench_train.py --preset {args.preset}{' --write' if args.write else ''}` "
+        f"Command: `python scripts/bench_train.py --preset {args.preset} --out {args.out}"
+        f"{' --reuse' if args.reuse else ''}{' --write' if args.write else ''}` "
         f"(runs `{command}`) — {machine_line(torch.get_num_threads())}",
         "",
         f"Load average (1 min) before / after training: {load_start[0]:.1f} / {load_end[0]:.1f} "

@@ -21,6 +21,7 @@ from nas4dyn.errors import ConfigError
 from nas4dyn.data import load_data
 from supernet.network import GateTrace, RouteTrace
 from supernet.training.config import PRESETS, build_config, config_from_mapping
+from supernet.training.distributed import DistEnv, ShardedBatches
 from supernet.training.losses import gated_mac_rate, subnet_loss
 from supernet.training.sampling import restrict, sandwich
 from supernet.training.schedule import make_optimizer, plan_phases
@@ -31,7 +32,8 @@ TINY = {
     "batch_size": 32,
     "bn_recal_images": 64,
     "checkpoint_every": 3,
-    "phases": {"full": {"epochs": 0.3, "warmup_epochs": 0.1}, "kernel": {"epochs": 0.25},
+    # The full phase reads augmented images and the next ones plain images: resume must survive the switch.
+    "phases": {"full": {"epochs": 0.3, "warmup_epochs": 0.1, "augment": True}, "kernel": {"epochs": 0.25, "augment": False},
                "depth": {"epochs": 0.25}, "width": {"epochs": 0.25}, "dynamic": {"epochs": 0.4}},
 }
 PHASES = ["full", "kernel", "depth", "width", "dynamic"]
@@ -84,6 +86,20 @@ def test_config_layers_and_every_problem_reported(tmp_path):
         assert word in str(exc.value)
     with pytest.raises(ConfigError, match="unknown preset"):
         build_config("huge")
+
+
+def test_switching_the_batch_stream_to_plain_images_keeps_its_order():
+    """A phase that turns augmentation off reads the same images, in the same order, from where it was."""
+    labels = torch.arange(24)
+    augmented = torch.utils.data.TensorDataset(labels.float() + 0.5, labels)
+    plain = torch.utils.data.TensorDataset(labels.float(), labels)
+    reference, switched = (ShardedBatches(augmented, 4, 7, DistEnv()) for _ in range(2))
+    for step in range(15):  # across an epoch boundary (6 batches per epoch)
+        if step in (4, 9):
+            switched.use(plain if step == 4 else augmented)
+        (x_ref, y_ref), (x, y) = reference.next(), switched.next()
+        assert torch.equal(y, y_ref)
+        assert torch.equal(x, y.float() if 4 <= step < 9 else x_ref)
 
 
 def test_sampling_is_a_pure_function_restricted_to_the_phase(tiny_space):

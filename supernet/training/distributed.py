@@ -168,6 +168,12 @@ class ShardedBatches:
         loader = DataLoader(self.dataset, batch_sampler=batches, generator=torch.Generator())
         return iter(loader)
 
+    def use(self, dataset: Dataset) -> None:
+        """Read ``dataset`` from now on: the same images in the same order (e.g. the training set without
+        augmentation), continuing at the current position."""
+        if dataset is not self.dataset:
+            self.dataset, self._iter = dataset, None
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None or self.position % self.steps_per_epoch == 0:
             self._iter = self._epoch_iter()

@@ -72,7 +72,7 @@ def make_optimizer(net: torch.nn.Module, plan: PhasePlan, config: TrainConfig
         dynamic = any(part in name.split(".") for part in DYNAMIC_PARTS)
         groups.setdefault((decays, dynamic), []).append(p)
     opt = torch.optim.SGD(
-        [{"params": params, "weight_decay": config.weight_decay if decays else 0.0,
+        [{"params": params, "weight_decay": config.weight_decay_of(plan.config) if decays else 0.0,
           "lr": plan.config.lr * (config.dynamic_lr_scale if dynamic else 1.0)}
          for (decays, dynamic), params in sorted(groups.items())],
         lr=plan.config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)

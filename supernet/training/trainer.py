@@ -187,6 +187,7 @@ class Trainer:
         if self.step == 0 and "paths" in plan.config.elastic and not any(
                 "paths" in p.config.elastic for p in self.plans[: plan.index]):
             self.net.seed_path_copies()  # routing starts: every path begins as the trained shared block
+        self.stream.use(self.data.train if self.config.augments(plan.config) else self.data.train_eval)
         opt, sched = make_optimizer(self.net, plan, self.config)
         if self.resumed is not None and self.step > 0:
             opt.load_state_dict(self.resumed["optimizer"])
