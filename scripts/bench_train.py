@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -23,6 +22,7 @@ import torch
 import nas4dyn
 from benchlib import machine_line, replace_section
 from nas4dyn.data import load_data, make_loader
+from nas4dyn.io import atomic_write_text
 from supernet.training.bn import recalibrate_bn
 from supernet.training.evaluation import accuracy_and_rates
 from supernet.training.sampling import all_exits
@@ -31,16 +31,25 @@ TARGETS = {"quick": (6 * 60, 0.88, None), "default": (45 * 60, 0.935, 0.90)}  # 
 EXIT_BUDGET, EXIT_TARGET = 0.6, 0.92
 
 
-def train(args: argparse.Namespace) -> tuple[str, float, float]:
+TIMING = "bench_train_timing.json"  # how long the training took, kept in OUT so that --reuse can report it
+
+
+def train(args: argparse.Namespace) -> tuple[str, dict[str, float]]:
+    """Train (unless --reuse finds OUT's supernet); the command and its wall time, CPU time and load averages
+    (empty when a reused run was not trained by this script)."""
     cmd = ["nas4dyn", "train", "--space", args.space, "--data", "fashion-mnist", "--out", str(args.out),
            "--preset", args.preset, "--seed", str(args.seed)]
     if args.reuse and (args.out / "supernet.pt").is_file():
-        return " ".join(cmd), float("nan"), float("nan")
+        path = args.out / TIMING
+        return " ".join(cmd), json.loads(path.read_text()) if path.is_file() else {}
+    load_before = os.getloadavg()[0]
     before, tic = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run([sys.executable, "-m", *cmd], check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return " ".join(cmd), time.perf_counter() - tic, cpu
+    timing = {"wall_s": time.perf_counter() - tic, "load_before": load_before, "load_after": os.getloadavg()[0],
+              "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
+    atomic_write_text(args.out / TIMING, json.dumps(timing))
+    return " ".join(cmd), timing
 
 
 def exit_candidates(net: nas4dyn.Supernet, recal, val) -> list[dict]:
@@ -72,9 +81,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the results into docs/BENCHMARKS.md")
     args = ap.parse_args()
     args.out = args.out or Path("runs") / f"bench-{args.preset}"
-    load_start = os.getloadavg()
-    command, wall, cpu = train(args)
-    load_end = os.getloadavg()
+    command, timing = train(args)
 
     torch.set_num_threads(2)
     metrics = json.loads((args.out / "train_metrics.json").read_text())
@@ -97,15 +104,16 @@ def main() -> None:
         f"{' --reuse' if args.reuse else ''}{' --write' if args.write else ''}` "
         f"(runs `{command}`) — {machine_line(torch.get_num_threads())}",
         "",
-        f"Load average (1 min) before / after training: {load_start[0]:.1f} / {load_end[0]:.1f} "
-        "(above ~2, other jobs shared these 2 cores and wall times are inflated).",
+        (f"Load average (1 min) before / after training: {timing['load_before']:.1f} / {timing['load_after']:.1f} "
+         "(above ~2, other jobs shared these 2 cores and wall times are inflated)." if timing else
+         "Load average during training: not known (a reused run that this script did not train)."),
         "",
         "| measure | value | goal |",
         "|---|---|---|",
         f"| training wall time (phases incl. evaluation) | {train_s / 60:.1f} min | ≤ {limit / 60:.0f} min |",
         "| whole command wall time / CPU time | "
-        + ("not timed here (--reuse of an earlier run)" if math.isnan(wall)
-           else f"{wall / 60:.1f} min / {cpu / 60:.1f} CPU-min") + " | — |",
+        + (f"{timing['wall_s'] / 60:.1f} min / {timing['cpu_s'] / 60:.1f} CPU-min" if timing
+           else "not known (a reused run that this script did not train)") + " | — |",
         f"| max subnet test accuracy ({results['max'][1] / 1e6:.1f} MMACs) | {100 * results['max'][0]:.2f}% "
         f"| ≥ {100 * max_goal:.1f}% |",
         f"| min subnet test accuracy ({results['min'][1] / 1e6:.1f} MMACs) | {100 * results['min'][0]:.2f}% | "
