@@ -31,6 +31,11 @@ def inputs(space, arch: Arch, n: int = 3) -> torch.Tensor:
 
 
 def assert_extraction_equal(net: nas4dyn.Supernet, arch: Arch, x: torch.Tensor) -> None:
+    # Both networks run a DFS block's int8 option on the same int8 kernels, but their float inputs may differ by
+    # an ulp (sliced vs copied weights); a value within an ulp of a rounding boundary then quantizes one step
+    # apart (seen: 4.9e-4 in the logits, fmnist_dynamic_all, hypothesis seed 17147), so DFS archs get a tolerance
+    # of a few such steps. Every other path must agree to float rounding.
+    tol = 2e-3 if any(b.gate == "dfs" for b in arch.blocks()) else 1e-5
     net.set_active(arch)
     sub = net.extract(arch).eval()
     with torch.no_grad():
@@ -39,9 +44,9 @@ def assert_extraction_equal(net: nas4dyn.Supernet, arch: Arch, x: torch.Tensor) 
         sub_logits, sub_exit = sub.forward_with_exits(x)
     assert len(ref_all) == len(sub_all) == len(arch.exits) + 1
     for a, b in zip(ref_all, sub_all):
-        assert (a - b).abs().max().item() <= 1e-5
+        assert (a - b).abs().max().item() <= tol
     assert torch.equal(ref_exit, sub_exit)
-    assert (ref_logits - sub_logits).abs().max().item() <= 1e-5
+    assert (ref_logits - sub_logits).abs().max().item() <= tol
 
 
 @pytest.mark.parametrize("name", SPACES)
