@@ -22,6 +22,7 @@ from nas4dyn.data import load_data
 from supernet.network import GateTrace, RouteTrace
 from supernet.training.config import PRESETS, build_config, config_from_mapping
 from supernet.training.distributed import DistEnv, ShardedBatches
+from supernet.training.evaluation import evaluate_phase
 from supernet.training.losses import gated_mac_rate, subnet_loss
 from supernet.training.sampling import restrict, sandwich
 from supernet.training.schedule import make_optimizer, plan_phases
@@ -170,6 +171,17 @@ def test_dynamic_parts_learn_at_their_own_rate():
     assert len(lr) == len(list(net.parameters()))
     assert lr["gater.fc2.weight"] == lr["stages.0.0.emg_gate.threshold"] == 4 * plan.config.lr
     assert lr["stages.0.0.conv1.weight"] == lr["classifier.fc.weight"] == plan.config.lr
+
+
+def test_phase_probes_measure_the_first_val_images_only(tiny_net):
+    data = load_data("synthetic", synthetic={"n_train": 300, "n_test": 40})
+    first = torch.utils.data.Subset(data.val, range(7))
+    some, whole = (build_config("quick", overrides=[f"val_images={n}"]) for n in (7, 0))
+
+    def probe(val, config):
+        return evaluate_phase(tiny_net, [], data.train_eval, val, config, 0, DistEnv())["max"]["val_acc"]
+
+    assert probe(data.val, some) == probe(first, whole) != probe(data.val, whole)
 
 
 def test_dynamic_phase_trains_every_mechanism_and_reports_its_rates(tmp_path):

@@ -67,6 +67,7 @@ class TrainConfig:
     router_temperature_end: float = 0.25
     eval_threshold: float = 0.9  # exit threshold of the dynamic probe subnets evaluated after each phase
     bn_recal_images: int = 2000
+    val_images: int = 0  # validation images measured after each phase (0: the whole validation split)
     checkpoint_every: int = 200  # steps; a checkpoint is also written at every phase end
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,31 +92,32 @@ _STATIC = ["resolution", "kernel", "depth", "width"]
 # Presets, tuned on Fashion-MNIST with the fmnist space on 2 CPU cores (see docs/BENCHMARKS.md).
 PRESETS: dict[str, dict[str, Any]] = {
     # One epoch of the max subnet, then short progressive-shrinking phases at a low rate (the dynamic parts
-    # learn at dynamic_lr_scale x): the whole run fits about 5 minutes.
+    # learn at dynamic_lr_scale x): the whole run fits about 5.5 minutes.
     "quick": {
         "batch_size": 128,
         "num_random": 1,
         "augment": False,
-        # The dynamic phase is ~100 steps, in which each gate kind sits in a fraction of the random subnets:
+        # The dynamic phase is ~80 steps, in which each gate kind sits in a fraction of the random subnets:
         # gates, routers and exit heads learn 40x faster than the backbone, and each gate is pulled toward the
         # budget on its own (else they stay open, or one closes for every input while the others stay open).
         "dynamic_lr_scale": 40.0,
         "block_budget_weight": 10.0,
         "bn_recal_images": 1000,
+        "val_images": 2000,  # per-phase probes on 2000 of the 5000 validation images: 35 s less in 6 minutes
         "checkpoint_every": 100,
         "phases": [
             _phase("full", 1.0, 0.1, [], warmup_epochs=0.03),
             _phase("kernel", 0.04, 0.005, ["resolution", "kernel"]),
             _phase("depth", 0.04, 0.005, ["resolution", "kernel", "depth"]),
             _phase("width", 0.05, 0.005, _STATIC, sort_channels=True),
-            _phase("dynamic", 0.25, 0.01, _ALL),
+            _phase("dynamic", 0.2, 0.01, _ALL),
         ],
     },
-    # About 40 minutes on 2 CPU cores for the fmnist space. Most of the time goes to the max subnet alone, with
+    # About 44 minutes on 2 CPU cores for the fmnist space. Most of the time goes to the max subnet alone, with
     # augmentation and weight decay 5e-4 (without both it plateaus near 92.2% val by 8 epochs, its train loss
-    # near 0.03; with both, 93.1% after 10), then short shrinking phases at a low rate, without augmentation and
-    # with one random subnet per step (with both kept on and a second random subnet, they took the max subnet
-    # down 0.1 points where these take it up 0.2).
+    # near 0.03; with both, 93.6% after 10), then short shrinking phases at a low rate, without augmentation and
+    # with one random subnet per step, shortened so that the run fits 45 minutes (they cost the max subnet 0.5
+    # points of validation accuracy: docs/BENCHMARKS.md, "Training (default preset)").
     "default": {
         "batch_size": 128,
         "num_random": 1,
@@ -123,10 +125,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "block_budget_weight": 10.0,
         "phases": [
             _phase("full", 10.0, 0.1, [], warmup_epochs=0.2, augment=True, weight_decay=5e-4),
-            _phase("kernel", 0.5, 0.01, ["resolution", "kernel"]),
-            _phase("depth", 0.5, 0.01, ["resolution", "kernel", "depth"]),
-            _phase("width", 0.8, 0.01, _STATIC, sort_channels=True),
-            _phase("dynamic", 1.2, 0.01, _ALL),
+            _phase("kernel", 0.4, 0.01, ["resolution", "kernel"]),
+            _phase("depth", 0.4, 0.01, ["resolution", "kernel", "depth"]),
+            _phase("width", 0.6, 0.01, _STATIC, sort_channels=True),
+            _phase("dynamic", 1.0, 0.01, _ALL),
         ],
     },
 }
@@ -220,6 +222,7 @@ _RULES: dict[str, tuple[type, float, Optional[float], bool]] = {
     "router_temperature_end": (float, 0.0, None, True),
     "eval_threshold": (float, 0.0, 1.0, True),
     "bn_recal_images": (int, 1, None, False),
+    "val_images": (int, 0, None, False),
     "checkpoint_every": (int, 1, None, False),
 }
 

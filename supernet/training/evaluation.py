@@ -77,6 +77,8 @@ def evaluate_phase(net: Supernet, elastic: list[str], train_eval: Dataset, val: 
     probe = copy.deepcopy(net)
     # Every rank recalibrates on the same images (identical statistics) and evaluates its own val shard.
     recal = make_loader(train_eval, EVAL_BATCH, seed=seed, limit=config.bn_recal_images)
+    if config.val_images:
+        val = Subset(val, range(min(len(val), config.val_images)))
     shard = make_loader(Subset(val, range(env.rank, len(val), env.world_size)), EVAL_BATCH)
     results: dict[str, dict[str, Any]] = {}
     done: dict[Arch, dict[str, Any]] = {}  # e.g. min == max while nothing is elastic: measure once
