@@ -77,9 +77,8 @@ def evaluate_phase(net: Supernet, elastic: list[str], train_eval: Dataset, val: 
     probe = copy.deepcopy(net)
     # Every rank recalibrates on the same images (identical statistics) and evaluates its own val shard.
     recal = make_loader(train_eval, EVAL_BATCH, seed=seed, limit=config.bn_recal_images)
-    if config.val_images:
-        val = Subset(val, range(min(len(val), config.val_images)))
-    shard = make_loader(Subset(val, range(env.rank, len(val), env.world_size)), EVAL_BATCH)
+    n_val = min(len(val), config.val_images or len(val))  # the first n_val images, sharded over the ranks
+    shard = make_loader(Subset(val, range(env.rank, n_val, env.world_size)), EVAL_BATCH)
     results: dict[str, dict[str, Any]] = {}
     done: dict[Arch, dict[str, Any]] = {}  # e.g. min == max while nothing is elastic: measure once
     for name, arch in probe_archs(net.space, elastic, config.eval_threshold).items():
