@@ -7,15 +7,18 @@
    <= 60% of its expected MACs (a dynamic search with that constraint), both measured on the test split.
 
 Usage: python scripts/bench_search.py --run runs/NAME [--trials 80] [--population 16] [--seeds 0 1]
-       [--out /tmp/bench_search] [--threads 1] [--reuse] [--write]
+       [--out /tmp/bench_search] [--threads 1] [--jobs 1] [--reuse] [--write]
+With --jobs K the independent studies run K at a time, one process each (--threads torch threads apiece).
 With --write the results replace the "Search" section of docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from nas4dyn.data import load_data
 from nas4dyn.search import SearchConfig, run_search
 from nas4dyn.search.outputs import completed, feasible, hypervolume
 from nas4dyn.search.runner import REFERENCE_ATTR
-from nas4dyn.search.trial import Batches, SearchSettings, TrialContext, cached_batches, load_context
+from nas4dyn.search.trial import Batches, SearchSettings, TrialContext, cached_batches, hv_reference, load_context
 from nas4dyn.search.objectives import parse_objectives
 from search_spaces.arch import Arch
 from supernet.training.bn import recalibrate_bn
@@ -36,21 +39,36 @@ from supernet.training.bn import recalibrate_bn
 OBJECTIVES = "accuracy:max,macs_expected:min"
 
 
-def search(args: argparse.Namespace, name: str, **kw: Any) -> optuna.Study:
+def search(args: argparse.Namespace, name: str, kw: dict[str, Any]) -> None:
     """One search to ``--trials`` completed trials in a fresh study (``--reuse``: keep a study that already has
-    them — a rerun then adds no trial)."""
+    them — a rerun then adds no trial). Runs in a worker process when --jobs > 1."""
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(args.out) / name
     if (out / "study.db").exists() and not args.reuse:
         (out / "study.db").unlink()  # fresh study: the figures describe exactly this budget
     summary = run_search(SearchConfig(run_dir=args.run, out_dir=str(out), objectives=OBJECTIVES, trials=args.trials,
                                       population=args.population, data_root=args.data_root, progress=False, **kw))
     print(f"{name}: hv {summary.hypervolume:.4f}, {summary.complete} trials", flush=True)
-    return optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
 
 
-def wall_minutes(study: optuna.Study) -> float:
-    """Minutes from the first trial's start to the last trial's end (the trial loop, without loading)."""
-    trials = completed(study)
+def run_studies(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> dict[str, optuna.Study]:
+    """Run every named study (``name -> run_search keywords``), --jobs at a time; the finished studies."""
+    if args.jobs == 1:
+        for name, kw in specs.items():
+            search(args, name, kw)
+    else:  # spawned, not forked: a forked child of a process that ran OpenMP work can hang
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(search, args, name, kw) for name, kw in specs.items()]:
+                future.result()
+    return {name: optuna.load_study(study_name="search", storage=f"sqlite:///{Path(args.out) / name / 'study.db'}")
+            for name in specs}
+
+
+def wall_minutes(studies: list[optuna.Study]) -> float:
+    """Minutes from the first trial's start to the last trial's end over ``studies`` (the trial loops, without
+    loading)."""
+    trials = [t for study in studies for t in completed(study)]
     return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds() / 60
 
 
@@ -59,9 +77,9 @@ def study_hv(study: optuna.Study, reference: dict[str, float]) -> float:
     return hypervolume(metrics, parse_objectives(OBJECTIVES), reference)
 
 
-def compare(args: argparse.Namespace, tag: str, **kw: Any) -> dict[str, optuna.Study]:
+def comparison(args: argparse.Namespace, tag: str, **kw: Any) -> dict[str, dict[str, Any]]:
     """One fresh study per seed and sampler (NSGA-II, random), named ``{sampler}{tag}_s{seed}``."""
-    return {f"{sampler}{tag}_s{seed}": search(args, f"{sampler}{tag}_s{seed}", sampler=sampler, seed=seed, **kw)
+    return {f"{sampler}{tag}_s{seed}": dict(sampler=sampler, seed=seed, **kw)
             for seed in args.seeds for sampler in ("nsga2", "random")}
 
 
@@ -129,31 +147,42 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--out", default="/tmp/bench_search")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="studies run at once, one process each")
     ap.add_argument("--reuse", action="store_true", help="keep studies in --out that already hold --trials trials")
     ap.add_argument("--write", action="store_true", help="write the results into docs/BENCHMARKS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ctx = load_context(args.run, SearchSettings(parse_objectives(OBJECTIVES)), data_root=args.data_root)
+    # Each study measures this point again and stores it; the floor needs it before any study starts.
+    reference = hv_reference(ctx)
 
-    # 1. NSGA-II vs random at the same budget: unconstrained, then with the reference accuracy as a floor.
-    studies = compare(args, "")
-    # Every study measured the same reference point (deterministic); one common point makes that explicit.
-    reference = studies[f"nsga2_s{args.seeds[0]}"].user_attrs[REFERENCE_ATTR]
-    # Just below the smallest static subnet's accuracy (1 - (1 - a) may round above a): that corner stays feasible.
-    floor_studies = compare(args, "_floor", constraints=(f"accuracy>={1.0 - reference['accuracy'] - 1e-9:.10f}",))
+    # 1. NSGA-II vs random at the same budget: unconstrained, then with the reference accuracy as a floor (just
+    # below the smallest static subnet's accuracy: 1 - (1 - a) may round above a, and that corner stays feasible);
+    # the static search of part 2 runs alongside.
+    floor = f"accuracy>={1.0 - reference['accuracy'] - 1e-9:.10f}"
+    specs = {**comparison(args, ""), **comparison(args, "_floor", constraints=(floor,)),
+             "static": dict(sampler="nsga2", seed=args.seeds[0], static=True)}
+    done = run_studies(args, specs)
+    for name, study in done.items():
+        if study.user_attrs[REFERENCE_ATTR] != reference:  # the hypervolumes below use this process's point
+            print(f"warning: study {name} stored the reference point {study.user_attrs[REFERENCE_ATTR]}, this "
+                  f"process measured {reference}", flush=True)
+    studies = {name: done[name] for name in comparison(args, "")}
+    floor_studies = {name: done[name] for name in comparison(args, "_floor")}
     hv, ratio = sampler_hv(studies, args.seeds, reference, "")
     hv_floor, ratio_floor = sampler_hv(floor_studies, args.seeds, reference, "_floor")
-    durations = [t.duration.total_seconds() for st in studies.values() for t in completed(st)]
-    per_min_wall = len(durations) / sum(wall_minutes(st) for st in studies.values())
+    durations = [t.duration.total_seconds() for st in done.values() for t in completed(st)]
+    per_min_wall = len(durations) / wall_minutes(list(done.values()))
     per_min_trial = 60 / statistics.median(durations)
 
     # 2. Best static subnet, then the best dynamic one at <= 60% of its expected MACs, over every dynamic study.
-    static = best({"static": search(args, "static", sampler="nsga2", seed=args.seeds[0], static=True)})
+    static = best({"static": done["static"]})
     limit = 0.6 * static["val"]["macs_expected"]
-    constrained = search(args, "dynamic60", sampler="nsga2", seed=args.seeds[0],
-                         constraints=(f"macs_expected<={limit:.0f}",))
-    dynamic = best({"dynamic60": constrained, **studies, **floor_studies}, max_macs=limit)
-    ctx = load_context(args.run, SearchSettings(parse_objectives(OBJECTIVES)), data_root=args.data_root)
+    alone = argparse.Namespace(**{**vars(args), "jobs": 1, "threads": args.threads * args.jobs})  # the last study
+    constrained = run_studies(alone, {"dynamic60": dict(sampler="nsga2", seed=args.seeds[0],
+                                                        constraints=(f"macs_expected<={limit:.0f}",))})
+    dynamic = best({**constrained, **studies, **floor_studies}, max_macs=limit)
     test = cached_batches(load_data(ctx.data_info["dataset"], data_root=args.data_root, augment=False).test, 256, None, 0)
     for entry in (static, dynamic):
         entry["test"] = test_metrics(ctx, Arch.from_dict(entry["arch"]), test)
@@ -166,7 +195,8 @@ def main() -> None:
 
     data = ctx.data_info["dataset"]
     cmd = (f"python scripts/bench_search.py --run {args.run} --trials {args.trials} --population {args.population} "
-           f"--seeds {' '.join(map(str, args.seeds))} --threads {args.threads}{' --reuse' if args.reuse else ''}"
+           f"--seeds {' '.join(map(str, args.seeds))} --threads {args.threads} --jobs {args.jobs}"
+           f"{' --reuse' if args.reuse else ''}"
            f"{' --write' if args.write else ''}")
     rows = [f"| {s} | {label} | " + " | ".join(f"{v:.4f}" for v in table[s]) + f" | {statistics.mean(table[s]):.4f} |"
             for label, table in (("none", hv), (f"accuracy ≥ {1 - reference['accuracy']:.4f}", hv_floor))
@@ -183,9 +213,10 @@ def main() -> None:
         f"whole validation split; wall-clock times, 1-minute load average {os.getloadavg()[0]:.1f} at the end "
         "(above ~2, other jobs shared the 2 cores).",
         "",
-        f"Throughput: **{per_min_trial:.1f} trials/min** (median trial {statistics.median(durations):.1f} s); "
-        f"{per_min_wall:.1f} trials/min wall-clock from first trial start to last trial end ({len(durations)} "
-        "trials of the sampler comparison).",
+        f"Throughput: **{per_min_trial:.1f} trials/min** per search process (median trial "
+        f"{statistics.median(durations):.1f} s, {args.threads} torch thread(s), {args.jobs} search(es) at once); "
+        f"{per_min_wall:.1f} trials/min over the machine, wall-clock from the first trial's start to the last one's "
+        f"end ({len(durations)} trials: the sampler comparison and the static search).",
         "",
         f"Hypervolume at {args.trials} trials, one fresh study per seed, each starting from the same three corner "
         "subnets (largest and smallest static, largest with every exit) — the share of the box between the ideal "

@@ -78,6 +78,10 @@ class Trainer:
         self.metrics: dict[str, Any] = {"phases": [], "phase_elapsed_s": 0.0}
         self.resumed: Optional[dict[str, Any]] = self._load_or_start(resume)
         broadcast_state(self.net, self.env)
+        # NHWC weights (and so activations): 1.2-1.4x the full phase's steps per second of NCHW on 2 CPU cores
+        # for the fmnist space (docs/BENCHMARKS.md, "Training (default preset)"). Values are unchanged, so
+        # checkpoints and supernet.pt load into a plain NCHW supernet.
+        self.net = self.net.to(memory_format=torch.channels_last)
         self.writer: Optional[SummaryWriter] = None
 
     # ---- state -------------------------------------------------------------------------------------------
