@@ -161,15 +161,14 @@ def main() -> None:
     # below the smallest static subnet's accuracy: 1 - (1 - a) may round above a, and that corner stays feasible);
     # the static search of part 2 runs alongside.
     floor = f"accuracy>={1.0 - reference['accuracy'] - 1e-9:.10f}"
-    specs = {**comparison(args, ""), **comparison(args, "_floor", constraints=(floor,)),
-             "static": dict(sampler="nsga2", seed=args.seeds[0], static=True)}
-    done = run_studies(args, specs)
+    plain, floored = comparison(args, ""), comparison(args, "_floor", constraints=(floor,))
+    done = run_studies(args, {**plain, **floored, "static": dict(sampler="nsga2", seed=args.seeds[0], static=True)})
     for name, study in done.items():
         if study.user_attrs[REFERENCE_ATTR] != reference:  # the hypervolumes below use this process's point
             print(f"warning: study {name} stored the reference point {study.user_attrs[REFERENCE_ATTR]}, this "
                   f"process measured {reference}", flush=True)
-    studies = {name: done[name] for name in comparison(args, "")}
-    floor_studies = {name: done[name] for name in comparison(args, "_floor")}
+    studies = {name: done[name] for name in plain}
+    floor_studies = {name: done[name] for name in floored}
     hv, ratio = sampler_hv(studies, args.seeds, reference, "")
     hv_floor, ratio_floor = sampler_hv(floor_studies, args.seeds, reference, "_floor")
     durations = [t.duration.total_seconds() for st in done.values() for t in completed(st)]
