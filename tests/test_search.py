@@ -28,7 +28,7 @@ from nas4dyn.search.encoding import decode, suggest
 from nas4dyn.search.outputs import completed as completed_trials
 from nas4dyn.search.outputs import hypervolume
 from nas4dyn.search.objectives import Constraint, parse_constraint, parse_objectives
-from nas4dyn.search.storage import mask_url, open_storage
+from nas4dyn.search.storage import SETTINGS_ATTR, mask_url, open_storage, open_study
 from nas4dyn.search.trial import SearchSettings, cheapest_costs, evaluate_arch, load_context
 from tests.conftest import make_decisive
 
@@ -308,6 +308,11 @@ def test_two_processes_on_one_storage_lose_no_trials(run_dir, tmp_path):
     counts = states(study)
     assert set(counts) == {"COMPLETE"} and counts["COMPLETE"] >= 4
     assert sorted(t.number for t in study.trials) == list(range(len(study.trials)))
+    assert sum("fixed_params" in t.system_attrs for t in study.trials) == 3  # the creator alone enqueued corners
+    directions = [d.name.lower() for d in study.directions]
+    _, created = open_study(open_storage(storage), study.study_name, directions, study.user_attrs[SETTINGS_ATTR],
+                            storage)
+    assert not created
 
 
 def test_journal_storage_and_static_search(run_dir, tmp_path):

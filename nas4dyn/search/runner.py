@@ -144,10 +144,12 @@ def run_search(config: SearchConfig) -> SearchSummary:
     out_dir.mkdir(parents=True, exist_ok=True)
     url = config.storage or default_storage(out_dir)
     storage = open_storage(url, heartbeat=config.backend == "optuna")
-    study = open_study(storage, config.study, [o.optuna_direction for o in settings.objectives], study_settings(ctx),
-                       url)
+    directions = [o.optuna_direction for o in settings.objectives]
+    study, created = open_study(storage, config.study, directions, study_settings(ctx), url)
     orphaned = fail_orphaned_trials(study)
-    if not study.trials:  # a fresh study starts from the space's corners (the same for every sampler)
+    # A new study starts from the space's corners (the same for every sampler). Only its creator enqueues them:
+    # two processes both seeing an empty study would queue them twice and leave duplicates waiting.
+    if created:
         for params in corner_params(ctx.net.space, config.static):
             study.enqueue_trial(params)
     # Measured once per study and stored, so every rerun reports hypervolumes against the same point.

@@ -133,15 +133,20 @@ def fail_orphaned_trials(study: optuna.Study) -> int:
 
 # ---- studies ------------------------------------------------------------------------------------------------
 def open_study(storage: BaseStorage, name: str, directions: list[str], settings: dict[str, Any],
-               url: str) -> optuna.Study:
+               url: str) -> tuple[optuna.Study, bool]:
     """Create the study or load it to resume; a study made with other objectives, constraints or space is
-    refused rather than mixed.
+    refused rather than mixed. Also returns whether this call created it: of several processes starting on one
+    storage exactly one did, so one-time set-up (enqueued trials) happens once.
 
     Raises:
         ConfigError: the stored study differs in what it optimises.
     """
+    created = True
     try:
-        study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions)
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+        study = optuna.load_study(storage=storage, study_name=name)
     except ValueError as exc:  # e.g. another number of objectives
         raise ConfigError(f"--study {name} in {mask_url(url)}: {exc}; use another --study name") from None
     stored = study.user_attrs.get(SETTINGS_ATTR)
@@ -153,7 +158,7 @@ def open_study(storage: BaseStorage, name: str, directions: list[str], settings:
                           "same settings to resume, or pick another --study name")
     if [d.name.lower() for d in study.directions] != directions:
         raise ConfigError(f"--study {name}: stored directions differ from --objectives; use another --study name")
-    return study
+    return study, created
 
 
 def count(study: optuna.Study, state: TrialState) -> int:
