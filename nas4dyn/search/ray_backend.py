@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import logging
+import pickle
 import shutil
 import tempfile
 from typing import Any, Optional
@@ -50,6 +51,18 @@ class RecordingSearch(OptunaSearch):
         self.settings = settings
         super().__init__(**kwargs)
 
+    # Live Optuna objects: Optuna 5.1+ samplers and studies hold thread locks and do not pickle.
+    LIVE = ("_sampler", "_ot_study", "_ot_trials")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its searcher into the experiment directory (at start, and in save() at its checkpoints)
+        # for Tuner.restore; nas4dyn resumes from the Optuna storage instead, so the copies leave them out.
+        return {k: v for k, v in self.__dict__.items() if k not in self.LIVE}
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         if result and not error and "nas4dyn_metrics" in result and trial_id in self._ot_trials:
             done = TrialResult(Arch.from_dict(json.loads(result["nas4dyn_arch"])), json.loads(result["nas4dyn_metrics"]))
@@ -74,6 +87,11 @@ class Progress(tune.Callback):
 
     def __init__(self, study: optuna.Study, on_trial: Optional[TrialCallback]):
         self.study, self.on_trial = study, on_trial
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks into the experiment directory (for Tuner.restore; nas4dyn resumes from the
+        # Optuna study instead), and neither the progress bar nor a live study pickles: the copy reports nothing.
+        return {"study": None, "on_trial": None}
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.on_trial is not None:
