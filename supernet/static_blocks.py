@@ -92,6 +92,9 @@ class StaticBlock(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+        skip_gate = self.skip_gate
+        if skip_gate is not None and x.shape[0] == 1:  # one sample: one scalar decides (the hot path at batch 1)
+            return self.run(x, None) if skip_gate.opens(x) else self.post(x)
         if self.gate_kind == "none":
             return self.run(x, None)
         if self.gate_kind == "channel":

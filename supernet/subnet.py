@@ -119,6 +119,18 @@ class SubNet(nn.Module):
         return outs
 
     @torch.jit.export
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """N x D: the final classifier's input features, every sample along the full path."""
+        x, gates = self._prepare(x)
+        h = self.stem(x)
+        out = h.new_zeros(0)
+        for seg in self.segments:
+            h = seg.body(h, gates)
+            if seg.final:
+                out = seg.head.pooled(h)
+        return out
+
+    @torch.jit.export
     def gate_decisions(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample binary decisions of every gate along the full path (N x total gates), in block order."""
         x, gates = self._prepare(x)

@@ -15,7 +15,7 @@ from nas4dyn.analyze import GateGroup, analyze_gates, builtin_hierarchy, load_hi
 from nas4dyn.analyze.patterns import ExportedProbe, binarise, class_rates
 from nas4dyn.analyze.report import FIGURES
 from nas4dyn.analyze.semantics import FASHION_MNIST_HIERARCHY, Hierarchy, spearman_ceiling
-from nas4dyn.api import save_supernet
+from nas4dyn.api import load_supernet_file, save_supernet
 from nas4dyn.cli.main import main
 from nas4dyn.data import FASHION_MNIST_CLASSES, load_data
 from nas4dyn.errors import ConfigError, DataError
@@ -213,8 +213,12 @@ def test_exported_probe_features_feed_the_final_classifier(export_dir):
     model = load_exported(export_dir)
     probe = ExportedProbe(model)
     x = torch.rand(5, 1, 16, 16)
+    # model.ts is frozen (no submodules left): the final classifier's weights come from the same arch exported
+    # eagerly out of the run's supernet.
+    net, info = load_supernet_file(export_dir.parent / "run" / "supernet.pt")
+    eager = nas4dyn.export_subnet(net, GATED_ARCH, info)
     with torch.no_grad():
-        head = list(model.subnet.segments.children())[-1].head
+        head = list(eager.subnet.segments.children())[-1].head
         assert torch.allclose(head.fc(probe.penultimate(x)), model.forward_all(x)[-1], atol=1e-5)
     groups = probe.gate_groups()
     assert groups[-1].end == probe.gate_decisions(x).shape[1]

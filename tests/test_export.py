@@ -150,6 +150,22 @@ def test_batch_order_is_preserved_under_compaction(net, data):
             assert e.item() == exits[i].item() and (one[0] - logits[i]).abs().max() <= 1e-5
 
 
+def test_skip_gate_single_sample_decision_is_its_logits_sign():
+    """SkipGate.opens (the exported models' batch-1 path) decides as forward(x) > 0, on scripted gates too."""
+    torch.manual_seed(0)
+    gate = SkipGate(8).eval()
+    xs = 2 * torch.randn(200, 1, 8, 1, 1) + torch.randn(200, 1, 8, 5, 7)  # pooled inputs that differ per sample
+    with torch.no_grad():
+        gate.fc2.bias -= torch.stack([gate(x)[0] for x in xs]).median()  # decisions go both ways
+        scripted = torch.jit.script(gate)
+        logits = torch.stack([gate(x)[0] for x in xs])
+        clear = logits.abs() > 1e-5  # a logit this close to 0 may round either way
+        assert 40 < int((logits > 0).sum()) < 160 and int(clear.sum()) > 190
+        for x, logit, decided in zip(xs, logits, clear):
+            if decided:
+                assert gate.opens(x) == scripted.opens(x) == bool(logit > 0)
+
+
 def test_static_export_equals_the_static_extraction(net, data, tmp_path):
     static = ALL_MECHANISMS.without_dynamic()
     model = nas4dyn.export_subnet(net, static, data["info"])

@@ -13,7 +13,6 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from nas4dyn.errors import DataError
@@ -64,17 +63,7 @@ class ExportedProbe:
         return self.model.gate_decisions(x)
 
     def penultimate(self, x: torch.Tensor) -> torch.Tensor:
-        # The exported model has no method for its penultimate features and TorchScript modules take no
-        # forward hooks, so this follows SubNet.forward_all's path with the same compiled submodules; the
-        # result is what the final classifier's linear layer (head.fc) reads.
-        net = self.model.subnet
-        segments = list(net.segments.children())  # a loaded TorchScript ModuleList has no len() or iteration
-        x, gates = net._prepare(self.model.normalise(x))
-        h = net.stem(x)
-        for seg in segments:
-            h = seg.body(h, gates)
-        head = segments[-1].head  # the final classifier
-        return torch.flatten(F.adaptive_avg_pool2d(head.features(h), 1), 1)
+        return self.model.penultimate(x)
 
     def gate_groups(self) -> list[GateGroup]:
         return list(self.groups)

@@ -84,6 +84,11 @@ class ExportedModel(nn.Module):
         return self.subnet.forward_all(self.normalise(x))
 
     @torch.jit.export
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """N x D: the final classifier's input features (for analysis, e.g. gate patterns vs features)."""
+        return self.subnet.penultimate(self.normalise(x))
+
+    @torch.jit.export
     def gate_decisions(self, x: torch.Tensor) -> torch.Tensor:
         """N x sum(gate_sizes) binary decisions of every gate along the full path, in ``gate_blocks`` order."""
         return self.subnet.gate_decisions(self.normalise(x))

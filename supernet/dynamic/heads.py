@@ -26,8 +26,12 @@ class ExitHead(nn.Module):
             self.features = nn.Sequential()
         self.fc = nn.Linear(hidden if hidden > 0 else in_ch, num_classes)
 
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """N x D: the features ``fc`` reads."""
+        return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+        return self.fc(self.pooled(x))
 
 
 def confidence(logits: torch.Tensor, criterion: str) -> torch.Tensor:
