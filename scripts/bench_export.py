@@ -348,11 +348,19 @@ def main() -> None:
         f"with every filter and {conv_half:.3f} ms with half of each block's hidden filters "
         f"({conv_half / conv_full:.2f}× the time for 0.5× the MACs; 10th percentile of 200 calls each). A narrowed "
         "conv's time falls less than its filter count at batch 1 (oneDNN blocks channels by 8/16 and pays a fixed "
-        "per-call cost; a gate leaves any number of filters on), and the MAC-free work of every image (BatchNorm, "
-        "activations, stem, shortcuts, head, the gater network, gathering the open filters' weights, the "
+        "per-call cost; a gate leaves any number of filters on), and the MAC-free work of every image (the gated "
+        "blocks' BatchNorms, which do not fold into a conv whose filters change per image, activations, stem, shortcuts, head, the gater network, gathering the open filters' weights, the "
         "interpreter) stays. Skip gates and exits drop whole ops instead, so their time follows their MACs much "
         "more closely.",
     ]
+    # What channel gates could reach if gating itself cost nothing: the twin with only its block convs narrowed.
+    bound_speed = med[base] / (med[base] - conv_full + conv_half)
+    mac_red = macs[base] / macs["channel gates"]
+    lines += ["", f"Ceiling for channel gates here: were the gater, the gathers and the unfolded BatchNorms free, "
+                  f"halving the hidden filters would take the twin from {med[base]:.3f} to "
+                  f"{med[base] - conv_full + conv_half:.3f} ms, a speed-up of {bound_speed:.2f}× for the "
+                  f"{mac_red:.2f}× MAC reduction above: a ratio of at most **{bound_speed / mac_red:.2f}** on "
+                  "this backbone at batch 1."]
     table = "\n".join(lines)
     print(table)
     if args.write:
