@@ -349,7 +349,8 @@ def main() -> None:
         f"({conv_half / conv_full:.2f}× the time for 0.5× the MACs; 10th percentile of 200 calls each). A narrowed "
         "conv's time falls less than its filter count at batch 1 (oneDNN blocks channels by 8/16 and pays a fixed "
         "per-call cost; a gate leaves any number of filters on), and the MAC-free work of every image (the gated "
-        "blocks' BatchNorms, which do not fold into a conv whose filters change per image, activations, stem, shortcuts, head, the gater network, gathering the open filters' weights, the "
+        "blocks' BatchNorms, which do not fold into a conv whose filters change per image, activations, stem, "
+        "shortcuts, head, the gater network, gathering the open filters' weights, the "
         "interpreter) stays. Skip gates and exits drop whole ops instead, so their time follows their MACs much "
         "more closely.",
     ]
