@@ -356,12 +356,12 @@ def main() -> None:
     ]
     # What channel gates could reach if gating itself cost nothing: the twin with only its block convs narrowed.
     bound_speed = med[base] / (med[base] - conv_full + conv_half)
-    mac_red = macs[base] / macs["channel gates"]
+    channel_red = macs[base] / macs["channel gates"]
     lines += ["", f"Ceiling for channel gates here: were the gater, the gathers and the unfolded BatchNorms free, "
                   f"halving the hidden filters would take the twin from {med[base]:.3f} to "
                   f"{med[base] - conv_full + conv_half:.3f} ms, a speed-up of {bound_speed:.2f}× for the "
-                  f"{mac_red:.2f}× MAC reduction above: a ratio of at most **{bound_speed / mac_red:.2f}** on "
-                  "this backbone at batch 1."]
+                  f"{channel_red:.2f}× MAC reduction above: a ratio of at most "
+                  f"**{bound_speed / channel_red:.2f}** on this backbone at batch 1."]
     table = "\n".join(lines)
     print(table)
     if args.write:

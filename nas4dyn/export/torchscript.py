@@ -35,8 +35,8 @@ PUBLIC = ("forward_with_exits", "forward_all", "gate_decisions", "penultimate", 
 def script_model(model: ExportedModel) -> torch.jit.ScriptModule:
     """``torch.jit.script`` of the exported model (eval mode), frozen for inference: weights become constants
     and each BatchNorm folds into the conv before it (where that conv is not narrowed per sample), which
-    removes those calls (at batch 1 the per-call cost, not arithmetic, dominates). A frozen model cannot be trained further; fine-tune the supernet
-    or ``net.extract(arch)`` instead."""
+    removes those calls (at batch 1 the per-call cost, not arithmetic, dominates). A frozen model cannot be
+    trained further; fine-tune the supernet or ``net.extract(arch)`` instead."""
     with _quiet_deprecation():
         return torch.jit.freeze(torch.jit.script(model.eval()), preserved_attrs=list(PUBLIC))
 

@@ -147,7 +147,7 @@ def open_study(storage: BaseStorage, name: str, directions: list[str], settings:
     except optuna.exceptions.DuplicatedStudyError:
         created = False
         study = optuna.load_study(storage=storage, study_name=name)
-    except ValueError as exc:  # e.g. another number of objectives
+    except ValueError as exc:  # e.g. a direction Optuna does not know (a stored study's are checked below)
         raise ConfigError(f"--study {name} in {mask_url(url)}: {exc}; use another --study name") from None
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is None:
