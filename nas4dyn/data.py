@@ -144,11 +144,17 @@ def eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
-def train_transform(resolution: int, mean: Sequence[float], std: Sequence[float], flip: bool = True) -> v2.Compose:
+def train_transform(resolution: int, mean: Sequence[float], std: Sequence[float], flip: bool = True,
+                    erasing: float = 0.0) -> v2.Compose:
+    """Random crop (padding 1/14 of the side) and flip, normalised, then with probability ``erasing`` one random
+    rectangle set to the mean (Random Erasing, Zhong et al. 2020)."""
     steps = [v2.RandomCrop(resolution, padding=max(1, resolution // 14))]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + [eval_transform(mean, std)])
+    steps.append(eval_transform(mean, std))
+    if erasing > 0:
+        steps.append(v2.RandomErasing(p=erasing, value=0.0))
+    return v2.Compose(steps)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -161,12 +167,12 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 
 
 def _bundle_from_tensors(name: str, splits: dict, classes: Sequence[str], val_fraction: float, seed: int,
-                         augment: bool) -> DataBundle:
+                         augment: bool, erasing: float) -> DataBundle:
     images, labels = splits["train"]
     mean, std = _stats(images)
     res = images.shape[-1]
     evaluate = eval_transform(mean, std)
-    train_tf = train_transform(res, mean, std) if augment else evaluate
+    train_tf = train_transform(res, mean, std, erasing=erasing) if augment else evaluate
     train_idx, val_idx = split_indices(len(labels), val_fraction, seed)
     info = DataInfo(name, images.shape[1], len(classes), res, mean, std, tuple(classes))
     return DataBundle(
@@ -178,7 +184,7 @@ def _bundle_from_tensors(name: str, splits: dict, classes: Sequence[str], val_fr
     )
 
 
-def _image_folder(root: Path, val_fraction: float, seed: int, augment: bool) -> DataBundle:
+def _image_folder(root: Path, val_fraction: float, seed: int, augment: bool, erasing: float) -> DataBundle:
     """ImageFolder layout: ``train/`` (+ ``val/`` or ``test/`` as the held-out split), or one folder of class
     folders that is split by seed into train and held-out test."""
     train_dir = root / "train" if (root / "train").is_dir() else root
@@ -208,27 +214,31 @@ def _image_folder(root: Path, val_fraction: float, seed: int, augment: bool) -> 
         test = materialise(Subset(full, test_idx))
     else:
         train, test = materialise(full), materialise(load(str(held_dir)))
-    return _bundle_from_tensors(str(root), {"train": train, "test": test}, full.classes, val_fraction, seed, augment)
+    return _bundle_from_tensors(str(root), {"train": train, "test": test}, full.classes, val_fraction, seed, augment,
+                                erasing)
 
 
 def load_data(source: str, data_root: Optional[str] = None, val_fraction: float = 0.1, seed: int = 0,
-              augment: bool = True, synthetic: Optional[dict[str, int]] = None) -> DataBundle:
+              augment: bool = True, synthetic: Optional[dict[str, int]] = None, erasing: float = 0.0) -> DataBundle:
     """Load ``fashion-mnist``, ``synthetic`` (options in ``synthetic``), or an ImageFolder directory.
+
+    ``augment`` makes ``train`` randomly cropped and flipped, and then randomly erased with probability
+    ``erasing``; the other splits are never augmented.
 
     Raises:
         DataError: unknown source or missing files, with how to fix it.
     """
     if source == "fashion-mnist":
         splits = load_fashion_mnist(data_root)
-        return _bundle_from_tensors(source, splits, FASHION_MNIST_CLASSES, val_fraction, seed, augment)
+        return _bundle_from_tensors(source, splits, FASHION_MNIST_CLASSES, val_fraction, seed, augment, erasing)
     if source == "synthetic":
         opts = dict(synthetic or {})
         splits = make_synthetic(**opts)
         classes = [f"class{i}" for i in range(opts.get("num_classes", 10))]
-        return _bundle_from_tensors(source, splits, classes, val_fraction, seed, augment)
+        return _bundle_from_tensors(source, splits, classes, val_fraction, seed, augment, erasing)
     path = Path(source)
     if path.is_dir():
-        return _image_folder(path, val_fraction, seed, augment)
+        return _image_folder(path, val_fraction, seed, augment, erasing)
     raise DataError(f"unknown data source {source!r}: use fashion-mnist, synthetic, or an ImageFolder directory")
 
 

@@ -108,6 +108,10 @@ def main() -> None:
          "(above ~2, other jobs shared these 2 cores and wall times are inflated)." if timing else
          "Load average during training: not known (a reused run that this script did not train)."),
         "",
+        f"Training precision: {metrics.get('precision', 'fp32')} "
+        f"(config: {metrics['config'].get('precision', 'fp32')}; "
+        "auto = bf16 autocast where the CPU has AMX or AVX512-BF16).",
+        "",
         "| measure | value | goal |",
         "|---|---|---|",
         f"| training wall time (phases incl. evaluation) | {train_s / 60:.1f} min | ≤ {limit / 60:.0f} min |",
@@ -131,10 +135,13 @@ def main() -> None:
             + (f"≥ {100 * EXIT_TARGET:.0f}% |" if args.preset == "default" else "— |"))
     else:
         lines.append(f"| exit subnet ≤ {EXIT_BUDGET:.0%} of max MACs | none of the candidates fits | |")
-    lines += ["", "Per phase (from train_metrics.json; validation split):", "", "| phase | steps | wall (s) | img/s "
-              "| max val acc | min val acc |", "|---|---|---|---|---|---|"]
+    lines += ["", "Per phase (from train_metrics.json; validation split; img/s: training images over training time, "
+              "evaluation excluded):", "", "| phase | steps | wall (s) | img/s | max val acc | min val acc |",
+              "|---|---|---|---|---|---|"]
+    images_per_step = metrics["config"]["batch_size"] * metrics["world_size"]
     for p in metrics["phases"]:
-        lines.append(f"| {p['name']} | {p['steps']} | {p['wall_time_s']:.0f} | {p['img_per_s']:.0f} | "
+        ips = p["steps"] * images_per_step / (p["wall_time_s"] - p["eval_time_s"])
+        lines.append(f"| {p['name']} | {p['steps']} | {p['wall_time_s']:.0f} | {ips:.0f} | "
                      f"{100 * p['max_val_acc']:.2f}% | {100 * p['min_val_acc']:.2f}% |")
     table = "\n".join(lines)
     print(table)

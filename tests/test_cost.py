@@ -10,11 +10,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import nas4dyn
 from nas4dyn.cli.main import main
-from nas4dyn.cost.latency import LatencyModel, LatencyTable
+from nas4dyn.cost.latency import LatencyModel, LatencyTable, fit_correction
 from nas4dyn.cost.macs import mac_parts
 from nas4dyn.cost.paths import (
     SamplePaths,
@@ -345,3 +347,17 @@ def test_loading_a_bad_table_is_a_config_error(tmp_path):
         LatencyModel.load(path)
     with pytest.raises(nas4dyn.ConfigError, match="cannot read"):
         LatencyModel.load(tmp_path / "missing.json")
+
+
+def test_fit_correction_recovers_an_exact_line():
+    sums = np.array([1.0, 2.0, 4.0, 8.0])
+    a, b = fit_correction(sums, 1.5 * sums + 0.25)
+    assert (a, b) == (pytest.approx(1.5), pytest.approx(0.25))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.05, 50.0), st.floats(0.05, 50.0)), min_size=2, max_size=8))
+def test_fit_correction_never_predicts_a_negative_latency(points):
+    sums, measured = zip(*points)
+    a, b = fit_correction(sums, measured)
+    assert a >= 0 and b >= 0  # so a * sum + b >= 0 for every path, however short

@@ -78,6 +78,21 @@ def test_synthetic_is_deterministic_and_learnable_shape():
     assert (other.info.channels, other.info.num_classes, other.info.resolution) == (3, 4, 12)
 
 
+def test_random_erasing_blanks_one_rectangle_of_augmented_training_images_only():
+    torch.manual_seed(0)
+    for erasing in (0.0, 1.0):
+        bundle = load_data("synthetic", synthetic={"n_train": 40, "n_test": 4}, erasing=erasing)
+        for i in range(len(bundle.train)):
+            x = bundle.train[i][0][0]
+            erased = (x == 0).nonzero()  # erased pixels take the mean: exactly 0 after normalisation
+            assert (len(erased) > 0) == (erasing == 1.0)
+            if len(erased):
+                (top, left), (bottom, right) = erased.min(0).values, erased.max(0).values
+                assert bool((x[top:bottom + 1, left:right + 1] == 0).all()), "the erased pixels form one rectangle"
+        for split in (bundle.train_eval, bundle.val, bundle.test):
+            assert not any(bool((split[i][0] == 0).any()) for i in range(len(split)))
+
+
 def test_split_is_deterministic_disjoint_and_complete():
     train, val = split_indices(1000, 0.1, seed=3)
     assert (train, val) == split_indices(1000, 0.1, seed=3)

@@ -24,6 +24,7 @@ from supernet.training.config import PRESETS, build_config, config_from_mapping
 from supernet.training.distributed import DistEnv, ShardedBatches
 from supernet.training.evaluation import evaluate_phase
 from supernet.training.losses import gated_mac_rate, subnet_loss
+from supernet.training.precision import resolve_precision
 from supernet.training.sampling import restrict, sandwich
 from supernet.training.schedule import make_optimizer, plan_phases
 from supernet.training.trainer import Trainer
@@ -83,8 +84,10 @@ def test_config_layers_and_every_problem_reported(tmp_path):
     assert (cfg.num_random, width.epochs, width.lr, cfg.kd_ratio) == (3, 2, 0.01, 0.5)
     assert [p.name for p in cfg.phases] == PHASES == [p["name"] for p in PRESETS["default"]["phases"]]
     with pytest.raises(ConfigError) as exc:
-        build_config("default", None, ["batch_size=0", "phases.depth.elastic=[kernel, colour]", "lr=1", "momentum=x"])
-    for word in ("batch_size: 0", "colour", "lr: unknown key", "momentum: 'x'"):
+        build_config("default", None, ["batch_size=0", "phases.depth.elastic=[kernel, colour]", "lr=1", "momentum=x",
+                                       "precision=fp16", "random_erasing=2"])
+    for word in ("batch_size: 0", "colour", "lr: unknown key", "momentum: 'x'", "precision: 'fp16'",
+                 "random_erasing: 2"):
         assert word in str(exc.value)
     with pytest.raises(ConfigError, match="unknown preset"):
         build_config("huge")
@@ -171,6 +174,34 @@ def test_dynamic_parts_learn_at_their_own_rate():
     assert len(lr) == len(list(net.parameters()))
     assert lr["gater.fc2.weight"] == lr["stages.0.0.emg_gate.threshold"] == 4 * plan.config.lr
     assert lr["stages.0.0.conv1.weight"] == lr["classifier.fc.weight"] == plan.config.lr
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_decides_the_dtype_of_training_convolutions_only(tmp_path, tiny_space, precision):
+    config = build_config("quick", overrides=[f"precision={precision}", "batch_size=8"])
+    trainer = Trainer(tiny_space, load_data("synthetic", synthetic={"n_train": 40, "n_test": 8}), config, tmp_path)
+    conv_outputs = []
+    for m in trainer.net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda _m, _x, out: conv_outputs.append(out.dtype))
+    plan = trainer.plans[-1]  # the dynamic phase: a sandwich with a teacher, exits and gates
+    x, y = trainer.stream.next()
+    logs = trainer.train_step(plan, x, y, make_optimizer(trainer.net, plan, config)[0])
+    expected = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert conv_outputs and set(conv_outputs) == {expected}
+    assert all(p.dtype == torch.float32 for p in trainer.net.parameters())
+    assert all(p.grad is None or bool(p.grad.isfinite().all()) for p in trainer.net.parameters())
+    assert torch.isfinite(torch.tensor(logs["loss"]))
+
+
+@pytest.mark.parametrize("amx,avx512_bf16,expected", [(False, False, "fp32"), (True, False, "bf16"),
+                                                       (False, True, "bf16")])
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == expected
+    assert (resolve_precision("fp32", cpu), resolve_precision("bf16", cpu)) == ("fp32", "bf16")
 
 
 def test_phase_probes_measure_the_first_val_images_only(tiny_net):

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args.preset, args.config, args.set)
     space = load_space(args.space)
     torch.set_num_threads(_threads(args.threads))
-    bundle = load_data(args.data, data_root=args.data_root, augment=any(config.augments(p) for p in config.phases))
+    bundle = load_data(args.data, data_root=args.data_root, augment=any(config.augments(p) for p in config.phases),
+                       erasing=config.random_erasing)
     space = space.with_data(bundle.info.channels, bundle.info.num_classes)
     env = init_distributed(args.device)
     if not env.is_main:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
+from scipy.optimize import nnls
 import torch
 
 from nas4dyn.cost.paths import Part, SamplePaths, arch_layout, interpolate, path_contributions, trace_paths
@@ -75,11 +76,13 @@ def device_fingerprint(device: str, threads: int, batch_size: int, dtype: str = 
 
 
 def fit_correction(sums: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
-    """``(a, b)`` of ``measured ≈ a * sums + b``, least squares on the relative error (what validation scores)."""
+    """``(a, b)`` of ``measured ≈ a * sums + b``, least squares on the relative error (what validation scores),
+    with ``a, b >= 0``: an unconstrained fit to a few noisy subnets can take a negative intercept and then
+    predict a negative latency for a path shorter than those it was fitted on."""
     s, y = np.asarray(sums, dtype=float), np.asarray(measured, dtype=float)
     if len(s) < 2:
         raise ConfigError(f"fitting the latency correction needs at least 2 measured subnets, got {len(s)}")
-    (a, b), *_ = np.linalg.lstsq(np.stack([s / y, 1.0 / y], 1), np.ones_like(y), rcond=None)
+    (a, b), _ = nnls(np.stack([s / y, 1.0 / y], 1), np.ones_like(y))
     return float(a), float(b)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from nas4dyn.errors import ConfigError
+from supernet.training.precision import PRECISIONS
 
 # Dimensions a phase can make elastic; the others stay at their maximum (exits, gates: off; paths: one).
 DIMENSIONS = ("resolution", "kernel", "depth", "width", "exits", "gates", "paths")
@@ -48,6 +49,7 @@ class TrainConfig:
     weight_decay: float = 5e-5
     label_smoothing: float = 0.0
     augment: bool = True  # random crop and flip; short runs converge faster without
+    random_erasing: float = 0.0  # probability of erasing a random rectangle of an augmented image
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
     final_lr_fraction: float = 0.0  # cosine decay within each phase ends at lr * this
     kd_ratio: float = 1.0  # in-place distillation weight (students: CE + kd_ratio * KD)
@@ -69,6 +71,8 @@ class TrainConfig:
     bn_recal_images: int = 2000
     val_images: int = 0  # validation images measured after each phase (0: the whole validation split)
     checkpoint_every: int = 200  # steps; a checkpoint is also written at every phase end
+    # fp32, bf16 (autocast) or auto: bf16 where the device has native bf16 (AMX, AVX512-BF16, CUDA)
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,6 +109,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bn_recal_images": 1000,
         "val_images": 2000,  # per-phase probes on 2000 of the 5000 validation images: 35 s less in 6 minutes
         "checkpoint_every": 100,
+        "precision": "auto",
         "phases": [
             _phase("full", 1.0, 0.1, [], warmup_epochs=0.03),
             _phase("kernel", 0.04, 0.005, ["resolution", "kernel"]),
@@ -113,18 +118,21 @@ PRESETS: dict[str, dict[str, Any]] = {
             _phase("dynamic", 0.2, 0.01, _ALL),
         ],
     },
-    # About 44 minutes on 2 CPU cores for the fmnist space. Most of the time goes to the max subnet alone, with
-    # augmentation and weight decay 5e-4 (without both it plateaus near 92.2% val by 8 epochs, its train loss
-    # near 0.03; with both, 93.6% after 10), then short shrinking phases at a low rate, without augmentation and
-    # with one random subnet per step, shortened so that the run fits 45 minutes (they cost the max subnet 0.5
-    # points of validation accuracy: docs/BENCHMARKS.md, "Training (default preset)").
+    # About 40 minutes on 2 CPU cores for the fmnist space (bf16 autocast where the CPU has AMX or
+    # AVX512-BF16). Most of the time goes to the max subnet alone, with augmentation (crop, flip, random
+    # erasing) and weight decay 5e-4 (without them it plateaus near 92.2% val by 8 epochs, its train loss near
+    # 0.03), then short shrinking phases at a low rate, without augmentation and with one random subnet per step
+    # (they cost the max subnet 0.2-0.5 points of validation accuracy: docs/BENCHMARKS.md, "Training (default
+    # preset)").
     "default": {
         "batch_size": 128,
         "num_random": 1,
         "augment": False,
+        "random_erasing": 0.5,
         "block_budget_weight": 10.0,
+        "precision": "auto",
         "phases": [
-            _phase("full", 10.0, 0.1, [], warmup_epochs=0.2, augment=True, weight_decay=5e-4),
+            _phase("full", 16.0, 0.1, [], warmup_epochs=0.2, augment=True, weight_decay=5e-4),
             _phase("kernel", 0.4, 0.01, ["resolution", "kernel"]),
             _phase("depth", 0.4, 0.01, ["resolution", "kernel", "depth"]),
             _phase("width", 0.6, 0.01, _STATIC, sort_channels=True),
@@ -206,6 +214,7 @@ _RULES: dict[str, tuple[type, float, Optional[float], bool]] = {
     "momentum": (float, 0.0, 1.0, False),
     "weight_decay": (float, 0.0, None, False),
     "label_smoothing": (float, 0.0, 1.0, False),
+    "random_erasing": (float, 0.0, 1.0, False),
     "grad_clip": (float, 0.0, None, False),
     "final_lr_fraction": (float, 0.0, 1.0, False),
     "kd_ratio": (float, 0.0, None, False),
@@ -269,6 +278,8 @@ def config_from_mapping(data: Mapping[str, Any]) -> TrainConfig:
     for key in ("nesterov", "augment"):
         if key in data and not isinstance(data[key], bool):
             problems.append(f"{key}: {data[key]!r} must be true or false")
+    if data.get("precision", "fp32") not in PRECISIONS:
+        problems.append(f"precision: {data['precision']!r} must be one of {list(PRECISIONS)}")
     raw_phases = data.get("phases")
     phases: list[PhaseConfig] = []
     if not isinstance(raw_phases, list) or not raw_phases:

@@ -32,6 +32,7 @@ from supernet.training.distributed import (DistEnv, ShardedBatches, broadcast_ob
                                            gather_objects, state_checksum, sync_gradients)
 from supernet.training.evaluation import evaluate_phase
 from supernet.training.losses import subnet_loss
+from supernet.training.precision import autocast, resolve_precision
 from supernet.training.sampling import sandwich
 from supernet.training.schedule import PhasePlan, make_optimizer, plan_phases
 
@@ -72,6 +73,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         seed_everything(seed)  # identical initial weights on every rank
         self.net = Supernet(space).to(self.env.device)
+        # Decided once per run from the device (config "auto"); every rank has the same kind of device.
+        self.precision = resolve_precision(config.precision, self.env.device)
         self.stream = ShardedBatches(data.train, config.batch_size, seed, self.env)
         self.plans = plan_phases(config, self.stream.steps_per_epoch)
         self.phase, self.step = 0, 0
@@ -147,17 +150,18 @@ class Trainer:
         if len(subnets) > 1 and cfg.kd_ratio > 0:
             net.eval()  # the teacher: the max subnet with eval-mode BN, no gradient
             net.set_active(subnets[0].arch.without_dynamic())
-            with torch.no_grad():
-                teacher = net.forward_all(x)[-1]
+            with torch.no_grad(), autocast(self.precision, self.env.device):
+                teacher = net.forward_all(x)[-1].float()
         net.train()
         net.router_temperature = self.router_temperature(plan)
         logs: dict[str, float] = {}
         for role, arch in subnets:
             net.set_active(arch)
-            with frozen_bn_statistics(net) if role != "max" else contextlib.nullcontext():
+            with frozen_bn_statistics(net) if role != "max" else contextlib.nullcontext(), \
+                    autocast(self.precision, self.env.device):
                 outs = net.forward_all(x)
-            loss, parts = subnet_loss(outs, y, None if role == "max" else teacher, net.gate_trace, cfg,
-                                      net.route_trace)
+                loss, parts = subnet_loss(outs, y, None if role == "max" else teacher, net.gate_trace, cfg,
+                                          net.route_trace)
             loss.backward()  # gradients accumulate over the sandwich; graphs are freed one subnet at a time
             logs[f"loss_{role}"] = logs.get(f"loss_{role}", 0.0) + float(loss.detach())
             for key in ("gate_rate", "ig"):
@@ -220,17 +224,19 @@ class Trainer:
         train_time = time.perf_counter() - phase_start
         results = evaluate_phase(self.net, plan.config.elastic, self.data.train_eval, self.data.val, self.config,
                                  self.seed, self.env)
-        self._record_phase(plan, results, train_time, time.perf_counter() - phase_start, rate, recent)
+        self._record_phase(plan, results, train_time, time.perf_counter() - phase_start, recent)
         self.phase, self.step = self.phase + 1, 0
         self._save(opt, sched, time.perf_counter())
 
     def _record_phase(self, plan: PhasePlan, results: dict[str, dict[str, Any]], train_time: float,
-                      wall_time: float, rate: float, recent: list[float]) -> None:
+                      wall_time: float, recent: list[float]) -> None:
         probe = results.get("max_dynamic", {})
         entry = {
             "name": plan.name, "epochs": plan.config.epochs, "steps": plan.steps, "elastic": plan.config.elastic,
             "wall_time_s": round(wall_time, 2), "eval_time_s": round(wall_time - train_time, 2),
-            "img_per_s": round(rate, 1), "train_loss": sum(recent) / max(1, len(recent)),
+            # The phase's mean training throughput (the progress bar shows a moving average).
+            "img_per_s": round(plan.steps * self.stream.batch * self.env.world_size / train_time, 1),
+            "train_loss": sum(recent) / max(1, len(recent)),
             "max_val_acc": results["max"]["val_acc"], "min_val_acc": results["min"]["val_acc"],
             "exit_rates": probe.get("exit_rates", []), "gate_rates": probe.get("gate_rates", {}),
             "subnets": results,
@@ -272,6 +278,7 @@ class Trainer:
         metrics = {
             "space": self.space.name, "data": self.data.info.dataset, "seed": self.seed,
             "world_size": self.env.world_size, "steps_per_epoch": self.stream.steps_per_epoch,
+            "precision": self.precision,
             "total_wall_time_s": round(sum(p["wall_time_s"] for p in self.metrics["phases"]), 2),
             "last_session_s": round(session_time, 2), "rank_checksums": checksums,
             "ranks_consistent": len(set(checksums)) == 1, "config": self.config.to_dict(), **self.metrics,
