@@ -90,6 +90,7 @@ def test_static_macs_equal_flop_counter(nets, name):
 
 
 @pytest.mark.parametrize("space_name", ["tiny", "tiny_all"])
+@torch.no_grad()
 def test_every_path_equals_flop_counter_of_the_forced_subnet(nets, space_name):
     """The realized MACs of any path (exit + gate states) equal what the extracted subnet computes on it."""
     space, net = space_and_net(nets, space_name)

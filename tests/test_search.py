@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from nas4dyn.search.encoding import decode, suggest
 from nas4dyn.search.outputs import completed as completed_trials
 from nas4dyn.search.outputs import hypervolume
 from nas4dyn.search.objectives import Constraint, parse_constraint, parse_objectives
-from nas4dyn.search.storage import SETTINGS_ATTR, mask_url, open_storage, open_study
+from nas4dyn.search.storage import (OWNER_ATTR, SETTINGS_ATTR, fail_orphaned_trials, mask_url, open_storage,
+                                    open_study, owner)
 from nas4dyn.search.trial import SearchSettings, cheapest_costs, evaluate_arch, load_context
 from tests.conftest import make_decisive
 
@@ -113,6 +115,21 @@ def test_storage_url_password_is_masked():
     with pytest.raises(ConfigError) as info:
         open_storage("postgresql+nosuchdriver://bob:s3cret@127.0.0.1:1/nas")
     assert "s3cret" not in str(info.value) and "***" in str(info.value)
+
+
+def test_orphaned_trials_fail_and_live_ones_stay():
+    study = optuna.create_study(directions=["maximize"])
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    trials = {name: study.ask() for name in ("live", "dead", "ownerless", "claimed_late")}
+    trials["live"].set_user_attr(OWNER_ATTR, owner())
+    trials["dead"].set_user_attr(OWNER_ATTR, {**owner(), "pid": int(dead_pid), "start": "0"})
+    claimed = threading.Timer(0.1, trials["claimed_late"].set_user_attr, (OWNER_ATTR, owner()))
+    claimed.start()  # its process records the owner during the grace period, as a live run does
+    assert fail_orphaned_trials(study, grace_s=0.5) == 2
+    claimed.join()
+    failed = {t.number for t in study.get_trials(states=(optuna.trial.TrialState.FAIL,))}
+    assert failed == {trials["dead"].number, trials["ownerless"].number}
 
 
 # ---- encoding and calibration -------------------------------------------------------------------------------

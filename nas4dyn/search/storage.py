@@ -6,8 +6,9 @@ default is ``sqlite:///SEARCH_DIR/study.db``. URLs are only ever shown with the 
 
 Every trial records its owner (host, process id, process start time). On start, RUNNING trials whose owner
 process on this host is gone — a killed run — are marked FAILED, so they are not counted and the study
-resumes; trials of live processes (another search on the same storage) are left alone. RDB storages also
-keep Optuna's heartbeat, which fails stale trials of other hosts after the grace period.
+resumes; so are trials still without an owner after a grace period (a run killed between creating a trial and
+recording its owner). Trials of live processes (another search on the same storage) are left alone. RDB
+storages also keep Optuna's heartbeat, which fails stale trials of other hosts after the grace period.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from nas4dyn.errors import ConfigError
@@ -36,6 +37,7 @@ SETTINGS_ATTR = "nas4dyn:settings"
 JOURNAL_PREFIX = "journal:"
 HEARTBEAT_S = 60
 CREATE_ATTEMPTS = 5
+OWNERLESS_GRACE_S = 10.0  # a trial's process records its owner within ms of creating it
 SQLITE_TIMEOUT_S = 120  # processes sharing one SQLite file wait for its lock instead of failing
 _PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 
@@ -113,16 +115,30 @@ def owner_alive(record: Any) -> Optional[bool]:
     return True
 
 
-def fail_orphaned_trials(study: optuna.Study) -> int:
-    """Mark FAILED the RUNNING trials whose owner process on this host has died; returns how many."""
-    failed = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if owner_alive(trial.user_attrs.get(OWNER_ATTR)) is False:
+def fail_orphaned_trials(study: optuna.Study, grace_s: float = OWNERLESS_GRACE_S) -> int:
+    """Mark FAILED the RUNNING trials whose owner process on this host has died, and those that still have no
+    owner after ``grace_s`` seconds; returns how many.
+
+    A trial exists (RUNNING) a moment before its process records the owner: a run killed in that window leaves
+    a trial without one. A live process records it within milliseconds, so a trial still ownerless after the
+    grace period is orphaned (the wait happens only when such a trial is found).
+    """
+    def fail(trials: list[FrozenTrial]) -> int:
+        failed = 0
+        for trial in trials:
             try:
-                if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                    failed += 1
+                failed += bool(study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL))
             except UpdateFinishedTrialError:
                 pass  # another process finished or failed it first
+        return failed
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    failed = fail([t for t in running if owner_alive(t.user_attrs.get(OWNER_ATTR)) is False])
+    ownerless = {t.number for t in running if OWNER_ATTR not in t.user_attrs}
+    if ownerless:
+        time.sleep(grace_s)
+        failed += fail([t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                        if t.number in ownerless and OWNER_ATTR not in t.user_attrs])
     if failed:
         log.info("marked %d trial(s) of a killed run FAILED (not counted)", failed)
     with warnings.catch_warnings():
