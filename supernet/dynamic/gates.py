@@ -77,4 +77,4 @@ class SkipGate(nn.Module):
         pooling's division rides in the first matmul's ``alpha``; one host read)."""
         total = torch.flatten(x, 2).sum(2)
         h = torch.relu(torch.addmm(self.fc1.bias, total, self.fc1.weight.t(), alpha=1.0 / (x.shape[2] * x.shape[3])))
-        return float(torch.addmm(self.fc2.bias, h, self.fc2.weight.t())) > 0.0
+        return float(torch.addmm(self.fc2.bias, h, self.fc2.weight.t()).detach()) > 0.0  # a decision: no grad
