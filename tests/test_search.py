@@ -75,15 +75,15 @@ def states(study: optuna.Study) -> dict[str, int]:
     return out
 
 
-def db_states(path: Path) -> dict[str, int]:
+def db_states(path: Path, timeout: float = 30.0) -> dict[str, int]:
     """Trial states read straight from SQLite: opening an Optuna storage on a database that another process is
     still creating races with its schema creation."""
     if not path.exists():
         return {}
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout) as db:
         try:
             return dict(db.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
-        except sqlite3.OperationalError:  # tables not created yet
+        except sqlite3.OperationalError:  # tables not created yet, or locked by the stopped writer
             return {}
 
 
@@ -292,9 +292,11 @@ def test_killed_run_resumes_and_its_running_trial_fails(run_dir, tmp_path):
         deadline = time.time() + 150
         while time.time() < deadline:
             time.sleep(0.5)
-            counts = db_states(out / "study.db")
+            proc.send_signal(signal.SIGSTOP)  # frozen while we look, so the trial seen in flight still is
+            counts = db_states(out / "study.db", timeout=0.2)
             if counts.get("COMPLETE", 0) >= 2 and counts.get("RUNNING", 0) == 1:
                 break
+            proc.send_signal(signal.SIGCONT)
         else:
             pytest.fail(f"no trials completed in time: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}")
         proc.send_signal(signal.SIGKILL)
