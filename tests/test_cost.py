@@ -30,6 +30,7 @@ from nas4dyn.cost.paths import (
 from nas4dyn.cost.profiler import profile_space
 from nas4dyn.cost.settings import ProfileSettings
 from search_spaces import Arch
+from supernet.scripting import freeze_scripted
 from tests.conftest import all_space, make_decisive
 
 # Small enough for a test, large enough that every code path runs.
@@ -117,6 +118,22 @@ def test_every_path_equals_flop_counter_of_the_forced_subnet(nets, space_name):
         assert sum(v[0] for k, v in realized.items() if not k.startswith("confidence")) == pytest.approx(reference)
     assert {"channel", "skip"} <= kinds
     assert space_name == "tiny" or ({"emg", "dfs"} <= kinds and routed)
+
+
+@torch.no_grad()
+def test_forced_path_survives_scripting_and_freezing(nets):
+    """The profiler times forced subnets frozen, as exported: freezing must not change the path or logits."""
+    space, net = space_and_net(nets, "tiny_all")
+    rng = random.Random(11)
+    for _ in range(3):
+        arch = space.sample(rng, dynamic=True)
+        exit_index, masks = random_path(arch_layout(space, arch), len(arch.exits), rng)
+        forced = force_path(net.extract(arch).eval(), exit_index, masks)
+        frozen = freeze_scripted(forced, ["forward_with_exits"])
+        x = batch(space, arch, 2)
+        (eager_logits, eager_exit), (logits, exits) = forced.forward_with_exits(x), frozen.forward_with_exits(x)
+        assert exits.tolist() == eager_exit.tolist() == [exit_index] * 2
+        assert torch.allclose(logits, eager_logits, atol=1e-4)
 
 
 def test_dfs_int8_state_counts_the_fp32_multiply_adds(nets):

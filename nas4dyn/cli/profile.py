@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "profile",
         help="measure a latency table on this device (and validate the predictor)",
         description="Time every distinct block configuration, gate state, exit head, gater and stem of a space "
-        "on this machine; fit a correction on random subnets timed end to end; optionally validate it.",
+        "on this machine; fit a correction on random subnets timed end to end as exported (TorchScript, frozen); "
+        "optionally validate it.",
         epilog=EPILOG,
         formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=110),
     )

@@ -4,8 +4,10 @@ Every distinct part of the space is timed as the standalone module users run (``
 blocks, heads and gater): each block configuration (stage, first or later position in the stage, kernel,
 width, input resolution, CIGT paths) in each gate state — a per-filter gate (channel, EMG) at a few
 active-filter levels, interpolated in between; a skip gate on and off; each DFS option — plus stem, gater,
-exit heads and classifier. Then random subnets are timed end to end, static ones and forced dynamic paths:
-some fit the linear correction of the table sum, held-out ones validate the predictor.
+exit heads and classifier. Then random subnets are timed end to end, static ones and forced dynamic paths, in
+the form ``nas4dyn export`` ships (TorchScript, frozen: :mod:`supernet.scripting`): some fit the linear
+correction of the table sum, held-out ones validate the predictor — so predictions are of the exported model,
+which runs faster than the eager modules the table entries time (fewer calls: BatchNorm folded).
 
 Timing: inputs at the largest resolution of the space (the data's), ``torch.inference_mode``, the thread
 count pinned, CUDA synchronised around every call. The machine may be shared, so every measured item is timed
@@ -35,6 +37,7 @@ from search_spaces.space import SearchSpace
 from supernet.dynamic.cigt import RoutedBlock
 from supernet.dynamic.heads import confidence
 from supernet.network import Supernet
+from supernet.scripting import freeze_scripted
 from supernet.subnet import resize
 
 log = logging.getLogger(__name__)
@@ -133,19 +136,19 @@ def table_calls(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> di
 
 def subnet_samples(net: Supernet, x: torch.Tensor, count: int, rng: random.Random) -> list[_Subnet]:
     """``count`` random static subnets and ``count`` random dynamic paths (each of a fresh random dynamic
-    subnet, forced with :func:`~nas4dyn.cost.paths.force_path`)."""
+    subnet, forced with :func:`~nas4dyn.cost.paths.force_path`), scripted and frozen as exported."""
     space = net.space
     out = []
     for _ in range(count):
         arch = space.sample(rng, dynamic=False)
-        sub = net.extract(arch).eval()
+        sub = freeze_scripted(net.extract(arch))
         out.append(_Subnet(arch, None, [], lambda m=sub: m(x)))
         arch = space.sample(rng, dynamic=True)
         if not arch.is_dynamic:
             continue  # a dynamic sample without exits or gates is a static subnet again
         layout = arch_layout(space, arch)
         exit_index, masks = random_path(layout, len(arch.exits), rng)
-        forced = force_path(net.extract(arch).eval(), exit_index, masks)
+        forced = freeze_scripted(force_path(net.extract(arch).eval(), exit_index, masks))
         out.append(_Subnet(arch, exit_index, [float(m.sum()) for m in masks], lambda m=forced: m(x)))
     return out
 

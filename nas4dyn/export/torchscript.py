@@ -1,30 +1,18 @@
-"""TorchScript export: ``model.ts`` keeps the data-dependent control flow (exits, gates) and needs only torch.
-
-``torch.jit.script`` is deprecated in recent torch releases (it warns so) but still works; a scripted module is
-still the one format that carries Python control flow and loads with nothing but ``torch``.
+"""TorchScript export: ``model.ts`` keeps the data-dependent control flow (exits, gates) and needs only torch
+(:mod:`supernet.scripting`: scripted and frozen).
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from nas4dyn.errors import CheckpointError
 from nas4dyn.io import atomic_write
 from nas4dyn.export.runtime import ExportedModel
+from supernet.scripting import freeze_scripted, quiet_jit_deprecation
 
 MODEL_FILE = "model.ts"
-
-
-@contextlib.contextmanager
-def _quiet_deprecation() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=r".*TorchScript.* deprecated", category=DeprecationWarning)
-        yield
 
 
 # What users and nas4dyn read off a loaded model.ts; freezing drops every other attribute and method.
@@ -33,18 +21,16 @@ PUBLIC = ("forward_with_exits", "forward_all", "gate_decisions", "penultimate", 
 
 
 def script_model(model: ExportedModel) -> torch.jit.ScriptModule:
-    """``torch.jit.script`` of the exported model (eval mode), frozen for inference: weights become constants
-    and each BatchNorm folds into the conv before it (where that conv is not narrowed per sample), which
-    removes those calls (at batch 1 the per-call cost, not arithmetic, dominates). A frozen model cannot be
-    trained further; fine-tune the supernet or ``net.extract(arch)`` instead."""
-    with _quiet_deprecation():
-        return torch.jit.freeze(torch.jit.script(model.eval()), preserved_attrs=list(PUBLIC))
+    """The exported model scripted and frozen (:func:`supernet.scripting.freeze_scripted`), keeping the public
+    methods and attributes. A frozen model cannot be trained further; fine-tune the supernet or
+    ``net.extract(arch)`` instead."""
+    return freeze_scripted(model, PUBLIC)
 
 
 def save_torchscript(model: ExportedModel | torch.jit.ScriptModule, path: str | Path) -> torch.jit.ScriptModule:
     """Script ``model`` (unless it already is) and write it atomically to ``path``; returns the scripted module."""
     scripted = model if isinstance(model, torch.jit.ScriptModule) else script_model(model)
-    with _quiet_deprecation():
+    with quiet_jit_deprecation():
         atomic_write(path, lambda f: torch.jit.save(scripted, f))
     return scripted
 
@@ -60,7 +46,7 @@ def load_exported(path: str | Path) -> torch.jit.ScriptModule:
     if not file.is_file():
         raise CheckpointError(f"{path}: no {MODEL_FILE} here; create one with `nas4dyn export --out {path}`")
     try:
-        with _quiet_deprecation():
+        with quiet_jit_deprecation():
             return torch.jit.load(str(file), map_location="cpu").eval()
     except Exception as exc:  # torch raises RuntimeError and others for damaged archives
         raise CheckpointError(f"{file}: cannot load TorchScript model ({type(exc).__name__}); the file is "
