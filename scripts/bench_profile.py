@@ -122,7 +122,8 @@ def main() -> None:
         "random dynamic subnet forced onto a random exit and random gate states (gate biases and thresholds "
         "fixed, so the extracted model runs exactly that path), timed end to end at batch 1 against the "
         "table's prediction for that path; random dynamic samples without exits or gates are dropped, hence "
-        "n < 100. `median/wall` is the default (right on a dedicated device); on this shared CPU preemption "
+        "n < 100. Table entries and end-to-end subnets are all timed scripted and frozen, the form `nas4dyn "
+        "export` ships as model.ts, so the predictions are of the exported model. `median/wall` is the default (right on a dedicated device); on this shared CPU preemption "
         "inflates long calls more than short ones, so its medians measure the contention. `min/cpu` times the "
         "thread's CPU time and keeps the least disturbed call, which is what the CLI help recommends on shared "
         "machines.",

@@ -68,7 +68,8 @@ def main() -> None:
         ("exported subnet: MACs max / expected (M)",
          f"{card.get('macs_max', 0) / 1e6:.2f} / {card.get('macs_expected', 0) / 1e6:.2f}"),
         ("exported subnet: latency ms measured / predicted",
-         f"{card.get('latency_ms')} / {card.get('latency_ms_predicted')}"),
+         " / ".join(f"{v:.3f}" if isinstance(v, float) else "n/a"
+                    for v in (card.get("latency_ms"), card.get("latency_ms_predicted")))),
         ("exported subnet: exit rates", card.get("exit_rates")),
     ] + [(f"time: {k} (s)", f"{v:.0f}") for k, v in times.items()]
     width = max(len(k) for k, _ in rows)

@@ -4,10 +4,10 @@ Every distinct part of the space is timed as the standalone module users run (``
 blocks, heads and gater): each block configuration (stage, first or later position in the stage, kernel,
 width, input resolution, CIGT paths) in each gate state — a per-filter gate (channel, EMG) at a few
 active-filter levels, interpolated in between; a skip gate on and off; each DFS option — plus stem, gater,
-exit heads and classifier. Then random subnets are timed end to end, static ones and forced dynamic paths, in
-the form ``nas4dyn export`` ships (TorchScript, frozen: :mod:`supernet.scripting`): some fit the linear
-correction of the table sum, held-out ones validate the predictor — so predictions are of the exported model,
-which runs faster than the eager modules the table entries time (fewer calls: BatchNorm folded).
+exit heads and classifier. Then random subnets are timed end to end, static ones and forced dynamic paths:
+some fit the linear correction of the table sum, held-out ones validate the predictor. Everything is timed in
+the form ``nas4dyn export`` ships (TorchScript, frozen: :mod:`supernet.scripting`), so predictions are of the
+exported model; freezing folds BatchNorms into ungated convs and saves calls, which speeds the parts unevenly.
 
 Timing: inputs at the largest resolution of the space (the data's), ``torch.inference_mode``, the thread
 count pinned, CUDA synchronised around every call. The machine may be shared, so every measured item is timed
@@ -72,9 +72,16 @@ def _unit_levels(units: int, count: int) -> list[int]:
     return sorted({round(units * i / (count - 1)) for i in range(count)})
 
 
-def _exit_call(head: torch.nn.Module, h: torch.Tensor, criterion: str) -> Call:
-    # What SubNet does at an exit a sample does not take: head, confidence test, the any() that syncs.
-    return lambda: bool((confidence(head(h), criterion) >= 0.5).any())
+class ExitProbe(torch.nn.Module):
+    """An exit that a sample does not take, as SubNet runs it: head, confidence test, and the any() that
+    syncs — one module, so it is timed scripted and frozen like the rest."""
+
+    def __init__(self, head: torch.nn.Module, criterion: str):
+        super().__init__()
+        self.head, self.criterion = head, criterion
+
+    def forward(self, h: torch.Tensor) -> bool:
+        return bool((confidence(self.head(h), self.criterion) >= 0.5).any())
 
 
 def _block_variants(net: Supernet, s: int, b: int, k: int, w: int, settings: ProfileSettings, batch: int,
@@ -97,7 +104,8 @@ def _block_variants(net: Supernet, s: int, b: int, k: int, w: int, settings: Pro
 
 
 def table_calls(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> dict[tuple, dict[float, Call]]:
-    """The calls to time for every table entry: entry key -> level -> call."""
+    """The calls to time for every table entry: entry key -> level -> call. Every module is scripted and
+    frozen as ``nas4dyn export`` ships it: freezing folds BatchNorms and saves calls, unevenly across parts."""
     space, batch, dev = net.space, x.shape[0], x.device
     calls: dict[tuple, dict[float, Call]] = {}
     blocks = {}  # extracted once per configuration; the input resolution only changes the input
@@ -106,17 +114,20 @@ def table_calls(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> di
             for k in st.kernels:
                 for w in st.widths:
                     for (gate, paths), states in _block_variants(net, s, b, k, w, settings, batch, dev).items():
+                        frozen = {id(m): freeze_scripted(m) for m, _ in states.values()}  # channel levels share one
+                        states = {on: (frozen[id(m)], logits) for on, (m, logits) in states.items()}
                         blocks[(s, b == 0, k, w, gate, paths)] = (states, space.block_in_channels(s, b))
+    stem, classifier = freeze_scripted(net.stem), freeze_scripted(net.classifier)
     for r in space.resolutions:
         xr = resize(x, r)
         sizes = _stage_sizes(space, r)
-        calls[("stem", r)] = {0.0: lambda r_=r: net.stem(resize(x, r_))}
+        calls[("stem", r)] = {0.0: lambda r_=r: stem(resize(x, r_))}
         if net.gater is not None:
             hidden = [st.hidden_channels(w, space.block_in_channels(s, b)) for s, st in enumerate(space.stages)
                       for b in range(st.max_depth) for w in st.widths if "channel" in space.allowed_gates(s, b)]
             calls[("gater", r)] = {}
             for rows in sorted({min(hidden), net.gater.fc2.out_features}):
-                gater = net.gater.extract(torch.arange(rows)).eval().to(dev)
+                gater = freeze_scripted(net.gater.extract(torch.arange(rows)).to(dev))
                 calls[("gater", r)][float(rows)] = lambda g=gater, xr_=xr: g(xr_)
         for (s, first, k, w, gate, paths), (states, in_ch) in blocks.items():
             size = sizes[s] if first else sizes[s + 1]
@@ -128,9 +139,10 @@ def table_calls(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> di
             stage_pos = next(p for p in space.exits.positions if p[0] == s)
             head = net.exit_heads[f"{stage_pos[0]}_{stage_pos[1]}"]
             h = torch.randn(batch, space.stages[s].out_channels, sizes[s + 1], sizes[s + 1], device=dev)
-            calls[("exit", r, s)] = {0.0: _exit_call(head, h, space.exits.criterion)}
+            probe = freeze_scripted(ExitProbe(head, space.exits.criterion))
+            calls[("exit", r, s)] = {0.0: lambda p=probe, h_=h: p(h_)}
         h = torch.randn(batch, space.stages[-1].out_channels, sizes[-1], sizes[-1], device=dev)
-        calls[("classifier", r)] = {0.0: lambda h_=h: net.classifier(h_)}
+        calls[("classifier", r)] = {0.0: lambda h_=h: classifier(h_)}
     return calls
 
 
