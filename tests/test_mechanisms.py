@@ -110,7 +110,7 @@ def test_dfs_int8_path_uses_quantized_kernels_and_matches_fake_quant(net, space)
     # points, so single outputs may differ by a few quantization steps (scaled by the last BN), on average by
     # less than one.
     step = max(q.qparams()[0] for q in (block.dfs_quant.out1, block.dfs_quant.out2))
-    unit = step * float(block.bn2.weight.abs().max() / block.bn2.running_var.min().sqrt())
+    unit = step * float(block.bn2.weight.detach().abs().max() / block.bn2.running_var.min().sqrt())
     diff = (real - fake).abs()
     assert diff.max() <= 8 * unit and diff.mean() <= 0.5 * unit
 
