@@ -123,10 +123,10 @@ def main() -> None:
         "fixed, so the extracted model runs exactly that path), timed end to end at batch 1 against the "
         "table's prediction for that path; random dynamic samples without exits or gates are dropped, hence "
         "n < 100. Table entries and end-to-end subnets are all timed scripted and frozen, the form `nas4dyn "
-        "export` ships as model.ts, so the predictions are of the exported model. `median/wall` is the default (right on a dedicated device); on this shared CPU preemption "
-        "inflates long calls more than short ones, so its medians measure the contention. `min/cpu` times the "
-        "thread's CPU time and keeps the least disturbed call, which is what the CLI help recommends on shared "
-        "machines.",
+        "export` ships as model.ts, so the predictions are of the exported model. `median/wall` is the default "
+        "(right on a dedicated device); on this shared CPU preemption inflates long calls more than short ones, "
+        "so its medians measure the contention. `min/cpu` times the thread's CPU time and keeps the least "
+        "disturbed call, which is what the CLI help recommends on shared machines.",
     ]
     text = "\n".join(lines)
     print(text)
