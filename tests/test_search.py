@@ -3,6 +3,7 @@ kill, concurrent processes on one storage, and the Ray backend. Tiny space, synt
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import sqlite3
@@ -130,6 +131,33 @@ def test_orphaned_trials_fail_and_live_ones_stay():
     claimed.join()
     failed = {t.number for t in study.get_trials(states=(optuna.trial.TrialState.FAIL,))}
     assert failed == {trials["dead"].number, trials["ownerless"].number}
+
+
+def ask_enqueued(url: str, start: float, trials: int, out: "multiprocessing.Queue") -> None:
+    """Worker of the test below: ask ``trials`` trials of study "race" once ``start`` comes."""
+    study = optuna.load_study(study_name="race", storage=open_storage(url, heartbeat=False))
+    while time.time() < start:
+        pass
+    out.put([study.ask().number for _ in range(trials)])
+
+
+def test_processes_popping_enqueued_trials_never_share_one(tmp_path):
+    """pysqlite's lazy BEGIN let two processes both pop one enqueued trial (both ran it; the second tell
+    failed). Without BEGIN IMMEDIATE this run gave 29-33 distinct trials of 40."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    study = optuna.create_study(study_name="race", storage=open_storage(url, heartbeat=False))
+    for i in range(40):
+        study.enqueue_trial({"x": float(i)}, skip_if_exists=False)
+    ctx = multiprocessing.get_context("spawn")
+    out, start = ctx.Queue(), time.time() + 8  # after every worker has started
+    workers = [ctx.Process(target=ask_enqueued, args=(url, start, 10, out)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    asked = [n for _ in workers for n in out.get(timeout=120)]
+    for w in workers:
+        w.join()
+    assert sorted(asked) == list(range(40))
 
 
 # ---- encoding and calibration -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+import sqlalchemy
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from nas4dyn.errors import ConfigError
@@ -70,7 +71,11 @@ def open_storage(url: str, heartbeat: bool = True) -> BaseStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval: stable since 2.9
-                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S if heartbeat else None)
+                storage = RDBStorage(url, engine_kwargs=engine_kwargs,
+                                     heartbeat_interval=HEARTBEAT_S if heartbeat else None)
+            if url.startswith("sqlite:"):
+                _begin_immediate(storage.engine)
+            return storage
         except Exception as exc:  # sqlalchemy raises many types (ArgumentError, OperationalError, ImportError)
             # Processes that open a new database at once race to create its tables and version row (the loser
             # sees "already exists" or a UNIQUE violation); a retry finds them made.
@@ -81,6 +86,22 @@ def open_storage(url: str, heartbeat: bool = True) -> BaseStorage:
             message = mask_url(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise ConfigError(f"--storage {mask_url(url)}: cannot open ({type(exc).__name__}: {message}); pass an "
                               "Optuna RDB URL such as sqlite:///study.db or journal:PATH") from None
+
+
+def _begin_immediate(engine: Any) -> None:
+    """Make every SQLite transaction take the write lock at its start (SQLAlchemy's recipe for pysqlite).
+    pysqlite begins a transaction only at the first write, so Optuna's read-check-write of a trial's state can
+    interleave between processes: two processes both saw an enqueued trial WAITING, both set it RUNNING and
+    ran it, and the second one's result was refused ("Cannot tell a COMPLETE trial")."""
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself, below
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while Optuna created the tables predate the listeners
 
 
 # ---- owners -------------------------------------------------------------------------------------------------
