@@ -76,12 +76,13 @@ def states(study: optuna.Study) -> dict[str, int]:
     return out
 
 
-def db_states(path: Path, timeout: float = 30.0) -> dict[str, int]:
+def db_states(path: Path) -> dict[str, int]:
     """Trial states read straight from SQLite: opening an Optuna storage on a database that another process is
-    still creating races with its schema creation."""
+    still creating races with its schema creation. A short lock timeout: the writer may be stopped (SIGSTOP)
+    holding the lock, and the caller simply looks again."""
     if not path.exists():
         return {}
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout) as db:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2) as db:
         try:
             return dict(db.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
         except sqlite3.OperationalError:  # tables not created yet, or locked by the stopped writer
@@ -321,7 +322,7 @@ def test_killed_run_resumes_and_its_running_trial_fails(run_dir, tmp_path):
         while time.time() < deadline:
             time.sleep(0.5)
             proc.send_signal(signal.SIGSTOP)  # frozen while we look, so the trial seen in flight still is
-            counts = db_states(out / "study.db", timeout=0.2)
+            counts = db_states(out / "study.db")
             if counts.get("COMPLETE", 0) >= 2 and counts.get("RUNNING", 0) == 1:
                 break
             proc.send_signal(signal.SIGCONT)

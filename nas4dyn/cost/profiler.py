@@ -117,29 +117,33 @@ def table_calls(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> di
                         frozen = {id(m): freeze_scripted(m) for m, _ in states.values()}  # channel levels share one
                         states = {on: (frozen[id(m)], logits) for on, (m, logits) in states.items()}
                         blocks[(s, b == 0, k, w, gate, paths)] = (states, space.block_in_channels(s, b))
+    # Frozen once; the input resolution only changes the input.
     stem, classifier = freeze_scripted(net.stem), freeze_scripted(net.classifier)
+    gaters = {}
+    if net.gater is not None:
+        hidden = [st.hidden_channels(w, space.block_in_channels(s, b)) for s, st in enumerate(space.stages)
+                  for b in range(st.max_depth) for w in st.widths if "channel" in space.allowed_gates(s, b)]
+        gaters = {float(rows): freeze_scripted(net.gater.extract(torch.arange(rows)).to(dev))
+                  for rows in sorted({min(hidden), net.gater.fc2.out_features})}
+    probes = {}
+    for s in sorted({p[0] for p in space.exits.positions}):
+        stage_pos = next(p for p in space.exits.positions if p[0] == s)
+        head = net.exit_heads[f"{stage_pos[0]}_{stage_pos[1]}"]
+        probes[s] = freeze_scripted(ExitProbe(head, space.exits.criterion))
     for r in space.resolutions:
         xr = resize(x, r)
         sizes = _stage_sizes(space, r)
         calls[("stem", r)] = {0.0: lambda r_=r: stem(resize(x, r_))}
-        if net.gater is not None:
-            hidden = [st.hidden_channels(w, space.block_in_channels(s, b)) for s, st in enumerate(space.stages)
-                      for b in range(st.max_depth) for w in st.widths if "channel" in space.allowed_gates(s, b)]
-            calls[("gater", r)] = {}
-            for rows in sorted({min(hidden), net.gater.fc2.out_features}):
-                gater = freeze_scripted(net.gater.extract(torch.arange(rows)).to(dev))
-                calls[("gater", r)][float(rows)] = lambda g=gater, xr_=xr: g(xr_)
+        if gaters:
+            calls[("gater", r)] = {rows: (lambda g=gater, xr_=xr: g(xr_)) for rows, gater in gaters.items()}
         for (s, first, k, w, gate, paths), (states, in_ch) in blocks.items():
             size = sizes[s] if first else sizes[s + 1]
             h = torch.randn(batch, in_ch, size, size, device=dev)
             calls[("block", r, s, first, k, w, gate, paths)] = {
                 float(on): (lambda m=module, h_=h, g=logits: m(h_, g)) for on, (module, logits) in states.items()
             }
-        for s in sorted({p[0] for p in space.exits.positions}):
-            stage_pos = next(p for p in space.exits.positions if p[0] == s)
-            head = net.exit_heads[f"{stage_pos[0]}_{stage_pos[1]}"]
+        for s, probe in probes.items():
             h = torch.randn(batch, space.stages[s].out_channels, sizes[s + 1], sizes[s + 1], device=dev)
-            probe = freeze_scripted(ExitProbe(head, space.exits.criterion))
             calls[("exit", r, s)] = {0.0: lambda p=probe, h_=h: p(h_)}
         h = torch.randn(batch, space.stages[-1].out_channels, sizes[-1], sizes[-1], device=dev)
         calls[("classifier", r)] = {0.0: lambda h_=h: classifier(h_)}
