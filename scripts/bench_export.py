@@ -49,7 +49,7 @@ from search_spaces.space import SearchSpace  # noqa: E402
 from supernet.dynamic.emg import EMGGate  # noqa: E402
 from supernet.dynamic.gates import SkipGate  # noqa: E402
 from supernet.network import Supernet  # noqa: E402
-from supernet.training.sampling import gated  # noqa: E402
+from nas4dyn.train.sampling import gated  # noqa: E402
 
 
 def backbone(space: SearchSpace) -> Arch:

@@ -42,9 +42,9 @@ from nas4dyn.export.measure import realized_macs  # noqa: E402
 from nas4dyn.export.torchscript import load_exported, save_torchscript  # noqa: E402
 from search_spaces.arch import Arch  # noqa: E402
 from supernet.dynamic.dfs import DFS_OPTIONS, DFS_RELATIVE_COST, DFSGate  # noqa: E402
-from supernet.training.bn import recalibrate_bn  # noqa: E402
-from supernet.training.evaluation import accuracy_and_rates  # noqa: E402
-from supernet.training.sampling import gated  # noqa: E402
+from nas4dyn.train.bn import recalibrate_bn  # noqa: E402
+from nas4dyn.train.evaluation import accuracy_and_rates  # noqa: E402
+from nas4dyn.train.sampling import gated  # noqa: E402
 
 SPACE = "fmnist_dynamic_all"
 GOALS = {"routing": 0.8, "emg gates": 0.8}

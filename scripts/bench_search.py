@@ -35,7 +35,7 @@ from nas4dyn.search.runner import REFERENCE_ATTR
 from nas4dyn.search.trial import Batches, SearchSettings, TrialContext, cached_batches, hv_reference, load_context
 from nas4dyn.search.objectives import parse_objectives
 from search_spaces.arch import Arch
-from supernet.training.bn import recalibrate_bn
+from nas4dyn.train.bn import recalibrate_bn
 
 OBJECTIVES = "accuracy:max,macs_expected:min"
 

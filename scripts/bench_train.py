@@ -23,9 +23,9 @@ import nas4dyn
 from benchlib import machine_line, replace_section
 from nas4dyn.data import load_data, make_loader
 from nas4dyn.io import atomic_write_text
-from supernet.training.bn import recalibrate_bn
-from supernet.training.evaluation import accuracy_and_rates
-from supernet.training.sampling import all_exits
+from nas4dyn.train.bn import recalibrate_bn
+from nas4dyn.train.evaluation import accuracy_and_rates
+from nas4dyn.train.sampling import all_exits
 
 TARGETS = {"quick": (6 * 60, 0.88, None), "default": (45 * 60, 0.935, 0.90)}  # seconds, max acc, min acc
 EXIT_BUDGET, EXIT_TARGET = 0.6, 0.92

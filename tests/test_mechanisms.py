@@ -223,7 +223,7 @@ def test_router_standardises_logits_so_no_path_wins_every_sample():
 
 def test_bn_recalibration_covers_the_routers(net, space):
     from nas4dyn.data import load_data, make_loader
-    from supernet.training.bn import recalibrate_bn
+    from nas4dyn.train.bn import recalibrate_bn
 
     arch = routed_arch(space)
     router = net.routers["2_0"]

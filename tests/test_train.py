@@ -20,14 +20,14 @@ from nas4dyn.cli.main import main
 from nas4dyn.errors import ConfigError
 from nas4dyn.data import load_data
 from supernet.network import GateTrace, RouteTrace
-from supernet.training.config import PRESETS, build_config, config_from_mapping
-from supernet.training.distributed import DistEnv, ShardedBatches
-from supernet.training.evaluation import evaluate_phase
-from supernet.training.losses import gated_mac_rate, subnet_loss
-from supernet.training.precision import resolve_precision
-from supernet.training.sampling import restrict, sandwich
-from supernet.training.schedule import make_optimizer, plan_phases
-from supernet.training.trainer import Trainer
+from nas4dyn.train.config import PRESETS, build_config, config_from_mapping
+from nas4dyn.train.distributed import DistEnv, ShardedBatches
+from nas4dyn.train.evaluation import evaluate_phase
+from nas4dyn.train.losses import gated_mac_rate, subnet_loss
+from nas4dyn.train.precision import resolve_precision
+from nas4dyn.train.sampling import restrict, sandwich
+from nas4dyn.train.schedule import make_optimizer, plan_phases
+from nas4dyn.train.trainer import Trainer
 from tests.conftest import all_space
 
 TINY = {

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from supernet.training.config import PRESETS
+from nas4dyn.train.config import PRESETS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so `nas4dyn --help` stays fast.
     from nas4dyn.data import load_data
     from search_spaces.space import load_space
-    from supernet.training.config import build_config
-    from supernet.training.distributed import init_distributed, shutdown
-    from supernet.training.trainer import Trainer, summary_table
+    from nas4dyn.train.config import build_config
+    from nas4dyn.train.distributed import init_distributed, shutdown
+    from nas4dyn.train.trainer import Trainer, summary_table
 
     config = build_config(args.preset, args.config, args.set)
     space = load_space(args.space)

@@ -240,7 +240,7 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
     test_set, bundle = load_split(source, "test", info, options.data_root)
     _check_data_fits(bundle.info, net.space.input_channels, net.space.num_classes, source)
     if options.bn_images > 0:
-        from supernet.training.bn import recalibrate_bn
+        from nas4dyn.train.bn import recalibrate_bn
 
         log.info("recalibrating BatchNorm statistics for the arch on %d training images", options.bn_images)
         recalibrate_bn(net, arch, make_loader(bundle.train_eval, options.batch_size, shuffle=True,

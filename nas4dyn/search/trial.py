@@ -39,7 +39,7 @@ from nas4dyn.search.objectives import EXPECTED_METRICS, Constraint, Objective, b
 from search_spaces.arch import Arch
 from supernet.dynamic.heads import confidence
 from supernet.network import Supernet
-from supernet.training.bn import recalibrate_bn
+from nas4dyn.train.bn import recalibrate_bn
 
 log = logging.getLogger(__name__)
 Batches = list[tuple[torch.Tensor, torch.Tensor]]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from supernet.training.config import PhaseConfig, TrainConfig
+from nas4dyn.train.config import PhaseConfig, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from nas4dyn.errors import ConfigError
-from supernet.training.precision import PRECISIONS
+from nas4dyn.train.precision import PRECISIONS
 
 # Dimensions a phase can make elastic; the others stay at their maximum (exits, gates: off; paths: one).
 DIMENSIONS = ("resolution", "kernel", "depth", "width", "exits", "gates", "paths")

@@ -26,15 +26,15 @@ from nas4dyn.errors import ConfigError, Nas4dynError
 from nas4dyn.io import atomic_write_json
 from search_spaces.space import SearchSpace
 from supernet.network import Supernet
-from supernet.training import checkpoint as ckpt
-from supernet.training.config import TrainConfig
-from supernet.training.distributed import (DistEnv, ShardedBatches, broadcast_object, broadcast_state,
+from nas4dyn.train import checkpoint as ckpt
+from nas4dyn.train.config import TrainConfig
+from nas4dyn.train.distributed import (DistEnv, ShardedBatches, broadcast_object, broadcast_state,
                                            gather_objects, state_checksum, sync_gradients)
-from supernet.training.evaluation import evaluate_phase
-from supernet.training.losses import subnet_loss
-from supernet.training.precision import autocast, resolve_precision
-from supernet.training.sampling import sandwich
-from supernet.training.schedule import PhasePlan, make_optimizer, plan_phases
+from nas4dyn.train.evaluation import evaluate_phase
+from nas4dyn.train.losses import subnet_loss
+from nas4dyn.train.precision import autocast, resolve_precision
+from nas4dyn.train.sampling import sandwich
+from nas4dyn.train.schedule import PhasePlan, make_optimizer, plan_phases
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Trains a supernet of ``space`` on ``data`` into ``run_dir`` (see :mod:`supernet.training`)."""
+    """Trains a supernet of ``space`` on ``data`` into ``run_dir`` (see :mod:`nas4dyn.train`)."""
 
     def __init__(self, space: SearchSpace, data: DataBundle, config: TrainConfig, run_dir: str | Path,
                  seed: int = 0, env: Optional[DistEnv] = None, resume: bool = False):

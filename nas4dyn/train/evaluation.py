@@ -12,10 +12,10 @@ from nas4dyn.data import make_loader
 from search_spaces.arch import Arch
 from search_spaces.space import SearchSpace
 from supernet.network import Supernet
-from supernet.training.bn import recalibrate_bn
-from supernet.training.config import TrainConfig
-from supernet.training.distributed import DistEnv, all_sum
-from supernet.training.sampling import all_exits, extremes, gated
+from nas4dyn.train.bn import recalibrate_bn
+from nas4dyn.train.config import TrainConfig
+from nas4dyn.train.distributed import DistEnv, all_sum
+from nas4dyn.train.sampling import all_exits, extremes, gated
 
 EVAL_BATCH = 500
 

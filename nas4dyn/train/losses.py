@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from supernet.dynamic.cigt import information_gain_loss
 from supernet.network import GateTrace, RouteTrace
-from supernet.training.config import TrainConfig
+from nas4dyn.train.config import TrainConfig
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
