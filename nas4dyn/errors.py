@@ -29,3 +29,8 @@ class CheckpointError(Nas4dynError, ValueError):
 
 class ConfigError(Nas4dynError, ValueError):
     """A configuration value (file, flag or objective) is invalid; the message names it and the fix."""
+
+
+class DivergenceError(Nas4dynError):
+    """Training produced a non-finite loss, gradient or weight; the message names the phase, the step and the
+    likely cause. Nothing is written after the last good checkpoint."""

@@ -17,7 +17,7 @@ import yaml
 
 import nas4dyn
 from nas4dyn.cli.main import main
-from nas4dyn.errors import ConfigError
+from nas4dyn.errors import ConfigError, DivergenceError
 from nas4dyn.data import load_data
 from supernet.network import GateTrace, RouteTrace
 from nas4dyn.train.config import PRESETS, build_config, config_from_mapping
@@ -328,3 +328,45 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path, tiny_config):
     assert metrics["world_size"] == 2 and len(checksums) == 2
     assert checksums[0] == checksums[1] and metrics["ranks_consistent"]
     assert [p["name"] for p in metrics["phases"]] == PHASES
+
+
+def test_every_float_notation_is_a_number_and_non_finite_values_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("weight_decay: 5e-4\nphases: {width: {lr: 1E-2}}\n")
+    cfg = build_config("quick", path, ["phases.full.lr=1e-3", "kd_ratio=5E-1", "phases.kernel.lr=.5",
+                                       "momentum=9e-1"])
+    lrs = {p.name: p.lr for p in cfg.phases}
+    assert (cfg.weight_decay, lrs["width"], lrs["full"], cfg.kd_ratio, lrs["kernel"], cfg.momentum) == (
+        5e-4, 1e-2, 1e-3, 0.5, 0.5, 0.9)
+    with pytest.raises(ConfigError) as exc:
+        build_config("quick", None, ["phases.full.lr=.nan", "grad_clip=.inf"])
+    assert "phases.full.lr: nan" in str(exc.value) and "grad_clip: inf" in str(exc.value)
+
+
+def test_diverging_phase_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config):
+    """A learning rate of 1e30 in the second phase: exit 2 naming phase, step and cause; the checkpoint of the
+    first phase's end is kept (finite), and no supernet.pt or metrics are written."""
+    out = tmp_path / "diverged"
+    result = run(train_cmd(out, tiny_config, "--set", "phases.kernel.lr=1e30"))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0] == result.stderr.splitlines()[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    for word in ("phase kernel", "step", "phases.kernel.lr (now 1e+30)", "grad_clip", "last good checkpoint"):
+        assert word in errors[0]
+    assert not (out / "supernet.pt").exists() and not (out / "train_metrics.json").exists()
+    blob = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (blob["phase"], blob["step"]) == (1, 0)
+    assert all(bool(torch.isfinite(t).all()) for t in blob["model"].values() if t.is_floating_point())
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, tiny_space):
+    config = build_config("quick", overrides=["batch_size=8"])
+    trainer = Trainer(tiny_space, load_data("synthetic", synthetic={"n_train": 40, "n_test": 8}), config, tmp_path)
+    with torch.no_grad():
+        next(trainer.net.parameters()).fill_(float("nan"))
+    plan = trainer.plans[0]
+    opt, sched = make_optimizer(trainer.net, plan, config)
+    with pytest.raises(DivergenceError, match="1 of .* weight tensors are not finite"):
+        trainer._save(opt, sched, time.perf_counter())
+    assert not (tmp_path / "checkpoint.pt").exists()

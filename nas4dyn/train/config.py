@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -143,10 +145,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ---- building ----------------------------------------------------------------------------------------------
+class FloatLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading every float notation people write: YAML 1.1 (PyYAML) takes ``1e-3`` and
+    ``5E-4`` — no dot — for strings; YAML 1.2 and Python read them as numbers, and so does this loader."""
+
+
+FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`FloatLoader`."""
+    return yaml.load(text, Loader=FloatLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _parse_scalar(text: str) -> Any:
-    """A command-line value: YAML scalar or flow list (``0.1``, ``true``, ``[kernel, depth]``)."""
+    """A command-line value: YAML scalar or flow list (``0.1``, ``1e-3``, ``true``, ``[kernel, depth]``)."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -200,7 +219,7 @@ def _overrides_to_mapping(overrides: list[str], problems: list[str]) -> dict[str
 def _check_number(problems: list[str], where: str, value: Any, kind: type, low: float, high: Optional[float],
                   low_open: bool = False) -> None:
     is_int = isinstance(value, int) and not isinstance(value, bool)
-    ok_type = is_int if kind is int else (is_int or isinstance(value, float))
+    ok_type = is_int if kind is int else (is_int or (isinstance(value, float) and math.isfinite(value)))
     too_low = ok_type and (value <= low if low_open else value < low)
     if not ok_type or too_low or (ok_type and high is not None and value > high):
         bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
@@ -308,7 +327,7 @@ def build_config(preset: str = "default", path: Optional[str | Path] = None,
     data = copy.deepcopy(PRESETS[preset])
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = load_yaml(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"--config {path}: cannot read YAML ({type(exc).__name__}: {exc})".splitlines()[0]) from None
         if not isinstance(loaded, Mapping):

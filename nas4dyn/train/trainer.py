@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from nas4dyn.api import save_supernet
 from nas4dyn.data import DataBundle
-from nas4dyn.errors import ConfigError, Nas4dynError
+from nas4dyn.errors import ConfigError, DivergenceError, Nas4dynError
 from nas4dyn.io import atomic_write_json
 from search_spaces.space import SearchSpace
 from supernet.network import Supernet
@@ -80,6 +81,10 @@ class Trainer:
         self.phase, self.step = 0, 0
         self.metrics: dict[str, Any] = {"phases": [], "phase_elapsed_s": 0.0}
         self.resumed: Optional[dict[str, Any]] = self._load_or_start(resume)
+        # (phase name, step) of the checkpoint on disk, named when training diverges
+        self.last_good: Optional[tuple[str, int]] = None
+        if self.resumed is not None:
+            self.last_good = (self.plans[min(self.phase, len(self.plans) - 1)].name, self.step)
         broadcast_state(self.net, self.env)
         # NHWC weights (and so activations): 1.2-1.4x the full phase's steps per second of NCHW on 2 CPU cores
         # for the fmnist space (docs/BENCHMARKS.md, "Training (default preset)"). Values are unchanged, so
@@ -127,6 +132,7 @@ class Trainer:
         return blob
 
     def _save(self, opt: torch.optim.Optimizer, sched: Any, phase_start: float) -> None:
+        self._check_weights(self.plans[min(self.phase, len(self.plans) - 1)])  # never checkpoint a diverged net
         rng = gather_objects(ckpt.capture_rng(), self.env)
         if not self.env.is_main:
             return
@@ -137,6 +143,26 @@ class Trainer:
             "data_position": self.stream.position, "model": self.net.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, "metrics": self.metrics,
         })
+        self.last_good = (self.plans[min(self.phase, len(self.plans) - 1)].name, self.step)
+
+    # ---- divergence --------------------------------------------------------------------------------------
+    def _diverged(self, plan: PhasePlan, step: int, what: str) -> DivergenceError:
+        """The one-line error of a diverged run: where, what, the likely cause, and what is kept on disk."""
+        fix = f"lower phases.{plan.name}.lr (now {plan.config.lr:g})"
+        if self.config.grad_clip <= 0:
+            fix += " or set grad_clip=1.0"
+        kept = (f"{self.run_dir / ckpt.CHECKPOINT_NAME} (phase {self.last_good[0]}, step {self.last_good[1]}) is the "
+                "last good checkpoint" if self.last_good else "no checkpoint was written")
+        return DivergenceError(f"training diverged in phase {plan.name} at step {step} of {plan.steps}: "
+                               f"{what}; likely cause: a learning rate too high for this phase — {fix}; {kept}, "
+                               "no supernet.pt was written")
+
+    def _check_weights(self, plan: PhasePlan) -> None:
+        """Raise :class:`DivergenceError` when a weight or buffer is non-finite (identical on every rank)."""
+        state = [t for t in self.net.state_dict().values() if t.is_floating_point()]
+        bad = sum(not bool(torch.isfinite(t).all()) for t in state)
+        if bad:
+            raise self._diverged(plan, self.step, f"{bad} of {len(state)} weight tensors are not finite")
 
     # ---- one step ----------------------------------------------------------------------------------------
     def train_step(self, plan: PhasePlan, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer
@@ -170,10 +196,15 @@ class Trainer:
         # Drop the last graph's references (and let evaluation deep-copy the net).
         net.gate_trace, net.route_trace = [], []
         sync_gradients(net, self.env)
-        if cfg.grad_clip > 0:
-            logs["grad_norm"] = float(nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
-        opt.step()
         logs["loss"] = sum(v for k, v in logs.items() if k.startswith("loss_"))
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        # The gradient norm is the same on every rank (after the all-reduce), so all ranks stop at the same step.
+        norm = (nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+                else nn.utils.get_total_norm(grads))
+        logs["grad_norm"] = float(norm)
+        if not (math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"])):  # stop before the update
+            raise self._diverged(plan, self.step + 1, f"loss {logs['loss']:g}, gradient norm {logs['grad_norm']:g}")
+        opt.step()
         return logs
 
     def router_temperature(self, plan: PhasePlan) -> float:
@@ -209,7 +240,11 @@ class Trainer:
         while self.step < plan.steps:
             tic = time.perf_counter()
             x, y = self.stream.next()
-            logs = self.train_step(plan, x.to(self.env.device), y.to(self.env.device), opt)
+            try:
+                logs = self.train_step(plan, x.to(self.env.device), y.to(self.env.device), opt)
+            except DivergenceError:
+                bar.close()  # the error line comes after the bar, not inside it
+                raise
             sched.step()
             self.step += 1
             ips = images / (time.perf_counter() - tic)
@@ -221,6 +256,7 @@ class Trainer:
             if self.step % self.config.checkpoint_every == 0 and self.step < plan.steps:
                 self._save(opt, sched, phase_start)
         bar.close()
+        self._check_weights(plan)
         train_time = time.perf_counter() - phase_start
         results = evaluate_phase(self.net, plan.config.elastic, self.data.train_eval, self.data.val, self.config,
                                  self.seed, self.env)
