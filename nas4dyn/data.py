@@ -8,7 +8,9 @@ class count come from the data, never from constants. Nothing is ever downloaded
 from __future__ import annotations
 
 import gzip
+import logging
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -21,6 +23,8 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from nas4dyn.errors import DataError
+
+log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = (
@@ -43,6 +47,7 @@ class DataInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    unreadable_skipped: int = 0  # ImageFolder images left out as unreadable (--skip-unreadable)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,14 +172,14 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 
 
 def _bundle_from_tensors(name: str, splits: dict, classes: Sequence[str], val_fraction: float, seed: int,
-                         augment: bool, erasing: float) -> DataBundle:
+                         augment: bool, erasing: float, skipped: int = 0) -> DataBundle:
     images, labels = splits["train"]
     mean, std = _stats(images)
     res = images.shape[-1]
     evaluate = eval_transform(mean, std)
     train_tf = train_transform(res, mean, std, erasing=erasing) if augment else evaluate
     train_idx, val_idx = split_indices(len(labels), val_fraction, seed)
-    info = DataInfo(name, images.shape[1], len(classes), res, mean, std, tuple(classes))
+    info = DataInfo(name, images.shape[1], len(classes), res, mean, std, tuple(classes), skipped)
     return DataBundle(
         train=Subset(TensorImageDataset(images, labels, train_tf), train_idx),
         train_eval=Subset(TensorImageDataset(images, labels, evaluate), train_idx),
@@ -184,46 +189,105 @@ def _bundle_from_tensors(name: str, splits: dict, classes: Sequence[str], val_fr
     )
 
 
-def _image_folder(root: Path, val_fraction: float, seed: int, augment: bool, erasing: float) -> DataBundle:
+GRAY_MODES = ("L", "LA", "1", "I", "I;16", "F")
+
+
+def _unreadable(path: str, exc: Exception) -> DataError:
+    return DataError(f"{path}: cannot read this image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                     "replace or remove it, or pass --skip-unreadable to leave unreadable images out")
+
+
+def _header(path: str) -> tuple[int, int]:
+    """(channels, short side) from the image file's header (PIL reads no pixels here)."""
+    with Image.open(path) as image:
+        return (1 if image.mode in GRAY_MODES else 3), min(image.size)
+
+
+def _decide_format(root: Path, headers: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """Channels and resolution of the whole dataset: the majority's mode and the most common short side. Mixed
+    folders are converted consistently, with one warning saying so."""
+    modes = Counter(c for c, _ in headers.values())
+    sides = Counter(s for _, s in headers.values())
+    channels = 3 if modes[3] >= modes[1] else 1
+    res = max(sides, key=lambda side: (sides[side], side))
+    notes = []
+    if len(modes) > 1:
+        notes.append(f"{modes[1]} grayscale and {modes[3]} colour images: all are read as "
+                     f"{'RGB' if channels == 3 else 'grayscale'} (the majority)")
+    if len(sides) > 1:
+        notes.append(f"short sides from {min(sides)} to {max(sides)} px: all are resized and centre-cropped to "
+                     f"{res} px (the most common)")
+    if notes:
+        log.warning("%s: %s", root, "; ".join(notes))
+    return channels, res
+
+
+def _image_folder(root: Path, val_fraction: float, seed: int, augment: bool, erasing: float,
+                  skip_unreadable: bool = False) -> DataBundle:
     """ImageFolder layout: ``train/`` (+ ``val/`` or ``test/`` as the held-out split), or one folder of class
-    folders that is split by seed into train and held-out test."""
+    folders that is split by seed into train and held-out test. Channels and resolution are decided over every
+    image (:func:`_decide_format`); an unreadable image stops with its name, or is left out (counted) with
+    ``skip_unreadable``."""
     train_dir = root / "train" if (root / "train").is_dir() else root
     held_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     try:
-        probe = datasets.ImageFolder(str(train_dir))
+        folders = [datasets.ImageFolder(str(train_dir))]
+        if held_dir is not None:
+            folders.append(datasets.ImageFolder(str(held_dir)))
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"{root}: not an ImageFolder dataset ({exc}); expected class sub-folders of images") from None
-    with Image.open(probe.samples[0][0]) as first:  # the raw file: ImageFolder's loader converts to RGB
-        channels = 1 if first.mode in ("L", "1", "I", "I;16") else 3
-        res = min(first.size)
+    if held_dir is not None and folders[1].classes != folders[0].classes:
+        raise DataError(f"{held_dir}: classes {folders[1].classes} differ from {train_dir}'s {folders[0].classes}; "
+                        "the held-out split needs the same class folders (labels would not match)")
+    skipped: list[str] = []
+
+    def readable(path: str, read: Callable[[str], Any]) -> Any:
+        try:
+            return read(path)
+        except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for empty, truncated or foreign files
+            if not skip_unreadable:
+                raise _unreadable(path, exc) from None
+            skipped.append(path)
+            return None
+
+    headers = {path: h for ds in folders for path, _ in ds.samples if (h := readable(path, _header)) is not None}
+    if not headers:
+        raise DataError(f"{root}: no readable image")
+    channels, res = _decide_format(root, headers)
     to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize(res, antialias=True), v2.CenterCrop(res)])
     mode = "L" if channels == 1 else "RGB"
 
-    def load(folder: str) -> datasets.ImageFolder:
-        return datasets.ImageFolder(folder, transform=to_tensor,
-                                    loader=lambda p: datasets.folder.default_loader(p).convert(mode))
+    def pixels(path: str) -> torch.Tensor:
+        with Image.open(path) as image:
+            return to_tensor(image.convert(mode))
 
-    def materialise(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [ds[i] for i in range(len(ds))]
+    def materialise(samples: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [(x, y) for path, y in samples if path in headers and (x := readable(path, pixels)) is not None]
+        if not items:
+            raise DataError(f"{root}: no readable image in a split")
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
-    full = load(str(train_dir))
     if held_dir is None:
-        train_idx, test_idx = split_indices(len(full), 0.2, seed + 1)
-        train = materialise(Subset(full, train_idx))
-        test = materialise(Subset(full, test_idx))
+        samples = [s for s in folders[0].samples if s[0] in headers]
+        train_idx, test_idx = split_indices(len(samples), 0.2, seed + 1)
+        train = materialise([samples[i] for i in train_idx])
+        test = materialise([samples[i] for i in test_idx])
     else:
-        train, test = materialise(full), materialise(load(str(held_dir)))
-    return _bundle_from_tensors(str(root), {"train": train, "test": test}, full.classes, val_fraction, seed, augment,
-                                erasing)
+        train, test = materialise(folders[0].samples), materialise(folders[1].samples)
+    if skipped:
+        log.warning("%s: skipped %d unreadable image(s) (--skip-unreadable), e.g. %s", root, len(skipped), skipped[0])
+    return _bundle_from_tensors(str(root), {"train": train, "test": test}, folders[0].classes, val_fraction, seed,
+                                augment, erasing, len(skipped))
 
 
 def load_data(source: str, data_root: Optional[str] = None, val_fraction: float = 0.1, seed: int = 0,
-              augment: bool = True, synthetic: Optional[dict[str, int]] = None, erasing: float = 0.0) -> DataBundle:
+              augment: bool = True, synthetic: Optional[dict[str, int]] = None, erasing: float = 0.0,
+              skip_unreadable: bool = False) -> DataBundle:
     """Load ``fashion-mnist``, ``synthetic`` (options in ``synthetic``), or an ImageFolder directory.
 
     ``augment`` makes ``train`` randomly cropped and flipped, and then randomly erased with probability
-    ``erasing``; the other splits are never augmented.
+    ``erasing``; the other splits are never augmented. ``skip_unreadable`` leaves unreadable images of an
+    ImageFolder out (with one warning counting them) instead of stopping at the first.
 
     Raises:
         DataError: unknown source or missing files, with how to fix it.
@@ -238,7 +302,7 @@ def load_data(source: str, data_root: Optional[str] = None, val_fraction: float 
         return _bundle_from_tensors(source, splits, classes, val_fraction, seed, augment, erasing)
     path = Path(source)
     if path.is_dir():
-        return _image_folder(path, val_fraction, seed, augment, erasing)
+        return _image_folder(path, val_fraction, seed, augment, erasing, skip_unreadable)
     raise DataError(f"unknown data source {source!r}: use fashion-mnist, synthetic, or an ImageFolder directory")
 
 

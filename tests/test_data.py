@@ -126,3 +126,61 @@ def test_image_folder_single_folder_split_by_seed(tmp_path):
     assert len(bundle.test) + len(bundle.train) + len(bundle.val) == 20
     again = load_data(str(tmp_path))
     assert torch.equal(bundle.test[0][0], again.test[0][0])
+
+
+def test_image_folder_format_is_decided_over_every_image_with_one_warning(tmp_path, caplog):
+    """The first file (0.png) is grayscale and 24 px, the majority RGB and 20 px: the dataset is RGB at 20 px."""
+    _write_images(tmp_path / "train", ["cat", "dog"], 5, "RGB", 20)
+    _write_images(tmp_path / "val", ["cat", "dog"], 2, "RGB", 20)
+    Image.fromarray(np.zeros((24, 24), np.uint8), "L").save(tmp_path / "train" / "cat" / "0.png")
+    with caplog.at_level("WARNING", logger="nas4dyn.data"):
+        bundle = load_data(str(tmp_path), val_fraction=0.2)
+    assert (bundle.info.channels, bundle.info.resolution) == (3, 20)
+    assert bundle.train[0][0].shape == (3, 20, 20)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "1 grayscale and 13 colour images" in warnings[0] and "to 20 px" in warnings[0]
+
+
+def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, caplog):
+    _write_images(tmp_path / "train", ["a", "b"], 4, "L", 16)
+    _write_images(tmp_path / "test", ["a", "b"], 2, "L", 16)
+    (tmp_path / "train" / "a" / "empty.png").write_bytes(b"")
+    whole = (tmp_path / "train" / "b" / "0.png").read_bytes()
+    (tmp_path / "test" / "b" / "cut.png").write_bytes(whole[: len(whole) // 2])  # a valid header, pixels cut off
+    with pytest.raises(DataError, match="empty.png: cannot read this image.*--skip-unreadable"):
+        load_data(str(tmp_path))
+    (tmp_path / "train" / "a" / "empty.png").unlink()
+    with pytest.raises(DataError, match="cut.png: cannot read this image"):
+        load_data(str(tmp_path))
+    (tmp_path / "train" / "a" / "empty.png").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="nas4dyn.data"):
+        bundle = load_data(str(tmp_path), skip_unreadable=True)
+    assert bundle.info.unreadable_skipped == 2 and len(bundle.test) == 4
+    assert len(bundle.train) + len(bundle.val) == 8
+    assert any("skipped 2 unreadable image(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_held_out_split_with_other_classes_is_refused(tmp_path):
+    _write_images(tmp_path / "train", ["a", "b", "c"], 2, "L", 16)
+    _write_images(tmp_path / "val", ["a", "c"], 2, "L", 16)
+    with pytest.raises(DataError, match="differ from"):
+        load_data(str(tmp_path))
+
+
+def test_training_refuses_one_class_and_names_an_unreadable_file(tmp_path, capsys):
+    from nas4dyn.cli.main import main
+
+    _write_images(tmp_path / "one", ["only"], 4, "L", 16)
+    _write_images(tmp_path / "bad", ["a", "b"], 2, "L", 16)
+    (tmp_path / "bad" / "a" / "x.jpg").write_bytes(b"not an image")
+    threads = torch.get_num_threads()
+    for data, needle in (("one", "at least 2 classes"), ("bad", "x.jpg: cannot read this image")):
+        out = tmp_path / f"run-{data}"
+        try:
+            assert main(["train", "--space", "tiny", "--data", str(tmp_path / data), "--out", str(out)]) == 2
+        finally:
+            torch.set_num_threads(threads)
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+        assert not out.exists()

@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="override one config key, e.g. batch_size=128 or phases.width.epochs=2 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--data-root", help="folder with the Fashion-MNIST IDX files (default: Debian's location)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="ImageFolder: leave unreadable image files out (counted in a warning) instead of stopping")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per process (0: CPU cores divided by the processes on this node)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
@@ -43,6 +45,7 @@ def _threads(requested: int) -> int:
 def run(args: argparse.Namespace) -> int:
     # Imported here so `nas4dyn --help` stays fast.
     from nas4dyn.data import load_data
+    from nas4dyn.errors import DataError
     from search_spaces.space import load_space
     from nas4dyn.train.config import build_config
     from nas4dyn.train.distributed import init_distributed, shutdown
@@ -52,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     torch.set_num_threads(_threads(args.threads))
     bundle = load_data(args.data, data_root=args.data_root, augment=any(config.augments(p) for p in config.phases),
-                       erasing=config.random_erasing)
+                       erasing=config.random_erasing, skip_unreadable=args.skip_unreadable)
+    if bundle.info.num_classes < 2:
+        raise DataError(f"--data {args.data}: {bundle.info.num_classes} class ({', '.join(bundle.info.classes)}); "
+                        "training needs at least 2 classes, one sub-folder of images each")
     space = space.with_data(bundle.info.channels, bundle.info.num_classes)
     env = init_distributed(args.device)
     if not env.is_main:

@@ -84,10 +84,12 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return formats
 
 
-def load_split(source: str, split: str, data_info: Mapping[str, Any], data_root: Optional[str] = None) -> Any:
+def load_split(source: str, split: str, data_info: Mapping[str, Any], data_root: Optional[str] = None,
+               skip_unreadable: Optional[bool] = None) -> Any:
     """The ``split`` dataset of ``source`` (normalised as in training), and the data description it came with.
 
-    ``synthetic`` data is regenerated with the channels, classes and resolution of ``data_info``.
+    ``synthetic`` data is regenerated with the channels, classes and resolution of ``data_info``. Unreadable
+    images are skipped when ``skip_unreadable`` says so (None: when the run skipped some, per ``data_info``).
 
     Raises:
         DataError: unknown source, missing files.
@@ -101,7 +103,9 @@ def load_split(source: str, split: str, data_info: Mapping[str, Any], data_root:
     if source == "synthetic":
         synthetic = {k: int(data_info[v]) for k, v in (("num_classes", "num_classes"), ("channels", "channels"),
                                                        ("resolution", "resolution")) if v in data_info}
-    bundle = load_data(source, data_root=data_root, augment=False, synthetic=synthetic)
+    if skip_unreadable is None:
+        skip_unreadable = bool(data_info.get("unreadable_skipped"))
+    bundle = load_data(source, data_root=data_root, augment=False, synthetic=synthetic, skip_unreadable=skip_unreadable)
     dataset = {"train": bundle.train_eval, "val": bundle.val, "test": bundle.test}[split]
     return dataset, bundle
 

@@ -119,7 +119,8 @@ def load_context(run_dir: str | Path, settings: SearchSettings, latency_table: O
     synthetic = None
     if dataset == "synthetic":  # regenerated with the shape the supernet was saved with
         synthetic = {k: int(data_info[k]) for k in ("num_classes", "channels", "resolution") if k in data_info}
-    bundle = load_data(dataset, data_root=data_root, augment=False, synthetic=synthetic)
+    bundle = load_data(dataset, data_root=data_root, augment=False, synthetic=synthetic,
+                       skip_unreadable=bool(data_info.get("unreadable_skipped")))  # as the run did
     if (bundle.info.channels, bundle.info.num_classes) != (net.space.input_channels, net.space.num_classes):
         raise DataError(f"data {dataset}: {bundle.info.channels} channels / {bundle.info.num_classes} classes, but "
                         f"the supernet takes {net.space.input_channels} / {net.space.num_classes}; pass --data-root "
