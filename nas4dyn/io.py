@@ -1,6 +1,7 @@
 """Atomic file writes and safe checkpoint loading, shared by training, search and export."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -9,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from nas4dyn.errors import CheckpointError
+from nas4dyn.errors import CheckpointError, ConfigError
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], binary: bool = True) -> None:
@@ -44,6 +45,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def safe_torch_load(path: str | Path) -> Any:
     """``torch.load(..., weights_only=True)``; a missing, truncated or corrupt file raises CheckpointError.
 
@@ -60,3 +70,29 @@ def safe_torch_load(path: str | Path) -> Any:
             f"{path}: cannot load checkpoint ({type(exc).__name__}); the file is truncated or corrupt — "
             "delete it and rerun"
         ) from None
+
+
+def check_writable(path: str | Path, flag: str = "--out", directory: bool = True) -> None:
+    """Fail before any work when ``path`` (a directory, or a file with ``directory=False``) cannot be written:
+    it is a file where a directory is needed (or the reverse), lies under a file, or its nearest existing
+    folder is not writable.
+
+    Raises:
+        ConfigError: naming the flag, the path and the fix.
+    """
+    path = Path(path)
+    if path.exists():
+        if directory and not path.is_dir():
+            raise ConfigError(f"{flag} {path}: is a file, not a directory; choose another {flag}")
+        if not directory and path.is_dir():
+            raise ConfigError(f"{flag} {path}: is a directory; give a file path such as {path / 'out.json'}")
+        folder = path if directory else path.parent
+    else:
+        folder = path.parent
+        while not folder.exists():  # ends: the root exists
+            folder = folder.parent
+        if not folder.is_dir():
+            raise ConfigError(f"{flag} {path}: {folder} is a file, so nothing can be created under it; choose "
+                              f"another {flag}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {folder} is not writable by this user; choose another {flag}")

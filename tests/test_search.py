@@ -114,6 +114,9 @@ def test_objectives_and_constraints_parse():
 def test_storage_url_password_is_masked():
     assert mask_url("postgresql://bob:s3cret@db.example:5432/nas") == "postgresql://bob:***@db.example:5432/nas"
     assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    assert mask_url("mysql://bob:p@ss:w@rd@db:3306/nas?x=1") == "mysql://bob:***@db:3306/nas?x=1"
+    assert mask_url("can't open postgresql://a:b@c@h/d (timeout) user@example") == \
+        "can't open postgresql://a:***@h/d (timeout) user@example"
     with pytest.raises(ConfigError) as info:
         open_storage("postgresql+nosuchdriver://bob:s3cret@127.0.0.1:1/nas")
     assert "s3cret" not in str(info.value) and "***" in str(info.value)
@@ -305,6 +308,7 @@ def test_bad_input_is_one_line_exit_2_before_any_trial(run_dir, tmp_path, capsys
         (["--objectives", "accuracy:max,latency_ms:min"], "--latency-table"),
         (["--constraint", "latency_ms<<4"], "--constraint"),
         (["--workers", "2"], "--backend ray"),
+        (["--trials", "0"], "--trials 0: must be 1 or more"),
     ]
     for extra, needle in cases:
         out = tmp_path / "bad"
@@ -312,6 +316,36 @@ def test_bad_input_is_one_line_exit_2_before_any_trial(run_dir, tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
         assert not (out / "study.db").exists()
+    (tmp_path / "file").write_text("")
+    assert main(["search", "--run", str(run_dir), "--out", str(tmp_path / "file" / "s"), *FAST]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_search_without_feasible_trial_names_the_constraint(run_dir, tmp_path, capsys):
+    out = tmp_path / "infeasible"
+    argv = ["search", "--run", str(run_dir), "--out", str(out), "--trials", "2", "--constraint", "accuracy>=0.99",
+            *FAST]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "no feasible subnet among 2 completed trials: accuracy>=0.99 removed 2" in err[0], err
+    assert json.loads((out / "pareto.json").read_text()) == [] and (out / "trials.csv").is_file()
+
+
+def test_a_study_refuses_trials_of_another_supernet(run_dir, tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(["search", "--run", str(run_dir), "--out", str(tmp_path / "a"), "--storage", storage, "--trials", "1",
+                 "--sampler", "random", *FAST]) == 0
+    other = tmp_path / "other-run"
+    torch.manual_seed(1)
+    save_supernet(other / "supernet.pt", make_decisive(nas4dyn.build_supernet("tiny"), seed=1),
+                  load_data("synthetic").info.to_dict())
+    capsys.readouterr()
+    assert main(["search", "--run", str(other), "--out", str(tmp_path / "b"), "--storage", storage, "--trials", "2",
+                 "--sampler", "random", *FAST]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "supernet_sha256" in err[0] and "another --study" in err[0], err
+    assert states(load(tmp_path / "study.db")) == {"COMPLETE": 1, "WAITING": 2}  # 2 corners still queued
+    assert not (tmp_path / "b" / "pareto.json").exists()
 
 
 def test_killed_run_resumes_and_its_running_trial_fails(run_dir, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nas4dyn.errors import ConfigError
+from nas4dyn.cli.flags import POSITIVE
 
 # Every `nas4dyn` call builds all verbs' parsers: torch, scipy and matplotlib are imported in `run` only.
 PERMUTATIONS = 999  # the analysis refuses fewer (p-value resolution 0.001)
@@ -25,11 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--split", choices=SPLITS, default="test")
     g.add_argument("--hierarchy", metavar="FILE.json",
                    help='class hierarchy {"groups": {"name": [classes] or {sub-groups}}}; built in for Fashion-MNIST')
-    g.add_argument("--max-samples", type=int, help="analyse a seeded random subset of this many samples")
-    g.add_argument("--queries", type=int, default=1000, help="retrieval queries (seeded subset of the samples)")
-    g.add_argument("--k", type=int, nargs="+", default=[10, 100], help="retrieval depths for mAP@k")
+    g.add_argument("--max-samples", type=POSITIVE, help="analyse a seeded random subset of this many samples")
+    g.add_argument("--queries", type=POSITIVE, default=1000, help="retrieval queries (seeded subset of the samples)")
+    g.add_argument("--k", type=POSITIVE, nargs="+", default=[10, 100], help="retrieval depths for mAP@k")
     g.add_argument("--permutations", type=int, default=PERMUTATIONS, help="Mantel test permutations")
-    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--batch-size", type=POSITIVE, default=256)
     g.add_argument("--seed", type=int, default=0, help="seed of the sample subset, queries and permutations")
     g.add_argument("--out", required=True, metavar="REPORT_DIR")
     g.set_defaults(run=run)
@@ -43,10 +43,9 @@ def run(args: argparse.Namespace) -> int:
     from nas4dyn.export.pipeline import _check_data_fits, load_split
     from nas4dyn.export.torchscript import load_exported
 
-    for flag in ("max_samples", "queries", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} {value}: must be a positive integer")
+    from nas4dyn.io import check_writable
+
+    check_writable(args.out)
     card = read_card(args.model)
     model = load_exported(args.model)
     # the data exactly as `nas4dyn evaluate` reads it (synthetic data regenerated to the model's shape)

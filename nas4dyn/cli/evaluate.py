@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from nas4dyn.cli.flags import POSITIVE
 from nas4dyn.export.pipeline import evaluate_export
 
 
@@ -14,11 +15,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="fashion-mnist, synthetic, or an ImageFolder directory")
     p.add_argument("--data-root", help="directory holding the dataset files")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--batch-size", type=int, default=64, help="batch size of the batched pass and its latency")
-    p.add_argument("--limit", type=int, help="evaluate a fixed-seed random subset of this many images")
-    p.add_argument("--latency-samples", type=int, default=200, help="images timed (batch 1 and batched)")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes (the median counts)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="batch size of the batched pass and its latency")
+    p.add_argument("--limit", type=POSITIVE, help="evaluate a fixed-seed random subset of this many images")
+    p.add_argument("--latency-samples", type=POSITIVE, default=200, help="images timed (batch 1 and batched)")
+    p.add_argument("--repeats", type=POSITIVE, default=5, help="timed passes (the median counts)")
+    p.add_argument("--threads", type=POSITIVE, default=1, help="torch threads")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="ImageFolder: leave unreadable image files out (counted in a warning) instead of stopping")
     p.set_defaults(run=run)
 
 
@@ -46,7 +49,7 @@ def table(result: dict[str, Any], batch_size: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate_export(args.export_dir, args.data, args.split, args.data_root, args.batch_size, args.limit,
-                             args.latency_samples, args.repeats, args.threads)
+                             args.latency_samples, args.repeats, args.threads, args.skip_unreadable)
     print(table(result, args.batch_size))
-    print(f"\nwrote {args.export_dir}/eval_{args.split}.json")
+    print(f"\nwrote {args.export_dir}/{result['file']} (card.json keeps the export's own figures)")
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from nas4dyn.cli.flags import NON_NEGATIVE, POSITIVE
 from nas4dyn.export.pipeline import DEFAULT_FORMATS, FORMATS, ExportOptions, export_run, parse_formats
 
 
@@ -20,12 +21,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "latency_ms_predicted in the card")
     p.add_argument("--data", help="data for the card's test figures (default: the run's dataset)")
     p.add_argument("--data-root", help="directory holding the dataset files")
-    p.add_argument("--bn-images", type=int, default=2000,
+    p.add_argument("--bn-images", type=NON_NEGATIVE, default=2000,
                    help="training images to recalibrate BatchNorm statistics for the subnet (0: keep the stored ones)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size for accuracy and rates")
-    p.add_argument("--latency-samples", type=int, default=200, help="test images timed one by one (batch 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes over those images (the median counts)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads while measuring")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="batch size for accuracy and rates")
+    p.add_argument("--latency-samples", type=POSITIVE, default=200, help="test images timed one by one (batch 1)")
+    p.add_argument("--repeats", type=POSITIVE, default=5, help="timed passes over those images (the median counts)")
+    p.add_argument("--threads", type=POSITIVE, default=1, help="torch threads while measuring")
     p.set_defaults(run=run)
 
 

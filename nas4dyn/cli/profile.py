@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from nas4dyn.cost.settings import CLOCKS, STATISTICS, ProfileSettings
-from nas4dyn.errors import ConfigError
+from nas4dyn.io import check_writable
 from search_spaces.space import load_space
 
 EPILOG = """\
@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from nas4dyn.cost.profiler import profile_space  # heavy (torch): imported only when the verb runs
 
     out = Path(args.out)
-    if out.is_dir():
-        raise ConfigError(f"--out {out}: is a directory; give a file path such as {out / 'lut.json'}")
+    check_writable(out, directory=False)
     space = load_space(args.space)
     settings = ProfileSettings(device=args.device, threads=args.threads, batch_size=args.batch_size,
                                repeats=args.repeats, calibrate=args.calibrate, validate=args.validate,

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from nas4dyn.cli.flags import NON_NEGATIVE
 from nas4dyn.train.config import PRESETS
 
 
@@ -29,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", help="folder with the Fashion-MNIST IDX files (default: Debian's location)")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="ImageFolder: leave unreadable image files out (counted in a warning) instead of stopping")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=NON_NEGATIVE, default=0,
                    help="torch threads per process (0: CPU cores divided by the processes on this node)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
     p.set_defaults(run=run)
@@ -46,12 +47,14 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so `nas4dyn --help` stays fast.
     from nas4dyn.data import load_data
     from nas4dyn.errors import DataError
+    from nas4dyn.io import check_writable
     from search_spaces.space import load_space
     from nas4dyn.train.config import build_config
     from nas4dyn.train.distributed import init_distributed, shutdown
     from nas4dyn.train.trainer import Trainer, summary_table
 
     config = build_config(args.preset, args.config, args.set)
+    check_writable(args.out)
     space = load_space(args.space)
     torch.set_num_threads(_threads(args.threads))
     bundle = load_data(args.data, data_root=args.data_root, augment=any(config.augments(p) for p in config.phases),

@@ -2,8 +2,10 @@
 complete export directory (or nothing), and evaluate an export directory on a data split."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import os
 import shutil
 import tempfile
@@ -21,7 +23,7 @@ from nas4dyn.export.onnx import ONNX_GATES, OnnxDynamicModel, export_onnx
 from nas4dyn.export.program import PROGRAM_FILE, check_exportable, load_program, save_program
 from nas4dyn.export.runtime import export_subnet
 from nas4dyn.export.torchscript import MODEL_FILE, load_exported, save_torchscript
-from nas4dyn.io import atomic_write_json
+from nas4dyn.io import atomic_write_json, check_writable
 from search_spaces.arch import Arch
 from search_spaces.space import SearchSpace
 from supernet.network import Supernet
@@ -223,6 +225,7 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
     if not ckpt.is_file():
         raise CheckpointError(f"--run {run_dir}: no supernet.pt here; train one with `nas4dyn train --out {run_dir}`")
     _check_out(out)
+    check_writable(out)
     net, info = load_supernet_file(ckpt)
     arch = resolve_arch(arch_spec, net.space)
     other_gates = sorted({b.gate for b in arch.blocks()} - set(ONNX_GATES))
@@ -291,26 +294,47 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
 
 
 # ---- evaluate -----------------------------------------------------------------------------------------------
+def _short_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def eval_file_name(source: str, split: str, data_root: Optional[str] = None, limit: Optional[int] = None) -> str:
+    """``eval_<dataset>_<split>[_limitN].json``: one file per dataset and split, so evaluating on other data
+    never replaces earlier results. A directory is named by its folder name and a digest of its absolute path;
+    ``--data-root`` adds a digest of its own."""
+    if source in ("fashion-mnist", "synthetic"):
+        name = source
+    else:
+        where = Path(source).resolve()
+        name = f"{re.sub(r'[^A-Za-z0-9.-]+', '-', where.name) or 'data'}-{_short_digest(str(where))}"
+    if data_root:
+        name += f"-root{_short_digest(str(Path(data_root).resolve()))}"
+    return f"eval_{name}_{split}" + (f"_limit{limit}" if limit else "") + ".json"
+
+
 def evaluate_export(export_dir: str | Path, source: str, split: str = "test", data_root: Optional[str] = None,
                     batch_size: int = 64, limit: Optional[int] = None, latency_samples: int = 200,
-                    latency_repeats: int = 5, threads: Optional[int] = None) -> dict[str, Any]:
+                    latency_repeats: int = 5, threads: Optional[int] = None,
+                    skip_unreadable: bool = False) -> dict[str, Any]:
     """Evaluate an export directory's ``model.ts`` on ``split`` of ``source``; writes and returns
-    ``eval_<split>.json``: accuracy, exit distribution, gate rates, realized mean MACs, latency at batch 1
-    and at ``batch_size``.
+    :func:`eval_file_name` (its name in ``result["file"]``): accuracy, exit distribution, gate rates, realized
+    mean MACs, latency at batch 1 and at ``batch_size``. The card's own figures (``card.json``) stay as they are.
 
     Raises:
-        CheckpointError, DataError, ConfigError: bad export directory, data or split.
+        CheckpointError, DataError, ConfigError: bad export directory, data or split, or a directory that
+        cannot be written.
     """
     from nas4dyn.data import make_loader
 
     export_dir = Path(export_dir)
     card = read_card(export_dir)
+    check_writable(export_dir, "EXPORT_DIR")
     model = load_exported(export_dir)
     if threads:
         torch.set_num_threads(threads)
     info = {"channels": model.channels, "num_classes": model.num_classes,
             "resolution": card.get("input", {}).get("data_resolution") or model.resolution}
-    dataset, bundle = load_split(source, split, info, data_root)
+    dataset, bundle = load_split(source, split, info, data_root, skip_unreadable)
     _check_data_fits(bundle.info, int(model.channels), int(model.num_classes), source)
     loader = make_loader(dataset, batch_size, limit=limit)
     batches = list(unnormalised(loader, bundle.info.mean, bundle.info.std))
@@ -331,6 +355,7 @@ def evaluate_export(export_dir: str | Path, source: str, split: str = "test", da
         "latency_batch1": lat1.to_dict(),
         f"latency_batch{batch_size}": lat_b.to_dict(),
         "card_accuracy": card.get("accuracy"),
+        "file": eval_file_name(source, split, data_root, limit),
     }
-    atomic_write_json(export_dir / f"eval_{split}.json", result)
+    atomic_write_json(export_dir / result["file"], result)
     return result

@@ -46,6 +46,20 @@ def front(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(trials, key=lambda t: (t.user_attrs["metrics"]["macs_expected"], -t.user_attrs["metrics"]["accuracy"]))
 
 
+def infeasibility(study: optuna.Study, constraints: Sequence[Constraint]) -> str:
+    """Why no completed trial is feasible: how many each constraint removed and the best value any reached."""
+    trials = completed(study)
+    parts = []
+    for c in constraints:
+        values = [t.user_attrs["metrics"][c.metric] for t in trials if c.metric in t.user_attrs["metrics"]]
+        removed = sum(t.constraints.get(str(c), 0.0) > 0 for t in trials)
+        if removed and values:
+            best = max(values) if c.op == ">=" else min(values)
+            parts.append(f"{c} removed {removed} (best {c.metric} reached: {best:.6g})")
+    return (f"no feasible subnet among {len(trials)} completed trials: {', '.join(parts) or 'every trial failed'}; "
+            "relax that --constraint (with another --study) or run more --trials")
+
+
 def normalised_losses(metrics: Sequence[dict[str, Any]], objectives: Sequence[Objective],
                       reference: dict[str, float]) -> np.ndarray:
     """One row per trial: every objective as a loss in units of its reference (see the module docstring)."""

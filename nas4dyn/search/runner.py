@@ -1,6 +1,7 @@
 """``run_search``: a whole search from a run directory to pareto.json, trials.csv and pareto.png."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ import optuna
 from optuna.trial import TrialState
 
 from nas4dyn.errors import ConfigError
+from nas4dyn.io import check_writable, file_digest
 from nas4dyn.search import outputs
 from nas4dyn.search.encoding import corner_params
 from nas4dyn.search.objectives import parse_constraint, parse_objectives
@@ -89,8 +91,9 @@ class Progress:
 def _check(config: SearchConfig) -> None:
     if config.backend not in BACKENDS:
         raise ConfigError(f"--backend {config.backend!r}: choose one of {', '.join(BACKENDS)}")
-    if config.trials < 0:
-        raise ConfigError(f"--trials {config.trials}: must be 0 or more")
+    if config.trials < 1:
+        raise ConfigError(f"--trials {config.trials}: must be 1 or more (the study holds that many completed trials "
+                          "when the command ends)")
     if config.workers < 1:
         raise ConfigError(f"--workers {config.workers}: must be 1 or more")
     if config.backend == "optuna" and config.workers > 1:
@@ -105,12 +108,24 @@ def _check(config: SearchConfig) -> None:
         raise ConfigError(f"--val-images {config.val_images}: must be 1 or more")
 
 
-def study_settings(ctx: TrialContext) -> dict[str, Any]:
-    """What a stored study must agree on to be resumed (a different value would mix incomparable trials)."""
+def _batches_digest(batches: list) -> str:
+    digest = hashlib.sha256()
+    for x, y in batches:
+        digest.update(x.contiguous().numpy().tobytes())
+        digest.update(y.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def study_settings(ctx: TrialContext, supernet_digest: str) -> dict[str, Any]:
+    """What a stored study must agree on to be resumed (a different value would mix incomparable trials): the
+    supernet file (its SHA-256), the validation images and labels the trials measure (a digest), objectives,
+    constraints and how trials measure."""
     s = ctx.settings
     return {
+        "supernet_sha256": supernet_digest[:16],
         "space": ctx.net.space.name,
         "dataset": str(ctx.data_info.get("dataset")),
+        "validation_data": _batches_digest(ctx.val_batches),
         "objectives": [str(o) for o in s.objectives],
         "constraints": [str(c) for c in s.constraints],
         "static": s.static,
@@ -138,6 +153,7 @@ def run_search(config: SearchConfig) -> SearchSummary:
         batch_size=config.batch_size,
     )
     make_sampler(config.sampler, population=config.population)  # fail on bad sampler options before loading
+    check_writable(config.out_dir)
     ctx = load_context(config.run_dir, settings, config.latency_table, config.data_root)
     check_constraints(ctx)
     out_dir = Path(config.out_dir)
@@ -145,7 +161,8 @@ def run_search(config: SearchConfig) -> SearchSummary:
     url = config.storage or default_storage(out_dir)
     storage = open_storage(url, heartbeat=config.backend == "optuna")
     directions = [o.optuna_direction for o in settings.objectives]
-    study, created = open_study(storage, config.study, directions, study_settings(ctx), url)
+    provenance = study_settings(ctx, file_digest(Path(config.run_dir) / "supernet.pt"))
+    study, created = open_study(storage, config.study, directions, provenance, url)
     orphaned = fail_orphaned_trials(study)
     # A new study starts from the space's corners (the same for every sampler). Only its creator enqueues them:
     # two processes both seeing an empty study would queue them twice and leave duplicates waiting.
@@ -173,6 +190,8 @@ def run_search(config: SearchConfig) -> SearchSummary:
     finally:
         progress.close()
     hv = outputs.write_outputs(study, out_dir, settings.objectives, reference, settings.constraints)
+    if settings.constraints and not outputs.front(study):
+        raise ConfigError(outputs.infeasibility(study, settings.constraints) + f"; the trials are in {out_dir}/trials.csv")
     return SearchSummary(
         study=config.study,
         storage=mask_url(url),

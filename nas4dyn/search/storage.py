@@ -40,7 +40,8 @@ HEARTBEAT_S = 60
 CREATE_ATTEMPTS = 5
 OWNERLESS_GRACE_S = 10.0  # a trial's process records its owner within ms of creating it
 SQLITE_TIMEOUT_S = 120  # processes sharing one SQLite file wait for its lock instead of failing
-_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+# user:password@ — the password runs to the last '@' (a password may hold '@'; over-masking is the safe side)
+_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
 
 
 def mask_url(url: str) -> str:
