@@ -56,3 +56,17 @@ def test_bad_input_is_one_line_exit_2(args):
 def test_debug_shows_traceback():
     out = run_cli("--debug", "spaces", "show", "no-such-space")
     assert out.returncode == 2 and "Traceback" in out.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--space", "tiny", "--data", "synthetic", "--out", "{file}/run"],
+    ["profile", "--space", "tiny", "--out", "{file}/lut.json"],
+    ["analyze", "gates", "--model", "nowhere", "--data", "synthetic", "--out", "{file}/report"],
+])
+def test_output_under_a_file_is_refused_before_any_work(argv, tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("")
+    assert main([a.format(file=file) for a in argv]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--out" in lines[0] and "is a file" in lines[0], lines
+    assert file.read_text() == ""

@@ -7,9 +7,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 
 import nas4dyn
 from nas4dyn.api import load_supernet_file, save_supernet
@@ -248,11 +250,56 @@ def test_cli_export_then_evaluate(run_dir, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "ms per image at batch 1" in printed
-    result = json.loads((out / "eval_test.json").read_text())
+    result = json.loads((out / "eval_synthetic_test.json").read_text())
     assert result["accuracy"] == pytest.approx(card["accuracy"])  # the same model on the same split
     assert result["exit_rates"] == pytest.approx(card["exit_rates"])
     assert result["macs_realized_batch1"] < card["macs_max"]
     assert result["latency_batch64"]["ms_per_sample"] < result["latency_batch1"]["ms_per_sample"] * 2
+
+
+def test_evaluate_on_other_data_keeps_every_result_and_the_card(run_dir, tmp_path, capsys):
+    """Results per dataset and split: another dataset (an ImageFolder of the model's shape) or a subset adds a file;
+    card.json is never touched."""
+    out = run_dir / "exp_eval"
+    assert main(["export", "--run", str(run_dir / "run"), "--arch", f"{run_dir / 'pareto.json'}#1", "--out", str(out),
+                 "--format", "torchscript", "--bn-images", "0", "--latency-samples", "4", "--repeats", "1"]) == 0
+    card = (out / "card.json").read_bytes()
+    folder = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (folder / "test" / f"c{c}").mkdir(parents=True)
+        (folder / "train" / f"c{c}").mkdir(parents=True)
+        for split in ("train", "test"):
+            Image.fromarray(rng.integers(0, 256, (16, 16)).astype(np.uint8), "L").save(folder / split / f"c{c}" / "0.png")
+    fast = ["--latency-samples", "4", "--repeats", "1"]
+    for data, extra in (("synthetic", []), (str(folder), []), ("synthetic", ["--limit", "20"])):
+        assert main(["evaluate", str(out), "--data", data, *fast, *extra]) == 0
+    written = sorted(p.name for p in out.glob("eval_*.json"))
+    assert len(written) == 3 and "eval_synthetic_test.json" in written and "eval_synthetic_test_limit20.json" in written
+    assert json.loads((out / "eval_synthetic_test_limit20.json").read_text())["samples"] == 20
+    assert [n for n in written if n.startswith("eval_folder-")], written
+    assert (out / "card.json").read_bytes() == card
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--repeats", "0"), "--repeats: 0: must be 1 or more"),
+    (("--batch-size", "0"), "--batch-size: 0: must be 1 or more"),
+    (("--limit", "x"), "'x' is not an integer"),
+])
+def test_evaluate_numeric_flags_are_validated(run_dir, args, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(run_dir), "--data", "synthetic", *args])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(lines) == 1 and words in lines[0], lines
+
+
+def test_export_out_under_a_file_fails_before_the_work(run_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["export", "--run", str(run_dir / "run"), "--arch", f"{run_dir / 'pareto.json'}#1",
+                 "--out", str(tmp_path / "file" / "exp")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is a file" in lines[0], lines
 
 
 def test_cli_exports_a_static_arch_with_torch_export_too(run_dir):
