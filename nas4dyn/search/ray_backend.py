@@ -2,8 +2,12 @@
 
 The Optuna study (sampler, storage, constraints) lives in the driver; Ray runs each trial in a worker with the
 :class:`TrialContext` shipped once through the object store (so a cluster needs no shared file system). A
-local cluster gets ``K`` CPUs, no dashboard, a small object store and a private temporary directory that is
-removed afterwards; ``--ray-address`` joins an existing cluster instead.
+local cluster gets ``K`` CPUs, no dashboard, a small object store, and listens on 127.0.0.1 only (GCS, raylet,
+workers, agents). Ray's session files and Tune's experiment state go to a private (0700) temporary directory
+that is removed on every exit, SIGTERM included; Tune's pickled state never holds the Optuna storage (whose URL
+may carry a password). ``--ray-address`` joins an existing cluster instead: its processes listen where that
+cluster was started to listen, and the trial context (weights, validation batches) travels through its object
+store.
 """
 from __future__ import annotations
 
@@ -11,13 +15,17 @@ import contextlib
 import io
 import json
 import logging
+import os
 import pickle
 import shutil
+import signal
 import tempfile
-from typing import Any, Optional
+import threading
+from typing import Any, Iterator, Optional
 
 import optuna
 import ray
+import ray._private.ray_constants as ray_constants
 import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -51,8 +59,9 @@ class RecordingSearch(OptunaSearch):
         self.settings = settings
         super().__init__(**kwargs)
 
-    # Live Optuna objects: Optuna 5.1+ samplers and studies hold thread locks and do not pickle.
-    LIVE = ("_sampler", "_ot_study", "_ot_trials")
+    # Live Optuna objects: Optuna 5.1+ samplers and studies hold thread locks and do not pickle; the storage
+    # would carry its URL (password included) into Tune's state files.
+    LIVE = ("_sampler", "_ot_study", "_ot_trials", "_storage")
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its searcher into the experiment directory (at start, and in save() at its checkpoints)
@@ -115,41 +124,98 @@ def run_ray(study: optuna.Study, storage: BaseStorage, ctx: TrialContext, target
         ConfigError: Ray cannot start or reach ``address``.
         Nas4dynError: a round of trials completed none (the first error is shown).
     """
-    settings = ctx.settings
-    temp_dir = None if address else tempfile.mkdtemp(prefix="nas4dyn-ray-")
+    private = _private_dir()
     try:
-        _init_ray(workers, address, temp_dir, _context_bytes(ctx))
-        trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx, threads=1), {"cpu": 1})
-        while (done := count(study, TrialState.COMPLETE)) < target:
-            searcher = RecordingSearch(
-                settings,
-                space=DefineByRun(ctx.net.space, settings.static),
-                metric=[o.metric for o in settings.objectives],
-                mode=[o.direction for o in settings.objectives],
-                sampler=study.sampler,
-                study_name=study.study_name,
-                storage=storage,
-            )
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=target - done,
-                                            max_concurrent_trials=workers),
-                run_config=tune.RunConfig(storage_path=temp_dir or tempfile.gettempdir(), name="nas4dyn",
-                                          verbose=0, callbacks=[Progress(study, on_trial)]),
-            )
-            console = io.StringIO()
-            with contextlib.redirect_stdout(console):  # Tune prints its own tables; our bar is on stderr
-                grid = tuner.fit()
-            log.debug("Ray Tune output:\n%s", console.getvalue())
-            if count(study, TrialState.COMPLETE) == done:
-                first = next(iter(grid.errors), None)
-                raise Nas4dynError(f"no Ray trial of the last {target - done} completed"
-                                   + (f": {str(first).splitlines()[-1]}" if first else ""))
+        with _terminated_as_exit(), _loopback_only(address is None):
+            _run_rounds(study, storage, ctx, target, workers, address, on_trial, private)
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        if temp_dir is not None:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _run_rounds(study: optuna.Study, storage: BaseStorage, ctx: TrialContext, target: int, workers: int,
+                address: Optional[str], on_trial: Optional[TrialCallback], private: str) -> None:
+    settings = ctx.settings
+    _init_ray(workers, address, None if address else os.path.join(private, "r"), _context_bytes(ctx))
+    trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx, threads=1), {"cpu": 1})
+    while (done := count(study, TrialState.COMPLETE)) < target:
+        searcher = RecordingSearch(
+            settings,
+            space=DefineByRun(ctx.net.space, settings.static),
+            metric=[o.metric for o in settings.objectives],
+            mode=[o.direction for o in settings.objectives],
+            sampler=study.sampler,
+            study_name=study.study_name,
+            storage=storage,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=target - done,
+                                        max_concurrent_trials=workers),
+            run_config=tune.RunConfig(storage_path=os.path.join(private, "tune"), name="nas4dyn",
+                                      verbose=0, callbacks=[Progress(study, on_trial)]),
+        )
+        console = io.StringIO()
+        with contextlib.redirect_stdout(console):  # Tune prints its own tables; our bar is on stderr
+            grid = tuner.fit()
+        log.debug("Ray Tune output:\n%s", console.getvalue())
+        if count(study, TrialState.COMPLETE) == done:
+            first = next(iter(grid.errors), None)
+            raise Nas4dynError(f"no Ray trial of the last {target - done} completed"
+                               + (f": {str(first).splitlines()[-1]}" if first else ""))
+
+
+def _private_dir() -> str:
+    """A new 0700 temporary directory (Ray makes its own folder inside world-writable, which the private parent
+    keeps to this user). Ray's Unix socket paths (``.../session_<date>_<pid>/sockets/plasma_store``) must fit
+    107 bytes, so a long TMPDIR gives way to /tmp."""
+    base = tempfile.gettempdir()
+    if len(base) > 20 and os.path.isdir("/tmp"):
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix="nas4dyn-ray-", dir=base)
+
+
+@contextlib.contextmanager
+def _terminated_as_exit() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143) while inside, so the ``finally`` blocks shut Ray down and remove the
+    temporary directory (the default action would kill this process and orphan them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, _: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _loopback_only(local: bool) -> Iterator[None]:
+    """A local cluster listens on 127.0.0.1 only. Ray picks the node IP once per process: a "cluster-enabled"
+    node takes its outward address (and ``_node_ip_address="127.0.0.1"`` is turned back into it), and its gRPC
+    servers then listen on every interface. Ray's own switch for single-machine use (what it does on macOS and
+    Windows) makes the node IP 127.0.0.1 and the servers bind to it; set here for this process and, through the
+    environment, for the processes Ray starts; both restored afterwards."""
+    if not local:
+        yield
+        return
+    saved_env = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
 def _init_ray(workers: int, address: Optional[str], temp_dir: Optional[str], context_bytes: int) -> None:
