@@ -43,6 +43,8 @@ from search_spaces.space import SearchSpace
 log = logging.getLogger(__name__)
 
 OBJECT_STORE_BYTES = 128 * 1024**2  # the context (weights, cached batches) plus headroom; Ray spills beyond
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's node IP is 127.0.0.1 (see _loopback_only)
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _context_bytes(ctx: TrialContext) -> int:
@@ -204,18 +206,18 @@ def _loopback_only(local: bool) -> Iterator[None]:
     if not local:
         yield
         return
-    saved_env = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
-    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    saved_env = os.environ.get(SINGLE_MACHINE_ENV)
+    saved_flag = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray.init picks the node IP; _init_ray checks the result
     try:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         if saved_env is None:
-            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
         else:
-            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
+            os.environ[SINGLE_MACHINE_ENV] = saved_env
 
 
 def _init_ray(workers: int, address: Optional[str], temp_dir: Optional[str], context_bytes: int) -> None:
@@ -235,3 +237,8 @@ def _init_ray(workers: int, address: Optional[str], temp_dir: Optional[str], con
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise ConfigError(f"cannot start {where} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
                           ) from None
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in LOOPBACK:  # a Ray version that ignores the switch of _loopback_only: refuse to expose it
+        ray.shutdown()
+        raise ConfigError(f"the local Ray cluster came up on {node_ip}, not on loopback, so it would listen beyond "
+                          "this machine; use --backend optuna, or --ray-address with a cluster you secured")
