@@ -88,16 +88,22 @@ def test_ray_listens_on_loopback_only_keeps_the_url_out_of_tune_and_cleans_up_on
             time.sleep(0.5)
         tree = process_tree(proc.pid)
         sockets = listening_addresses(tree)
-        private = list(temp.glob("nas4dyn-ray-*"))
-        pickles = list(temp.rglob("*.pkl"))
+        private = [(p.name, p.stat().st_mode & 0o777) for p in temp.glob("nas4dyn-ray-*")]
+        pickles = {}
+        for path in temp.rglob("*.pkl"):  # Tune's searcher state, tuner.pkl, experiment state
+            try:
+                pickles[path.name] = path.read_bytes()
+            except FileNotFoundError:  # a temp file Tune renamed meanwhile
+                pass
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert len(tree) >= 4 and sockets, (tree, sockets)  # driver, GCS, raylet, worker(s)
     assert set(sockets) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, sockets
-    assert len(private) == 1 and private[0].stat().st_mode & 0o777 == 0o700
-    assert pickles and not [p for p in pickles if b"secret-study-name" in p.read_bytes()]
+    assert len(private) == 1 and private[0][1] == 0o700, private
+    assert any(name.startswith("searcher-state") for name in pickles), list(pickles)
+    assert not [name for name, blob in pickles.items() if b"secret-study-name" in blob]
     assert proc.returncode == 143, stderr[-2000:]
     assert not list(temp.iterdir())  # the private folder is gone
     deadline = time.time() + 30

@@ -140,6 +140,7 @@ def _run_rounds(study: optuna.Study, storage: BaseStorage, ctx: TrialContext, ta
                 address: Optional[str], on_trial: Optional[TrialCallback], private: str) -> None:
     settings = ctx.settings
     _init_ray(workers, address, None if address else os.path.join(private, "r"), _context_bytes(ctx))
+    _catch_sigterm()
     trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx, threads=1), {"cpu": 1})
     while (done := count(study, TrialState.COMPLETE)) < target:
         searcher = RecordingSearch(
@@ -178,6 +179,17 @@ def _private_dir() -> str:
     return tempfile.mkdtemp(prefix="nas4dyn-ray-", dir=base)
 
 
+def _exit_on_sigterm(signum: int, _: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _catch_sigterm() -> None:
+    """Make SIGTERM raise SystemExit (main thread only: Python runs signal handlers there). Called again after
+    ``ray.init``, whose core worker installs its own crash handler for SIGTERM (it logs and aborts)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
 @contextlib.contextmanager
 def _terminated_as_exit() -> Iterator[None]:
     """SIGTERM raises SystemExit(143) while inside, so the ``finally`` blocks shut Ray down and remove the
@@ -185,11 +197,8 @@ def _terminated_as_exit() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def terminate(signum: int, _: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = signal.getsignal(signal.SIGTERM)
+    _catch_sigterm()
     try:
         yield
     finally:
