@@ -104,7 +104,10 @@ def test_ray_listens_on_loopback_only_keeps_the_url_out_of_tune_and_cleans_up_on
     assert len(private) == 1 and private[0][1] == 0o700, private
     assert any(name.startswith("searcher-state") for name in pickles), list(pickles)
     assert not [name for name, blob in pickles.items() if b"secret-study-name" in blob]
-    assert proc.returncode == 143, stderr[-2000:]
+    # 143: our handler's SystemExit. 1: once in a loaded full-suite run Ray's own head-node handler (kill its
+    # processes, sys.exit(1)) took the signal; either exit unwinds through run_ray's finally. Killed by the signal
+    # (-15) or aborted by Ray's crash handler (-6) would leave the folder behind and fail here.
+    assert proc.returncode in (143, 1), stderr[-2000:]
     assert not list(temp.iterdir())  # the private folder is gone
     deadline = time.time() + 30
     while [pid for pid in tree if alive(pid)] and time.time() < deadline:
