@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from nas4dyn.cost.timing import CLOCKS, STATISTICS  # noqa: F401  (re-exported: the CLI lists their keys)
 from nas4dyn.errors import ConfigError
 
+# What a table times: the frozen TorchScript pieces `nas4dyn export` writes as model.ts.
+RUNTIMES = ("torchscript",)
+
 
 @dataclass
 class ProfileSettings:

@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -126,7 +127,9 @@ def run_bundle(bundle: Path, threads: int, progress: bool = True) -> dict[str, A
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("run.py: the bundle was made for --device cuda but no CUDA device is visible here")
     torch.set_num_threads(threads)
-    modules = [torch.jit.load(str(bundle / path), map_location=device) for path in manifest["modules"]]
+    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export, and says so per load
+        warnings.simplefilter("ignore", FutureWarning)
+        modules = [torch.jit.load(str(bundle / path), map_location=device) for path in manifest["modules"]]
     tensors = [t.to(device) for t in torch.load(bundle / INPUTS_FILE, map_location="cpu", weights_only=True)]
     calls = [(lambda m=modules[item["module"]], args=tuple(tensors[i] for i in item["inputs"]): m(*args))
              for item in manifest["items"]]
