@@ -6,8 +6,6 @@ normalised batches of :mod:`nas4dyn.data` loaders back into such images.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -15,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from nas4dyn.cost.timing import CLOCKS, STATISTICS
 from nas4dyn.errors import DataError
 from supernet.dynamic.dfs import DFS_RELATIVE_COST
 
@@ -119,7 +118,8 @@ def realized_macs(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
 
 @dataclass
 class Latency:
-    """Wall-clock latency: ``ms_per_sample`` is the median over repeats of the mean per-sample time;
+    """Latency over a fixed set of images: ``ms_per_sample`` is the ``statistic`` (median or min) over repeats
+    of the mean per-sample time read from ``clock`` (wall, or the CPU time of the calling thread);
     ``ms_per_batch`` the same per call; ``repeats_ms_per_sample`` every repeat (to judge the noise)."""
 
     batch_size: int
@@ -128,6 +128,8 @@ class Latency:
     ms_per_batch: float
     repeats_ms_per_sample: list[float]
     threads: int
+    statistic: str = "median"
+    clock: str = "wall"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,19 +137,22 @@ class Latency:
 
 @torch.no_grad()
 def measure_latency(model: Any, images: torch.Tensor, batch_size: int = 1, repeats: int = 5,
-                    warmup: int = 1) -> Latency:
+                    warmup: int = 1, statistic: str = "median", clock: str = "wall") -> Latency:
     """Run ``model`` over ``images`` in batches of ``batch_size``, ``warmup`` + ``repeats`` times, timing each
-    pass. Dynamic models take a different time per sample, so every pass covers the same images."""
+    pass. Dynamic models take a different time per sample, so every pass covers the same images. ``statistic``
+    and ``clock`` are those of the latency profiler (:mod:`nas4dyn.cost.timing`), so a card can state a
+    measurement of the same kind as the table's prediction."""
     if len(images) == 0:
         raise DataError("no images to time")
+    summarize, read_clock = STATISTICS[statistic], CLOCKS[clock]
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     per_pass = []
     for r in range(warmup + repeats):
-        start = time.perf_counter()
+        start = read_clock()
         for x in batches:
             model(x)
         if r >= warmup:
-            per_pass.append(time.perf_counter() - start)
+            per_pass.append(read_clock() - start)
     per_sample = [t / len(images) * 1e3 for t in per_pass]
-    return Latency(batch_size, len(images), statistics.median(per_sample),
-                   statistics.median(per_pass) / len(batches) * 1e3, per_sample, torch.get_num_threads())
+    return Latency(batch_size, len(images), summarize(per_sample), summarize(per_pass) / len(batches) * 1e3,
+                   per_sample, torch.get_num_threads(), statistic, clock)
