@@ -132,16 +132,3 @@ def test_bundle_into_a_foreign_directory_is_refused(tmp_path, capsys):
     (tmp_path / "stuff.txt").write_text("mine")
     assert "not a profiling bundle" in _bad_import(["profile", "--space", "tiny", "--bundle", str(tmp_path)], capsys)
     assert (tmp_path / "stuff.txt").read_text() == "mine"
-
-
-def test_cold_items_get_one_timed_call_per_round_and_no_warm_up():
-    from nas4dyn.cost.timing import measure
-
-    counts = [0, 0]
-
-    def counter(i):
-        return lambda: counts.__setitem__(i, counts[i] + 1)
-
-    ms = measure([counter(0), counter(1)], repeats=10, burst=5, statistic="min", clock="wall", seed=0,
-                 progress=False, cold=[False, True])
-    assert counts == [2 * (1 + 5), 2] and len(ms) == 2 and min(ms) >= 0

@@ -287,9 +287,8 @@ def profile_space(space: SearchSpace, settings: ProfileSettings, progress: bool 
     try:
         log.info("profiling %s on %s: %d table entries, %d calibration and %d validation measurements",
                  space.name, settings.device, len(plan.entries), len(plan.calibration), len(plan.validation))
-        cold = [settings.cold_parts] * len(plan.entries) + [False] * (len(plan.calibration) + len(plan.validation))
         ms = measure(plan.items(), settings.repeats, settings.burst, settings.statistic, settings.clock,
-                     settings.seed, settings.device, progress, cold)
+                     settings.seed, settings.device, progress)
     finally:
         torch.set_num_threads(threads_before)
     table = build_table(space, plan.input_size, [(key, level) for key, level, _ in plan.entries], plan.calibration,

@@ -31,7 +31,6 @@ class ProfileSettings:
     statistic: str = "median"
     clock: str = "wall"
     seed: int = 0
-    cold_parts: bool = False
 
     def check(self) -> None:
         """Raises ConfigError naming the first bad setting and its allowed values."""

@@ -84,26 +84,22 @@ def _progress(iterable: range, enabled: bool) -> Any:
 
 
 def measure(calls: Sequence[Callable[[], Any]], repeats: int, burst: int, statistic: str, clock: str, seed: int,
-            device: str = "cpu", progress: bool = True, cold: Sequence[bool] = ()) -> list[float]:
-    """ms of each call (the ``statistic`` of its timed calls), timed in interleaved rounds (module docstring).
-    A ``cold`` call gets neither the warm-up nor a burst: one timed call per round, after every other item ran
-    since its last call — its weights and input out of the caches, as for a part inside a whole model."""
+            device: str = "cpu", progress: bool = True) -> list[float]:
+    """ms of each call (the ``statistic`` of its timed calls), timed in interleaved rounds (module docstring)."""
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     read_clock = CLOCKS[clock]
     times: list[list[float]] = [[] for _ in calls]
     order = list(range(len(calls)))
-    cold = list(cold) or [False] * len(calls)
     shuffle = random.Random(seed)
     for _ in _progress(range(math.ceil(repeats / burst)), progress):
         shuffle.shuffle(order)
         for i in order:
             call = calls[i]
-            if not cold[i]:
-                call()
-                sync()
-            for _ in range(1 if cold[i] else burst):
+            call()
+            sync()
+            for _ in range(burst):
                 start = read_clock()
                 call()
                 sync()
@@ -137,12 +133,10 @@ def run_bundle(bundle: Path, threads: int, progress: bool = True) -> dict[str, A
     tensors = [t.to(device) for t in torch.load(bundle / INPUTS_FILE, map_location="cpu", weights_only=True)]
     calls = [(lambda m=modules[item["module"]], args=tuple(tensors[i] for i in item["inputs"]): m(*args))
              for item in manifest["items"]]
-    subnets = len(manifest["calibration"]) + len(manifest["validation"])
-    cold = [bool(settings.get("cold_parts"))] * len(manifest["entries"]) + [False] * subnets  # as the profiler
     started = time.perf_counter()
     with torch.inference_mode():
         ms = measure(calls, settings["repeats"], settings["burst"], settings["statistic"], settings["clock"],
-                     settings["seed"], device, progress, cold)
+                     settings["seed"], device, progress)
     return {
         "format": TIMINGS_FORMAT,
         "bundle_id": manifest["bundle_id"],
