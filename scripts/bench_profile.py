@@ -103,8 +103,10 @@ def searched_dynamic_archs(run: Path, table: Path, out: Path, count: int) -> lis
 
 
 @torch.no_grad()
-def exported_latency(run: Path, table_path: Path, archs: list, test_images: int, repeats: int) -> list[tuple[float, float]]:
-    """(predicted expected ms over the validation split, measured mean ms per test image at batch 1) per arch."""
+def exported_latency(run: Path, table_path: Path, archs: list, test_images: int, repeats: int,
+                     val_images: int | None = None) -> list[tuple[float, float]]:
+    """(predicted expected ms over the validation split — a fixed subset of ``val_images`` when given —,
+    measured mean ms per test image at batch 1) per arch."""
     from nas4dyn.api import load_supernet_file
     from nas4dyn.data import load_data, make_loader
     from nas4dyn.export.measure import collect, measure_latency, unnormalised
@@ -116,7 +118,7 @@ def exported_latency(run: Path, table_path: Path, archs: list, test_images: int,
     statistic, clock = model.table.settings["statistic"], model.table.settings["clock"]
     net, info = load_supernet_file(run / "supernet.pt")
     bundle = load_data(info["dataset"], augment=False)
-    val = [(x, y) for x, y in make_loader(bundle.val, 256)]
+    val = [(x, y) for x, y in make_loader(bundle.val, 256, limit=val_images)]
     images, _ = collect(unnormalised(make_loader(bundle.test, 256), bundle.info.mean, bundle.info.std), test_images)
     out = []
     for arch in tqdm(archs, desc="exported subnets"):
@@ -132,7 +134,7 @@ def exported_section(args: argparse.Namespace, table: Path, out_dir: Path) -> li
     run = Path(args.run) if args.run else default_run()
     archs = searched_dynamic_archs(run, table, out_dir / f"search_{run.name}", args.exported)
     load_before = os.getloadavg()[0]
-    pairs = exported_latency(run, table, archs, args.test_images, 3)
+    pairs = exported_latency(run, table, archs, args.test_images, 3, args.val_images)
     errors = sorted(abs(p / m - 1) for p, m in pairs)
     within = sum(e <= 0.10 for e in errors) / len(errors)
     ratios = [p / m for p, m in pairs]
@@ -140,7 +142,7 @@ def exported_section(args: argparse.Namespace, table: Path, out_dir: Path) -> li
         f"Expected latency of exported dynamic models (`--exported {args.exported}`, run `{run}`, table "
         f"`{table.name}`, load {load_before:.1f} → {os.getloadavg()[0]:.1f}): {len(pairs)} dynamic subnets from "
         f"the trials of a latency search, each exported (BatchNorm recalibrated on 1000 training images, scripted, "
-        f"frozen); predicted `predict_expected` over the validation split vs measured mean per-image latency on "
+        f"frozen); predicted `predict_expected` over the validation split ({args.val_images or 'all'} images) vs measured mean per-image latency on "
         f"{args.test_images} test images at batch 1 (3 passes, the table's statistic and clock): "
         f"**{100 * within:.0f}% within ±10%**, median error **{100 * statistics.median(errors):.1f}%**, worst "
         f"{100 * errors[-1]:.1f}%; predicted/measured from {min(ratios):.2f} to {max(ratios):.2f} "
@@ -165,6 +167,7 @@ def main() -> None:
                     help="also export N searched dynamic subnets of a trained run and compare expected latency")
     ap.add_argument("--run", help="trained run for --exported (default: /work/runs/default if trained, else quick)")
     ap.add_argument("--test-images", type=int, default=500, help="test images timed per exported subnet")
+    ap.add_argument("--val-images", type=int, help="validation images predict_expected runs over (default: all)")
     ap.add_argument("--out-dir", default=str(Path(tempfile.gettempdir()) / "nas4dyn-bench-profile"),
                     help="where the measured tables are kept")
     ap.add_argument("--reuse", action="store_true", help="read tables (and the search) already in --out-dir")
