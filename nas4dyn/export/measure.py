@@ -118,9 +118,11 @@ def realized_macs(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
 
 @dataclass
 class Latency:
-    """Latency over a fixed set of images: ``ms_per_sample`` is the ``statistic`` (median or min) over repeats
-    of the mean per-sample time read from ``clock`` (wall, or the CPU time of the calling thread);
-    ``ms_per_batch`` the same per call; ``repeats_ms_per_sample`` every repeat (to judge the noise)."""
+    """Latency over a fixed set of images. Every call is timed alone (``clock``: wall, or the CPU time of the
+    calling thread); each call's ``statistic`` (median or min) over the repeats, averaged over the calls, is
+    ``ms_per_batch`` (per sample: ``ms_per_sample``) — the latency profiler's statistic per call, then the
+    expectation over the data, as ``LatencyModel.predict_expected`` predicts it. ``repeats_ms_per_sample``:
+    the mean per-sample time of each repeat (to judge the noise)."""
 
     batch_size: int
     samples: int
@@ -139,20 +141,22 @@ class Latency:
 def measure_latency(model: Any, images: torch.Tensor, batch_size: int = 1, repeats: int = 5,
                     warmup: int = 1, statistic: str = "median", clock: str = "wall") -> Latency:
     """Run ``model`` over ``images`` in batches of ``batch_size``, ``warmup`` + ``repeats`` times, timing each
-    pass. Dynamic models take a different time per sample, so every pass covers the same images. ``statistic``
+    call. Dynamic models take a different time per sample, so every pass covers the same images. ``statistic``
     and ``clock`` are those of the latency profiler (:mod:`nas4dyn.cost.timing`), so a card can state a
-    measurement of the same kind as the table's prediction."""
+    measurement of the same kind as the table's prediction (on a loaded CPU the min of whole passes would
+    not be: it averages the disturbed calls in)."""
     if len(images) == 0:
         raise DataError("no images to time")
     summarize, read_clock = STATISTICS[statistic], CLOCKS[clock]
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    per_pass = []
+    per_call: list[list[float]] = [[] for _ in batches]
     for r in range(warmup + repeats):
-        start = read_clock()
-        for x in batches:
+        for i, x in enumerate(batches):
+            start = read_clock()
             model(x)
-        if r >= warmup:
-            per_pass.append(read_clock() - start)
-    per_sample = [t / len(images) * 1e3 for t in per_pass]
-    return Latency(batch_size, len(images), summarize(per_sample), summarize(per_pass) / len(batches) * 1e3,
-                   per_sample, torch.get_num_threads(), statistic, clock)
+            if r >= warmup:
+                per_call[i].append(read_clock() - start)
+    ms_per_batch = 1e3 * sum(summarize(t) for t in per_call) / len(batches)
+    per_pass = [1e3 * sum(t[r] for t in per_call) / len(images) for r in range(repeats)]
+    return Latency(batch_size, len(images), ms_per_batch * len(batches) / len(images), ms_per_batch, per_pass,
+                   torch.get_num_threads(), statistic, clock)
