@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="training images to recalibrate BatchNorm statistics for the subnet (0: keep the stored ones)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size for accuracy and rates")
     p.add_argument("--latency-samples", type=int, default=200, help="test images timed one by one (batch 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes over those images (each image's median counts, or the latency table's statistic)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes over those images (each image's median "
+                   "counts, or the latency table's statistic)")
     p.add_argument("--threads", type=int, help="torch threads while measuring (default: the latency table's, "
                    "else 1)")
     p.set_defaults(run=run)
