@@ -60,7 +60,8 @@ def test_the_device_cannot_import_nas4dyn(tmp_path):
 def test_imported_table_equals_a_direct_profile_within_noise(bundle_run, tmp_path):
     bundle, timings = bundle_run
     out = tmp_path / "lut.json"
-    assert main(["profile", "--import", str(timings), "--out", str(out), "--space", "tiny", "--bundle", str(bundle)]) == 0
+    assert main(["profile", "--import", str(timings), "--out", str(out), "--space", "tiny",
+                 "--bundle", str(bundle)]) == 0
     imported = LatencyTable.load(out)
     torch.set_num_threads(1)
     direct = profile_space(nas4dyn.load_space("tiny"), SETTINGS, progress=False)
@@ -101,7 +102,8 @@ def test_truncated_or_edited_timings_are_refused(bundle_run, tmp_path, capsys):
 def test_timings_of_another_space_or_bundle_are_refused(bundle_run, tmp_path, capsys):
     bundle, timings = bundle_run
     out = str(tmp_path / "l.json")
-    assert "not 'fmnist'" in _bad_import(["profile", "--import", str(timings), "--out", out, "--space", "fmnist"], capsys)
+    argv = ["profile", "--import", str(timings), "--out", out, "--space", "fmnist"]
+    assert "not 'fmnist'" in _bad_import(argv, capsys)
     other = tmp_path / "other"
     shutil.copytree(bundle, other)
     manifest = json.loads((other / "manifest.json").read_text())

@@ -243,7 +243,8 @@ def test_cli_export_then_evaluate(run_dir, capsys):
     assert card["latency_ms_predicted"] > 0 and card["latency_predicted_table"]["settings"]
     # Predicted and measured: the same statistic, clock and thread count, stated in the card.
     table = card["latency_predicted_table"]
-    assert (card["latency"]["statistic"], card["latency"]["clock"]) == (table["statistic"], table["clock"]) == ("median", "wall")
+    measured = (card["latency"]["statistic"], card["latency"]["clock"])
+    assert measured == (table["statistic"], table["clock"]) == ("median", "wall")
     assert card["latency"]["threads"] == table["threads"] == 1 and table["runtime"] == "torchscript"
     assert card["latency_relative_error"] == pytest.approx(card["latency_ms_predicted"] / card["latency_ms"] - 1)
     assert Arch.from_dict(json.loads((out / "arch.json").read_text())).exits
@@ -267,7 +268,8 @@ def test_export_warns_when_prediction_and_measurement_disagree(run_dir, caplog):
     assert main(["export", "--run", str(run_dir / "run"), "--arch", f"{run_dir / 'pareto.json'}#1", "--out",
                  str(run_dir / "exp_slow"), "--format", "torchscript", "--bn-images", "0", "--latency-samples", "8",
                  "--repeats", "1", "--latency-table", str(run_dir / "slow_lut.json")]) == 0
-    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "predicted latency" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING" and "predicted latency" in r.getMessage()]
     assert len(warned) == 1 and "another machine" in warned[0] and "loaded" in warned[0]
     assert json.loads((run_dir / "exp_slow" / "card.json").read_text())["latency_relative_error"] > 0.15
 

@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     fp = table.fingerprint
     a, b = table.correction
     print(f"{verb} {table.space.name} on {fp['device_name']} ({fp['device']}, {fp.get('runtime', 'torchscript')}, "
-          f"{fp['threads']} threads, batch {fp['batch_size']}, torch {fp['torch']}) in {table.settings['seconds']:.0f} s")
+          f"{fp['threads']} threads, batch {fp['batch_size']}, torch {fp['torch']}) "
+          f"in {table.settings['seconds']:.0f} s")
     print(f"{sum(len(v) for v in table.levels.values())} table entries; correction: ms = {a:.3f} * sum + {b:.3f}")
     for title, scores in (("calibration", table.calibration), ("validation (held out)", table.validation or {})):
         if scores:

@@ -88,7 +88,8 @@ def write_bundle(space: SearchSpace, settings: ProfileSettings, out_dir: str | P
                 if id(t) not in tensor_index:
                     tensor_index[id(t)] = len(tensors)
                     tensors.append(t.detach().cpu())
-            items.append({"module": module_index[id(item.module)], "inputs": [tensor_index[id(t)] for t in item.inputs]})
+            items.append({"module": module_index[id(item.module)],
+                          "inputs": [tensor_index[id(t)] for t in item.inputs]})
         torch.save(tensors, tmp / timing.INPUTS_FILE)
         manifest = _manifest(plan, modules, items, runtime)
         atomic_write_json(tmp / timing.MANIFEST_FILE, manifest)
@@ -134,7 +135,8 @@ def read_timings(path: str | Path, space: Optional[str] = None, runtime: Optiona
     except (KeyError, TypeError):
         intact = False
     if not intact:
-        raise ConfigError(f"--import {path}: incomplete or edited (the timings do not match the bundle's items); {hint}")
+        raise ConfigError(f"--import {path}: incomplete or edited (the timings do not match the bundle's items); "
+                          f"{hint}")
     if space is not None and manifest["space"].get("name") != space:
         raise ConfigError(f"--import {path}: timings of space {manifest['space'].get('name')!r}, not {space!r}; "
                           f"import the timings of a `--space {space}` bundle")
@@ -145,7 +147,8 @@ def read_timings(path: str | Path, space: Optional[str] = None, runtime: Optiona
         try:
             theirs = json.loads((Path(bundle) / timing.MANIFEST_FILE).read_text())["bundle_id"]
         except (OSError, ValueError, KeyError, TypeError):
-            raise ConfigError(f"--bundle {bundle}: no readable {timing.MANIFEST_FILE}; pass the bundle directory") from None
+            raise ConfigError(f"--bundle {bundle}: no readable {timing.MANIFEST_FILE}; "
+                              "pass the bundle directory") from None
         if theirs != manifest["bundle_id"]:
             raise ConfigError(f"--import {path}: timings of another bundle (id {manifest['bundle_id'][:8]}, "
                               f"{bundle} is {theirs[:8]}); run this bundle's run.py and import its output")
