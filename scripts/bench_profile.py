@@ -5,15 +5,24 @@
 2. Latency: `nas4dyn profile` of a space at batch 1 (timed), with `--validate K` held-out random subnets timed
    end to end — static ones and forced dynamic paths — once per variant (summary statistic / clock).
 
+3. With --exported N: expected latency of exported dynamic models. A search of a trained run (/work/runs/default
+   when it holds a supernet, else /work/runs/quick; or --run) with the first variant's table; N of its searched
+   dynamic subnets are exported as `nas4dyn export` does (BatchNorm recalibrated, scripted and frozen), and
+   `LatencyModel.predict_expected` over the validation split is compared with the exported model's measured
+   mean per-image latency on test images at batch 1 (the table's statistic and clock).
+
 Usage: python scripts/bench_profile.py [--space fmnist] [--validate 100] [--variants median/wall,min/cpu]
-                                       [--mac-archs 100] [--out-dir DIR] [--write]
+                                       [--mac-archs 100] [--exported N [--run RUN_DIR]] [--out-dir DIR] [--write]
 With --write the results replace the "Cost model" section of docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +31,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 import nas4dyn
 from benchlib import machine_line, replace_section
@@ -51,17 +61,95 @@ def mac_check(space_name: str, n: int) -> tuple[float, float]:
     return worst, sum(seconds) / len(seconds)
 
 
-def profile(space: str, validate: int, statistic: str, clock: str, out: Path) -> tuple[float, LatencyTable, str, str]:
-    """Run the CLI as a user would; (wall seconds, table, command, load averages before -> after)."""
+def profile(space: str, validate: int, variant: str, out: Path, reuse: bool) -> tuple[float, LatencyTable, str, str]:
+    """Run the CLI as a user would (``variant``: STATISTIC/CLOCK[/tT][/bB], T threads, batch B); (wall seconds,
+    table, command, load averages before -> after). With ``reuse`` an existing table is read instead."""
+    statistic, clock, *extra = variant.split("/")
+    threads = next((int(e[1:]) for e in extra if e.startswith("t")), 1)
+    batch = next((int(e[1:]) for e in extra if e.startswith("b")), 1)
     cmd = [sys.executable, "-m", "nas4dyn", "profile", "--space", space, "--device", "cpu", "--out", str(out),
-           "--batch-size", "1", "--threads", "1", "--validate", str(validate), "--statistic", statistic,
-           "--clock", clock]
+           "--batch-size", str(batch), "--threads", str(threads), "--validate", str(validate), "--statistic",
+           statistic, "--clock", clock]
+    shown = "nas4dyn " + " ".join(cmd[3:]).replace(str(out), out.name)
+    if reuse and out.is_file():
+        table = LatencyTable.load(out)
+        return table.settings["seconds"], table, shown, "(reused)"
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - start
-    shown = "nas4dyn " + " ".join(cmd[3:]).replace(str(out), out.name)
     return seconds, LatencyTable.load(out), shown, f"{load_before:.1f} → {os.getloadavg()[0]:.1f}"
+
+
+def default_run() -> Path:
+    default = Path("/work/runs/default")
+    return default if (default / "supernet.pt").is_file() else Path("/work/runs/quick")
+
+
+def searched_dynamic_archs(run: Path, table: Path, out: Path, count: int) -> list[nas4dyn.Arch]:
+    """``count`` dynamic subnets from the trials of a latency search of ``run`` (searched once, kept in ``out``)."""
+    if not (out / "trials.csv").is_file():
+        subprocess.run([sys.executable, "-m", "nas4dyn", "search", "--run", str(run), "--out", str(out),
+                        "--objectives", "accuracy:max,latency_ms:min", "--latency-table", str(table),
+                        "--trials", str(count + count // 2), "--val-images", "2000", "--bn-images", "1000",
+                        "--seed", "0", "--no-progress"], check=True)
+    with open(out / "trials.csv", newline="") as f:
+        archs = [nas4dyn.Arch.from_dict(json.loads(row["arch"])) for row in csv.DictReader(f)
+                 if row["state"] == "COMPLETE" and row["arch"]]
+    dynamic = [a for a in archs if a.is_dynamic]
+    if len(dynamic) < count:
+        raise SystemExit(f"{out}: only {len(dynamic)} dynamic subnets among the searched trials, {count} wanted")
+    return dynamic[:count]
+
+
+@torch.no_grad()
+def exported_latency(run: Path, table_path: Path, archs: list, test_images: int, repeats: int,
+                     val_images: int | None = None) -> list[tuple[float, float]]:
+    """(predicted expected ms over the validation split — a fixed subset of ``val_images`` when given —,
+    measured mean ms per test image at batch 1) per arch."""
+    from nas4dyn.api import load_supernet_file
+    from nas4dyn.data import load_data, make_loader
+    from nas4dyn.export.measure import collect, measure_latency, unnormalised
+    from nas4dyn.export.runtime import export_subnet
+    from nas4dyn.export.torchscript import script_model
+    from nas4dyn.train.bn import recalibrate_bn
+
+    model = nas4dyn.LatencyModel.load(table_path)
+    statistic, clock = model.table.settings["statistic"], model.table.settings["clock"]
+    net, info = load_supernet_file(run / "supernet.pt")
+    bundle = load_data(info["dataset"], augment=False)
+    val = [(x, y) for x, y in make_loader(bundle.val, 256, limit=val_images)]
+    images, _ = collect(unnormalised(make_loader(bundle.test, 256), bundle.info.mean, bundle.info.std), test_images)
+    out = []
+    for arch in tqdm(archs, desc="exported subnets"):
+        recalibrate_bn(net, arch, make_loader(bundle.train_eval, 64, shuffle=True, limit=1000), 1000)  # as export
+        predicted = model.predict_expected(net, arch, val)
+        scripted = script_model(export_subnet(net, arch, info))
+        measured = measure_latency(scripted, images, 1, repeats, statistic=statistic, clock=clock).ms_per_sample
+        out.append((predicted, measured))
+    return out
+
+
+def exported_section(args: argparse.Namespace, table: Path, out_dir: Path) -> list[str]:
+    run = Path(args.run) if args.run else default_run()
+    archs = searched_dynamic_archs(run, table, out_dir / f"search_{run.name}", args.exported)
+    load_before = os.getloadavg()[0]
+    pairs = exported_latency(run, table, archs, args.test_images, 3, args.val_images)
+    errors = sorted(abs(p / m - 1) for p, m in pairs)
+    within = sum(e <= 0.10 for e in errors) / len(errors)
+    ratios = [p / m for p, m in pairs]
+    return [
+        f"Expected latency of exported dynamic models (`--exported {args.exported}`, run `{run}`, table "
+        f"`{table.name}`, load {load_before:.1f} → {os.getloadavg()[0]:.1f}): {len(pairs)} dynamic subnets from "
+        f"the trials of a latency search, each exported (BatchNorm recalibrated on 1000 training images, scripted, "
+        f"frozen); predicted `predict_expected` over the validation split ({args.val_images or 'all'} images) "
+        "vs measured mean per-image latency on "
+        f"{args.test_images} test images at batch 1 (3 passes, the table's statistic and clock): "
+        f"**{100 * within:.0f}% within ±10%**, median error **{100 * statistics.median(errors):.1f}%**, worst "
+        f"{100 * errors[-1]:.1f}%; predicted/measured from {min(ratios):.2f} to {max(ratios):.2f} "
+        f"(measured {min(m for _, m in pairs):.2f}–{max(m for _, m in pairs):.2f} ms). "
+        "Goal: ≥ 90% within ±10%, median error ≤ 5%.",
+    ]
 
 
 def accuracy_cells(scores: dict) -> str:
@@ -76,8 +164,14 @@ def main() -> None:
     ap.add_argument("--variants", default="median/wall,min/cpu",
                     help="comma-separated STATISTIC/CLOCK pairs, one profile run each")
     ap.add_argument("--mac-archs", type=int, default=100)
+    ap.add_argument("--exported", type=int, default=0, metavar="N",
+                    help="also export N searched dynamic subnets of a trained run and compare expected latency")
+    ap.add_argument("--run", help="trained run for --exported (default: /work/runs/default if trained, else quick)")
+    ap.add_argument("--test-images", type=int, default=500, help="test images timed per exported subnet")
+    ap.add_argument("--val-images", type=int, help="validation images predict_expected runs over (default: all)")
     ap.add_argument("--out-dir", default=str(Path(tempfile.gettempdir()) / "nas4dyn-bench-profile"),
                     help="where the measured tables are kept")
+    ap.add_argument("--reuse", action="store_true", help="read tables (and the search) already in --out-dir")
     ap.add_argument("--write", action="store_true", help="write the results into docs/BENCHMARKS.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -101,10 +195,11 @@ def main() -> None:
         "| dynamic paths: within ±10% | MAPE | worst | n |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    tables = []
     for variant in args.variants.split(","):
-        statistic, clock = variant.split("/")
-        out = out_dir / f"lut_{statistic}_{clock}.json"
-        seconds, table, command, load = profile(args.space, args.validate, statistic, clock, out)
+        out = out_dir / f"lut_{variant.replace('/', '_')}.json"
+        seconds, table, command, load = profile(args.space, args.validate, variant, out, args.reuse)
+        tables.append(out)
         a, b = table.correction
         v = table.validation or {}
         lines.append(
@@ -128,6 +223,8 @@ def main() -> None:
         "so its medians measure the contention. `min/cpu` times the thread's CPU time and keeps the least "
         "disturbed call, which is what the CLI help recommends on shared machines.",
     ]
+    if args.exported:
+        lines += ["", *exported_section(args, tables[0], out_dir)]
     text = "\n".join(lines)
     print(text)
     if args.write:

@@ -243,6 +243,12 @@ def test_cli_export_then_evaluate(run_dir, capsys):
     assert card["macs_expected"] < card["macs_max"] and card["latency_ms"] > 0
     assert card["input"]["channels"] == 1 and len(card["input"]["mean"]) == 1
     assert card["latency_ms_predicted"] > 0 and card["latency_predicted_table"]["settings"]
+    # Predicted and measured: the same statistic, clock and thread count, stated in the card.
+    table = card["latency_predicted_table"]
+    measured = (card["latency"]["statistic"], card["latency"]["clock"])
+    assert measured == (table["statistic"], table["clock"]) == ("median", "wall")
+    assert card["latency"]["threads"] == table["threads"] == 1 and table["runtime"] == "torchscript"
+    assert card["latency_relative_error"] == pytest.approx(card["latency_ms_predicted"] / card["latency_ms"] - 1)
     assert Arch.from_dict(json.loads((out / "arch.json").read_text())).exits
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".exp")]  # no temp dirs left behind
 
@@ -300,6 +306,35 @@ def test_export_out_under_a_file_fails_before_the_work(run_dir, tmp_path, capsys
                  "--out", str(tmp_path / "file" / "exp")]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "is a file" in lines[0], lines
+
+
+def test_export_warns_when_prediction_and_measurement_disagree(run_dir, caplog):
+    lut = json.loads((run_dir / "lut.json").read_text())
+    lut["correction"] = {"a": 50 * lut["correction"]["a"], "b": 50 * lut["correction"]["b"]}  # a much slower machine
+    (run_dir / "slow_lut.json").write_text(json.dumps(lut))
+    assert main(["export", "--run", str(run_dir / "run"), "--arch", f"{run_dir / 'pareto.json'}#1", "--out",
+                 str(run_dir / "exp_slow"), "--format", "torchscript", "--bn-images", "0", "--latency-samples", "8",
+                 "--repeats", "1", "--latency-table", str(run_dir / "slow_lut.json")]) == 0
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING" and "predicted latency" in r.getMessage()]
+    assert len(warned) == 1 and "another machine" in warned[0] and "loaded" in warned[0]
+    assert json.loads((run_dir / "exp_slow" / "card.json").read_text())["latency_relative_error"] > 0.15
+
+
+@pytest.mark.parametrize("edit, extra, words", [
+    (lambda lut: lut, ("--threads", "2"), "--threads 2"),
+    (lambda lut: lut["fingerprint"].update(runtime="onnxruntime"), (), "times onnxruntime"),
+    (lambda lut: lut["fingerprint"].update(batch_size=8), (), "batch 8"),
+])
+def test_export_refuses_a_table_of_another_kind(run_dir, edit, extra, words, capsys):
+    lut = json.loads((run_dir / "lut.json").read_text())
+    edit(lut)
+    (run_dir / "other_lut.json").write_text(json.dumps(lut))
+    assert main(["export", "--run", str(run_dir / "run"), "--arch", f"{run_dir / 'pareto.json'}#1", "--out",
+                 str(run_dir / "bad"), "--latency-table", str(run_dir / "other_lut.json"), *extra]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0]
+    assert not (run_dir / "bad").exists()
 
 
 def test_cli_exports_a_static_arch_with_torch_export_too(run_dir):

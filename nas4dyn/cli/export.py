@@ -25,8 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="training images to recalibrate BatchNorm statistics for the subnet (0: keep the stored ones)")
     p.add_argument("--batch-size", type=POSITIVE, default=64, help="batch size for accuracy and rates")
     p.add_argument("--latency-samples", type=POSITIVE, default=200, help="test images timed one by one (batch 1)")
-    p.add_argument("--repeats", type=POSITIVE, default=5, help="timed passes over those images (the median counts)")
-    p.add_argument("--threads", type=POSITIVE, default=1, help="torch threads while measuring")
+    p.add_argument("--repeats", type=POSITIVE, default=5, help="timed passes over those images (each image's median "
+                   "counts, or the latency table's statistic)")
+    p.add_argument("--threads", type=POSITIVE, help="torch threads while measuring (default: the latency table's, "
+                   "else 1)")
     p.set_defaults(run=run)
 
 
@@ -43,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if "macs_expected" in card:
         print(f"  MACs: max {card['macs_max'] / 1e6:.2f} M, expected {card['macs_expected'] / 1e6:.2f} M, "
               f"realized at batch 1 {card['macs_realized_batch1'] / 1e6:.2f} M")
-    predicted = f" (predicted {card['latency_ms_predicted']:.3f} ms)" if "latency_ms_predicted" in card else ""
+    predicted = (f" (predicted {card['latency_ms_predicted']:.3f} ms, {100 * card['latency_relative_error']:+.1f}%; "
+                 f"{card['latency']['statistic']}, {card['latency']['threads']} thread(s))"
+                 if "latency_ms_predicted" in card else "")
     print(f"  latency at batch 1: {card['latency_ms']:.3f} ms per image{predicted}")
     return 0

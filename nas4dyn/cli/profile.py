@@ -1,22 +1,28 @@
 """`nas4dyn profile` — measure a space's latency table on this machine and validate its predictor.
 
-Remote targets (a phone, a Jetson, another server): install nas4dyn there, run `nas4dyn profile` on that
-device, and copy the JSON back to the machine that searches (`nas4dyn search --latency-table lut.json`).
-Loading a table measured elsewhere warns that the device fingerprint differs; that is expected then.
+Remote targets (a phone, a Jetson, another server): run `nas4dyn profile` on that device if nas4dyn installs
+there; otherwise write a profiling bundle (`--bundle DIR`), run its `run.py` on the device (only torch needed),
+and import the timings (`--import timings.json --out lut.json`). Copy the table to the machine that searches
+(`nas4dyn search --latency-table lut.json`); loading a table measured elsewhere warns that the device
+fingerprint differs, which is expected then.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from nas4dyn.cost.settings import CLOCKS, STATISTICS, ProfileSettings
+from nas4dyn.cost.settings import CLOCKS, RUNTIMES, STATISTICS, ProfileSettings
+from nas4dyn.errors import ConfigError
 from nas4dyn.io import check_writable
 from search_spaces.space import load_space
 
 EPILOG = """\
 The table records the device fingerprint (CPU model or GPU name, torch version, threads, batch size, dtype).
-Remote targets: run `nas4dyn profile` on the target device itself and copy the JSON to the machine that
-searches; using a table on another device warns, which is then expected.
+Remote targets: run `nas4dyn profile` on the target device itself, or, where nas4dyn does not install:
+  nas4dyn profile --space NAME --bundle DIR     (here; copy DIR to the device)
+  python DIR/run.py --out timings.json          (on the device; needs only torch)
+  nas4dyn profile --import timings.json --out lut.json   (here)
+and copy the JSON to the machine that searches; using a table on another device warns, which is expected.
 On a dedicated device the defaults (wall clock, median) are right. On a machine shared with other jobs the
 median measures the contention: use `--threads 1 --clock cpu --statistic min` (CPU time of the timing thread,
 least disturbed call), which leaves out the time other jobs hold the core.
@@ -34,9 +40,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=110),
     )
-    p.add_argument("--space", required=True, help="built-in space name or path to a space file")
+    p.add_argument("--space", help="built-in space name or path to a space file (with --import: checked against "
+                   "the timings' space)")
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="device to time on")
-    p.add_argument("--out", required=True, help="latency table JSON to write")
+    p.add_argument("--out", help="latency table JSON to write")
+    p.add_argument("--runtime", default=RUNTIMES[0], choices=RUNTIMES,
+                   help="runtime the table times (the model format deployed)")
+    p.add_argument("--bundle", metavar="DIR", help="write a profiling bundle for a device without nas4dyn instead "
+                   "of timing here (with --import: check the timings are of this bundle)")
+    p.add_argument("--import", dest="import_timings", metavar="TIMINGS.json",
+                   help="build the table from the timings a bundle's run.py wrote on the device")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads, pinned while timing")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size the table describes")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed calls per measured item")
@@ -57,21 +70,53 @@ def _accuracy_line(name: str, acc: dict) -> str:
             f"MAPE {acc['mape_pct']:5.2f}%   worst {acc['worst_pct']:6.2f}%")
 
 
-def run(args: argparse.Namespace) -> int:
-    from nas4dyn.cost.profiler import profile_space  # heavy (torch): imported only when the verb runs
+def _write_bundle(args: argparse.Namespace, settings: ProfileSettings) -> int:
+    from nas4dyn.cost.bundle import RUN_FILE, write_bundle
 
-    out = Path(args.out)
-    check_writable(out, directory=False)
-    space = load_space(args.space)
+    if args.out:
+        raise ConfigError("--bundle DIR writes a bundle, not a table: drop --out, run DIR/run.py on the device, "
+                          "then `nas4dyn profile --import timings.json --out lut.json`")
+    check_writable(args.bundle, "--bundle")
+    manifest = write_bundle(load_space(args.space), settings, args.bundle, args.runtime)
+    print(f"wrote bundle {args.bundle} ({len(manifest['items'])} items, {len(manifest['modules'])} frozen pieces, "
+          f"runtime {manifest['runtime']})")
+    print(f"on the device: python {Path(args.bundle) / RUN_FILE} --out timings.json --threads {args.threads}")
+    print("back here:     nas4dyn profile --import timings.json --out lut.json")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    # heavy (torch): imported only when the verb runs
+    from nas4dyn.cost.bundle import import_timings
+    from nas4dyn.cost.latency import LatencyModel
+    from nas4dyn.cost.profiler import profile_space
+
+    if args.out is None and not (args.bundle and not args.import_timings):
+        raise ConfigError("--out LUT.json is required (the latency table to write)")
+    if args.space is None and not args.import_timings:
+        raise ConfigError("--space NAME is required (the space to profile)")
     settings = ProfileSettings(device=args.device, threads=args.threads, batch_size=args.batch_size,
                                repeats=args.repeats, calibrate=args.calibrate, validate=args.validate,
                                statistic=args.statistic, clock=args.clock, seed=args.seed)
-    table = profile_space(space, settings)
+    if args.bundle and not args.import_timings:
+        return _write_bundle(args, settings)
+    out = Path(args.out)
+    check_writable(out, directory=False)
+    if args.import_timings:
+        space = load_space(args.space) if args.space else None
+        table = import_timings(args.import_timings, space.name if space else None, args.runtime, args.bundle)
+        if space is not None:
+            LatencyModel(table).check_space(space)
+        verb = "imported timings of"
+    else:
+        table = profile_space(load_space(args.space), settings)
+        verb = "profiled"
     table.save(out)
     fp = table.fingerprint
     a, b = table.correction
-    print(f"profiled {space.name} on {fp['device_name']} ({fp['device']}, {fp['threads']} threads, "
-          f"batch {fp['batch_size']}, torch {fp['torch']}) in {table.settings['seconds']:.0f} s")
+    print(f"{verb} {table.space.name} on {fp['device_name']} ({fp['device']}, {fp.get('runtime', 'torchscript')}, "
+          f"{fp['threads']} threads, batch {fp['batch_size']}, torch {fp['torch']}) "
+          f"in {table.settings['seconds']:.0f} s")
     print(f"{sum(len(v) for v in table.levels.values())} table entries; correction: ms = {a:.3f} * sum + {b:.3f}")
     for title, scores in (("calibration", table.calibration), ("validation (held out)", table.validation or {})):
         if scores:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 from scipy.optimize import nnls
-import torch
 
 from nas4dyn.cost.paths import Part, SamplePaths, arch_layout, interpolate, path_contributions, trace_paths
+from nas4dyn.cost.timing import device_fingerprint, device_name  # noqa: F401  (device_name: benchlib)
 from nas4dyn.errors import ConfigError, SpaceError
 from nas4dyn.io import atomic_write_json
 from search_spaces.arch import Arch
@@ -47,32 +46,6 @@ KEY_FIELDS = {
     "exit": ("resolution", "stage"),
     "classifier": ("resolution",),
 }
-
-
-def device_name(device: str) -> str:
-    """The CPU model (from /proc/cpuinfo) or the GPU name."""
-    if device == "cuda":
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # not Linux: fall back to what platform knows
-    return platform.processor() or platform.machine()
-
-
-def device_fingerprint(device: str, threads: int, batch_size: int, dtype: str = "float32") -> dict[str, Any]:
-    """What a latency table was measured on and with."""
-    return {
-        "device": device,
-        "device_name": device_name(device),
-        "machine": platform.machine(),
-        "torch": torch.__version__,
-        "threads": threads,
-        "batch_size": batch_size,
-        "dtype": dtype,
-    }
 
 
 def fit_correction(sums: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
@@ -218,6 +191,17 @@ class LatencyTable:
             raise ConfigError(f"{path}: cannot read latency table ({type(exc).__name__}); "
                               "create one with `nas4dyn profile --out` this path") from None
         return cls.from_dict(data, str(path))
+
+    @property
+    def runtime(self) -> str:
+        """The runtime the table times (tables from before runtimes were recorded are TorchScript)."""
+        return self.fingerprint.get("runtime", "torchscript")
+
+    def check_runtime(self, runtime: str, flag: str) -> None:
+        """Raises ConfigError when the table times another runtime than the deployment's ``runtime``."""
+        if self.runtime != runtime:
+            raise ConfigError(f"{flag}: the latency table {self.source} times {self.runtime}, but this deploys with "
+                              f"{runtime}; profile with `nas4dyn profile --runtime {runtime}`")
 
     def device_mismatch(self) -> list[str]:
         """How this machine differs from the table's device (empty when it matches)."""

@@ -9,29 +9,26 @@ some fit the linear correction of the table sum, held-out ones validate the pred
 the form ``nas4dyn export`` ships (TorchScript, frozen: :mod:`supernet.scripting`), so predictions are of the
 exported model; freezing folds BatchNorms into ungated convs and saves calls, which speeds the parts unevenly.
 
-Timing: inputs at the largest resolution of the space (the data's), ``torch.inference_mode``, the thread
-count pinned, CUDA synchronised around every call. The machine may be shared, so every measured item is timed
-in rounds, interleaved in shuffled order: a slow spell of other load then spreads over all items instead of
-biasing the ones measured during it. In each round an item gets one untimed call (its warm-up after the
-switch) and ``burst`` timed calls; the entry is the median (or, with ``statistic="min"``, the minimum) of
-all its timed calls.
+Timing (:mod:`nas4dyn.cost.timing`): inputs at the largest resolution of the space (the data's), the thread
+count pinned, items in shuffled interleaved rounds. Every item is a frozen module and its inputs
+(:class:`Item`), so a plan can also be written as a profiling bundle for another device
+(:mod:`nas4dyn.cost.bundle`) and its timings imported into the same table.
 """
 from __future__ import annotations
 
 import copy
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-from tqdm import tqdm
 
 from nas4dyn.cost.latency import LatencyModel, LatencyTable, accuracy, device_fingerprint, fit_correction
 from nas4dyn.cost.paths import arch_layout, force_path, forced_block, gate_kind, random_path
-from nas4dyn.cost.settings import CLOCKS, STATISTICS, ProfileSettings
+from nas4dyn.cost.settings import ProfileSettings
+from nas4dyn.cost.timing import measure
 from search_spaces.arch import Arch
 from search_spaces.space import SearchSpace
 from supernet.dynamic.cigt import RoutedBlock
@@ -42,17 +39,53 @@ from supernet.subnet import resize
 
 log = logging.getLogger(__name__)
 
-Call = Callable[[], Any]
+
+@dataclass(frozen=True)
+class Item:
+    """One timed call: a frozen module and the inputs it is called with."""
+
+    module: torch.jit.ScriptModule
+    inputs: tuple[torch.Tensor, ...]
+
+    def __call__(self) -> Any:
+        return self.module(*self.inputs)
 
 
 @dataclass
-class _Subnet:
-    """One end-to-end measurement: a subnet and the path all its inputs take (None: a static subnet)."""
+class Subnet:
+    """One end-to-end measurement: a subnet and the path all its inputs take (exit None: a static subnet);
+    ``item`` is None for a subnet read back from a bundle's timings."""
 
     arch: Arch
     exit_index: Optional[int]
     units: list[float]
-    call: Call
+    item: Optional[Item] = None
+
+
+@dataclass
+class ProfilePlan:
+    """Everything a profile times: table entries (key, level, item), calibration and validation subnets."""
+
+    space: SearchSpace
+    settings: ProfileSettings
+    input_size: int
+    entries: list[tuple[tuple, float, Item]]
+    calibration: list[Subnet]
+    validation: list[Subnet]
+
+    def items(self) -> list[Item]:
+        return [item for _, _, item in self.entries] + [s.item for s in self.calibration + self.validation]
+
+
+class ResizedStem(torch.nn.Module):
+    """The stem with the input resize in front of it, as a subnet of ``resolution`` runs it."""
+
+    def __init__(self, stem: torch.nn.Module, resolution: int):
+        super().__init__()
+        self.stem, self.resolution = stem, resolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(resize(x, self.resolution))
 
 
 def _stage_sizes(space: SearchSpace, resolution: int) -> list[int]:
@@ -103,11 +136,10 @@ def _block_variants(net: Supernet, s: int, b: int, k: int, w: int, settings: Pro
     return out
 
 
-def table_calls(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> dict[tuple, dict[float, Call]]:
-    """The calls to time for every table entry: entry key -> level -> call. Every module is scripted and
-    frozen as ``nas4dyn export`` ships it: freezing folds BatchNorms and saves calls, unevenly across parts."""
+def table_items(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> list[tuple[tuple, float, Item]]:
+    """The items to time for every table entry: (entry key, level, item). Every module is scripted and frozen
+    as ``nas4dyn export`` ships it: freezing folds BatchNorms and saves calls, unevenly across parts."""
     space, batch, dev = net.space, x.shape[0], x.device
-    calls: dict[tuple, dict[float, Call]] = {}
     blocks = {}  # extracted once per configuration; the input resolution only changes the input
     for s, st in enumerate(space.stages):
         for b in range(min(2, st.max_depth)):  # later positions of a stage share one configuration
@@ -118,7 +150,7 @@ def table_calls(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> di
                         states = {on: (frozen[id(m)], logits) for on, (m, logits) in states.items()}
                         blocks[(s, b == 0, k, w, gate, paths)] = (states, space.block_in_channels(s, b))
     # Frozen once; the input resolution only changes the input.
-    stem, classifier = freeze_scripted(net.stem), freeze_scripted(net.classifier)
+    classifier = freeze_scripted(net.classifier)
     gaters = {}
     if net.gater is not None:
         hidden = [st.hidden_channels(w, space.block_in_channels(s, b)) for s, st in enumerate(space.stages)
@@ -130,70 +162,44 @@ def table_calls(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> di
         stage_pos = next(p for p in space.exits.positions if p[0] == s)
         head = net.exit_heads[f"{stage_pos[0]}_{stage_pos[1]}"]
         probes[s] = freeze_scripted(ExitProbe(head, space.exits.criterion))
+    items = []
     for r in space.resolutions:
         xr = resize(x, r)
         sizes = _stage_sizes(space, r)
-        calls[("stem", r)] = {0.0: lambda r_=r: stem(resize(x, r_))}
-        if gaters:
-            calls[("gater", r)] = {rows: (lambda g=gater, xr_=xr: g(xr_)) for rows, gater in gaters.items()}
+        items.append((("stem", r), 0.0, Item(freeze_scripted(ResizedStem(net.stem, r)), (x,))))
+        items += [(("gater", r), rows, Item(gater, (xr,))) for rows, gater in gaters.items()]
         for (s, first, k, w, gate, paths), (states, in_ch) in blocks.items():
             size = sizes[s] if first else sizes[s + 1]
             h = torch.randn(batch, in_ch, size, size, device=dev)
-            calls[("block", r, s, first, k, w, gate, paths)] = {
-                float(on): (lambda m=module, h_=h, g=logits: m(h_, g)) for on, (module, logits) in states.items()
-            }
+            items += [(("block", r, s, first, k, w, gate, paths), float(on), Item(module, (h, logits)))
+                      for on, (module, logits) in states.items()]
         for s, probe in probes.items():
             h = torch.randn(batch, space.stages[s].out_channels, sizes[s + 1], sizes[s + 1], device=dev)
-            calls[("exit", r, s)] = {0.0: lambda p=probe, h_=h: p(h_)}
+            items.append((("exit", r, s), 0.0, Item(probe, (h,))))
         h = torch.randn(batch, space.stages[-1].out_channels, sizes[-1], sizes[-1], device=dev)
-        calls[("classifier", r)] = {0.0: lambda h_=h: classifier(h_)}
-    return calls
+        items.append((("classifier", r), 0.0, Item(classifier, (h,))))
+    return items
 
 
-def subnet_samples(net: Supernet, x: torch.Tensor, count: int, rng: random.Random) -> list[_Subnet]:
+def subnet_samples(net: Supernet, x: torch.Tensor, count: int, rng: random.Random) -> list[Subnet]:
     """``count`` random static subnets and ``count`` random dynamic paths (each of a fresh random dynamic
     subnet, forced with :func:`~nas4dyn.cost.paths.force_path`), scripted and frozen as exported."""
     space = net.space
     out = []
     for _ in range(count):
         arch = space.sample(rng, dynamic=False)
-        sub = freeze_scripted(net.extract(arch))
-        out.append(_Subnet(arch, None, [], lambda m=sub: m(x)))
+        out.append(Subnet(arch, None, [], Item(freeze_scripted(net.extract(arch)), (x,))))
         arch = space.sample(rng, dynamic=True)
         if not arch.is_dynamic:
             continue  # a dynamic sample without exits or gates is a static subnet again
         layout = arch_layout(space, arch)
         exit_index, masks = random_path(layout, len(arch.exits), rng)
         forced = freeze_scripted(force_path(net.extract(arch).eval(), exit_index, masks))
-        out.append(_Subnet(arch, exit_index, [float(m.sum()) for m in masks], lambda m=forced: m(x)))
+        out.append(Subnet(arch, exit_index, [float(m.sum()) for m in masks], Item(forced, (x,))))
     return out
 
 
-def measure(calls: list[Call], settings: ProfileSettings, progress: bool = True) -> list[float]:
-    """ms of each call (the ``settings.statistic`` of its timed calls), timed in interleaved rounds (see the
-    module docstring)."""
-    sync = torch.cuda.synchronize if settings.device == "cuda" else (lambda: None)
-    clock = CLOCKS[settings.clock]
-    rounds = math.ceil(settings.repeats / settings.burst)
-    times: list[list[float]] = [[] for _ in calls]
-    order = list(range(len(calls)))
-    shuffle = random.Random(settings.seed)
-    for _ in tqdm(range(rounds), desc="profiling", unit="round", disable=not progress):
-        shuffle.shuffle(order)
-        for i in order:
-            call = calls[i]
-            call()
-            sync()
-            for _ in range(settings.burst):
-                start = clock()
-                call()
-                sync()
-                times[i].append(clock() - start)
-    summarize = STATISTICS[settings.statistic]
-    return [1e3 * summarize(t) for t in times]
-
-
-def _score(model: LatencyModel, samples: list[_Subnet], measured: list[float]) -> dict[str, Any]:
+def _score(model: LatencyModel, samples: list[Subnet], measured: list[float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind, want_static in (("static", True), ("dynamic", False)):
         pairs = [(s, m) for s, m in zip(samples, measured) if (s.exit_index is None) == want_static]
@@ -203,16 +209,67 @@ def _score(model: LatencyModel, samples: list[_Subnet], measured: list[float]) -
     return out
 
 
-def _record(model: LatencyModel, sample: _Subnet, measured: float) -> dict[str, Any]:
+def _record(model: LatencyModel, sample: Subnet, measured: float) -> dict[str, Any]:
     """One validation measurement as stored in the table (the path: exit index and units on per gate)."""
     return {"exit_index": sample.exit_index, "units": sample.units, "measured_ms": measured,
             "predicted_ms": _predict(model, sample)}
 
 
-def _predict(model: LatencyModel, sample: _Subnet) -> float:
+def _predict(model: LatencyModel, sample: Subnet) -> float:
     if sample.exit_index is None:
         return model.predict(sample.arch)
     return model.predict_path(sample.arch, sample.exit_index, sample.units)
+
+
+@torch.inference_mode()
+def plan_profile(space: SearchSpace, settings: ProfileSettings) -> ProfilePlan:
+    """Build (script and freeze) everything a profile of ``space`` times; random weights: they do not change
+    timing. The same settings give the same plan (subnets, paths, input shapes).
+
+    Raises:
+        ConfigError: a bad setting (named).
+    """
+    settings.check()
+    torch.manual_seed(settings.seed)
+    net = Supernet(space).eval().to(settings.device)
+    input_size = max(space.resolutions)
+    x = torch.randn(settings.batch_size, space.input_channels, input_size, input_size, device=settings.device)
+    return ProfilePlan(
+        space=space, settings=settings, input_size=input_size, entries=table_items(net, x, settings),
+        calibration=subnet_samples(net, x, settings.calibrate, random.Random(settings.seed)),
+        validation=subnet_samples(net, x, settings.validate, random.Random(settings.seed + 1)),
+    )
+
+
+def build_table(space: SearchSpace, input_size: int, entries: list[tuple[tuple, float]], calibration: list[Subnet],
+                validation: list[Subnet], ms: list[float], fingerprint: dict[str, Any],
+                settings: dict[str, Any]) -> LatencyTable:
+    """The table from measured ``ms`` (entries, then calibration, then validation subnets, in order): entries
+    grouped by key, the correction fitted on the calibration subnets, the held-out validation scored."""
+    levels: dict[tuple, list[tuple[float, float]]] = {}
+    for (key, level), value in zip(entries, ms):
+        levels.setdefault(key, []).append((level, value))
+    table = LatencyTable(space=space, fingerprint=fingerprint, input_size=input_size,
+                         levels={k: tuple(sorted(v)) for k, v in levels.items()}, settings=dict(settings))
+    model = LatencyModel(table)
+    measured = ms[len(entries):]
+    calib_ms, valid_ms = measured[: len(calibration)], measured[len(calibration):]
+    sums = [model.path_sum(s.arch, s.exit_index, s.units) for s in calibration]
+    table.correction = fit_correction(sums, calib_ms)
+    table.calibration = _score(model, calibration, calib_ms)
+    if validation:
+        table.validation = _score(model, validation, valid_ms)
+        records = [_record(model, s, value) for s, value in zip(validation, valid_ms)]
+        worst = max(range(len(records)),
+                    key=lambda i: abs(records[i]["predicted_ms"] / records[i]["measured_ms"] - 1))
+        table.validation["worst_case"] = {**records[worst], "arch": validation[worst].arch.to_dict()}
+        table.validation["records"] = records
+    return table
+
+
+def table_settings(settings: ProfileSettings) -> dict[str, Any]:
+    """The settings a table records (device, threads and batch size are in its fingerprint)."""
+    return {k: v for k, v in vars(settings).items() if k not in ("device", "threads", "batch_size")}
 
 
 @torch.inference_mode()
@@ -223,47 +280,19 @@ def profile_space(space: SearchSpace, settings: ProfileSettings, progress: bool 
     Raises:
         ConfigError: a bad setting (named).
     """
-    settings.check()
     started = time.perf_counter()
     threads_before = torch.get_num_threads()
+    plan = plan_profile(space, settings)
     torch.set_num_threads(settings.threads)
     try:
-        torch.manual_seed(settings.seed)
-        net = Supernet(space).eval().to(settings.device)  # weights do not change timing: random ones do
-        input_size = max(space.resolutions)
-        x = torch.randn(settings.batch_size, space.input_channels, input_size, input_size, device=settings.device)
-        entries = table_calls(net, x, settings)
-        flat = [(key, level, call) for key, levels in entries.items() for level, call in levels.items()]
-        rng = random.Random(settings.seed)
-        calibration = subnet_samples(net, x, settings.calibrate, rng)
-        validation = subnet_samples(net, x, settings.validate, random.Random(settings.seed + 1))
         log.info("profiling %s on %s: %d table entries, %d calibration and %d validation measurements",
-                 space.name, settings.device, len(flat), len(calibration), len(validation))
-        medians = measure([c for _, _, c in flat] + [s.call for s in calibration + validation], settings, progress)
+                 space.name, settings.device, len(plan.entries), len(plan.calibration), len(plan.validation))
+        ms = measure(plan.items(), settings.repeats, settings.burst, settings.statistic, settings.clock,
+                     settings.seed, settings.device, progress)
     finally:
         torch.set_num_threads(threads_before)
-    levels: dict[tuple, list[tuple[float, float]]] = {}
-    for (key, level, _), ms in zip(flat, medians):
-        levels.setdefault(key, []).append((level, ms))
-    table = LatencyTable(
-        space=space,
-        fingerprint=device_fingerprint(settings.device, settings.threads, settings.batch_size),
-        input_size=input_size,
-        levels={k: tuple(sorted(v)) for k, v in levels.items()},
-        settings={k: v for k, v in vars(settings).items() if k not in ("device", "threads", "batch_size")},
-    )
-    model = LatencyModel(table)
-    measured = medians[len(flat):]
-    calib_ms, valid_ms = measured[: len(calibration)], measured[len(calibration):]
-    sums = [model.path_sum(s.arch, s.exit_index, s.units) for s in calibration]
-    table.correction = fit_correction(sums, calib_ms)
-    table.calibration = _score(model, calibration, calib_ms)
-    if validation:
-        table.validation = _score(model, validation, valid_ms)
-        records = [_record(model, s, ms) for s, ms in zip(validation, valid_ms)]
-        worst = max(range(len(records)),
-                    key=lambda i: abs(records[i]["predicted_ms"] / records[i]["measured_ms"] - 1))
-        table.validation["worst_case"] = {**records[worst], "arch": validation[worst].arch.to_dict()}
-        table.validation["records"] = records
+    table = build_table(space, plan.input_size, [(key, level) for key, level, _ in plan.entries], plan.calibration,
+                        plan.validation, ms, device_fingerprint(settings.device, settings.threads, settings.batch_size),
+                        table_settings(settings))
     table.settings["seconds"] = round(time.perf_counter() - started, 1)
     return table

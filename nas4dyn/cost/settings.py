@@ -1,20 +1,13 @@
 """Settings of a latency profile; kept free of heavy imports so the CLI can show their defaults quickly."""
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
+from nas4dyn.cost.timing import CLOCKS, STATISTICS  # noqa: F401  (re-exported: the CLI lists their keys)
 from nas4dyn.errors import ConfigError
 
-# How the timed calls of one item are summarised. The median is the usual choice on a dedicated device; on a
-# machine shared with other jobs, preemption inflates long calls more than short ones and the median measures
-# the contention, while the minimum (least disturbed call) stays reproducible.
-STATISTICS = {"median": statistics.median, "min": min}
-# What a timed call's duration is read from: the wall clock, or the CPU time of the calling thread — which
-# leaves out the time other jobs hold the core (valid for one thread on the CPU, where the calling thread does
-# all the work).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+# What a table times: the frozen TorchScript pieces `nas4dyn export` writes as model.ts.
+RUNTIMES = ("torchscript",)
 
 
 @dataclass

@@ -6,8 +6,6 @@ normalised batches of :mod:`nas4dyn.data` loaders back into such images.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -15,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from nas4dyn.cost.timing import CLOCKS, STATISTICS
 from nas4dyn.errors import DataError
 from supernet.dynamic.dfs import DFS_RELATIVE_COST
 
@@ -119,8 +118,11 @@ def realized_macs(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
 
 @dataclass
 class Latency:
-    """Wall-clock latency: ``ms_per_sample`` is the median over repeats of the mean per-sample time;
-    ``ms_per_batch`` the same per call; ``repeats_ms_per_sample`` every repeat (to judge the noise)."""
+    """Latency over a fixed set of images. Every call is timed alone (``clock``: wall, or the CPU time of the
+    calling thread); each call's ``statistic`` (median or min) over the repeats, averaged over the calls, is
+    ``ms_per_batch`` (per sample: ``ms_per_sample``) — the latency profiler's statistic per call, then the
+    expectation over the data, as ``LatencyModel.predict_expected`` predicts it. ``repeats_ms_per_sample``:
+    the mean per-sample time of each repeat (to judge the noise)."""
 
     batch_size: int
     samples: int
@@ -128,6 +130,8 @@ class Latency:
     ms_per_batch: float
     repeats_ms_per_sample: list[float]
     threads: int
+    statistic: str = "median"
+    clock: str = "wall"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,19 +139,24 @@ class Latency:
 
 @torch.no_grad()
 def measure_latency(model: Any, images: torch.Tensor, batch_size: int = 1, repeats: int = 5,
-                    warmup: int = 1) -> Latency:
+                    warmup: int = 1, statistic: str = "median", clock: str = "wall") -> Latency:
     """Run ``model`` over ``images`` in batches of ``batch_size``, ``warmup`` + ``repeats`` times, timing each
-    pass. Dynamic models take a different time per sample, so every pass covers the same images."""
+    call. Dynamic models take a different time per sample, so every pass covers the same images. ``statistic``
+    and ``clock`` are those of the latency profiler (:mod:`nas4dyn.cost.timing`), so a card can state a
+    measurement of the same kind as the table's prediction (on a loaded CPU the min of whole passes would
+    not be: it averages the disturbed calls in)."""
     if len(images) == 0:
         raise DataError("no images to time")
+    summarize, read_clock = STATISTICS[statistic], CLOCKS[clock]
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    per_pass = []
+    per_call: list[list[float]] = [[] for _ in batches]
     for r in range(warmup + repeats):
-        start = time.perf_counter()
-        for x in batches:
+        for i, x in enumerate(batches):
+            start = read_clock()
             model(x)
-        if r >= warmup:
-            per_pass.append(time.perf_counter() - start)
-    per_sample = [t / len(images) * 1e3 for t in per_pass]
-    return Latency(batch_size, len(images), statistics.median(per_sample),
-                   statistics.median(per_pass) / len(batches) * 1e3, per_sample, torch.get_num_threads())
+            if r >= warmup:
+                per_call[i].append(read_clock() - start)
+    ms_per_batch = 1e3 * sum(summarize(t) for t in per_call) / len(batches)
+    per_pass = [1e3 * sum(t[r] for t in per_call) / len(images) for r in range(repeats)]
+    return Latency(batch_size, len(images), ms_per_batch * len(batches) / len(images), ms_per_batch, per_pass,
+                   torch.get_num_threads(), statistic, clock)

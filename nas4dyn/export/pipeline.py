@@ -34,6 +34,7 @@ FORMATS = ("torchscript", "onnx", "export")  # export: torch.export's model.pt2,
 DEFAULT_FORMATS = ("torchscript", "onnx")
 VERIFY_IMAGES = 256
 LOGITS_TOLERANCE = 1e-4
+LATENCY_WARN = 0.15  # relative difference of predicted and measured latency that export warns about
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
@@ -168,12 +169,46 @@ def verify_export(net: Supernet, arch: Arch, export_dir: Path, images01: torch.T
     return results
 
 
-def _predicted_latency(table: str, net: Supernet, arch: Arch, loader: Any) -> tuple[float, dict[str, Any]]:
-    """(expected ms over the loader's data predicted by the latency table, the table's timing settings)."""
+def _latency_table(path: str, net: Supernet, threads: Optional[int]) -> tuple[Any, int]:
+    """The latency model of ``--latency-table`` and the thread count to time model.ts with: the table's, so the
+    card's predicted and measured latencies are of the same kind (checked before any work).
+
+    Raises:
+        ConfigError: missing table, another space, another runtime, thread count or batch size.
+    """
     from nas4dyn.cost import LatencyModel
 
-    model = LatencyModel.load(table)
-    return float(model.predict_expected(net, arch, loader)), dict(model.table.settings)
+    if not Path(path).is_file():
+        raise ConfigError(f"--latency-table {path}: no such file; create one with "
+                          f"`nas4dyn profile --space {net.space.name} --out {path}`")
+    model = LatencyModel.load(path)
+    model.check_space(net.space)
+    model.table.check_runtime("torchscript", "--latency-table")  # the card times model.ts
+    fp = model.table.fingerprint
+    if fp["batch_size"] != 1:
+        raise ConfigError(f"--latency-table {path}: measured at batch {fp['batch_size']}, but the card times batch 1; "
+                          "profile with --batch-size 1")
+    if threads and threads != fp["threads"]:
+        raise ConfigError(f"--threads {threads}: the latency table {path} was measured with {fp['threads']} "
+                          f"thread(s); drop --threads (the table's count is used) or profile with --threads {threads}")
+    return model, int(fp["threads"])
+
+
+def _compare_latency(card: dict[str, Any], table: Any, path: str) -> None:
+    """Record what the predicted latency is and how far it is from the measured one; warn past 15%."""
+    settings, fp = table.settings, table.fingerprint
+    card["latency_predicted_table"] = {
+        "path": str(path), "runtime": table.runtime, "device_name": fp.get("device_name"), "threads": fp["threads"],
+        "batch_size": fp["batch_size"], "statistic": settings.get("statistic", "median"),
+        "clock": settings.get("clock", "wall"), "settings": dict(settings),
+    }
+    error = card["latency_ms_predicted"] / card["latency_ms"] - 1
+    card["latency_relative_error"] = error
+    if abs(error) > LATENCY_WARN:
+        log.warning("predicted latency %.3f ms is %+.0f%% off the %.3f ms measured here (same statistic, %d "
+                    "thread(s)): the table was measured on another machine or this CPU is loaded now — re-profile "
+                    "here, or measure on an idle CPU", card["latency_ms_predicted"], 100 * error, card["latency_ms"],
+                    fp["threads"])
 
 
 def _cost(net: Supernet, arch: Arch, loader: Any) -> Optional[dict[str, Any]]:
@@ -234,11 +269,9 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
                           f"(supported: {', '.join(ONNX_GATES)}); use --format torchscript")
     if "export" in options.formats:
         check_exportable(arch)
-    if options.latency_table and not Path(options.latency_table).is_file():
-        raise ConfigError(f"--latency-table {options.latency_table}: no such file; create one with "
-                          f"`nas4dyn profile --space {net.space.name} --out {options.latency_table}`")
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    latency_model, threads = (_latency_table(options.latency_table, net, options.threads) if options.latency_table
+                              else (None, options.threads or 1))
+    torch.set_num_threads(threads)
     source = options.data or info.get("dataset")
     if not source:
         raise ConfigError(f"--run {run_dir}: the supernet records no dataset; pass --data fashion-mnist|synthetic|DIR")
@@ -273,16 +306,20 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
         stats = decision_stats(scripted, unnormalised(test_loader, bundle.info.mean, bundle.info.std),
                                desc="test accuracy", total=len(test_loader))
         timed, _ = collect(unnormalised(test_loader, bundle.info.mean, bundle.info.std), options.latency_samples)
-        latency = measure_latency(scripted, timed, 1, options.latency_repeats)
+        table = latency_model.table if latency_model else None
+        latency = measure_latency(scripted, timed, 1, options.latency_repeats,
+                                  statistic=table.settings.get("statistic", "median") if table else "median",
+                                  clock=table.settings.get("clock", "wall") if table else "wall")
         cost = _cost(net, arch, test_loader)
-        predicted, table_settings = (_predicted_latency(options.latency_table, net, arch, test_loader)
-                                     if options.latency_table else (None, None))
+        # Predicted over the very images timed: the same paths on both sides.
+        normalised = [((timed - model.mean) / model.std, None)]
+        predicted = latency_model.predict_expected(net, arch, normalised) if latency_model else None
         card = build_card(arch=arch.to_dict(), data_info=info, mean=mean, std=std, resolution=arch.resolution,
                           channels=model.channels, thresholds=list(model.thresholds), exit_names=list(model.exit_names),
                           stats=stats.to_dict(), latency=latency.to_dict(), cost=cost, latency_predicted=predicted,
                           files=files + [CARD_FILE], bn_images=options.bn_images)
-        if table_settings is not None:
-            card["latency_predicted_table"] = {"path": str(options.latency_table), "settings": table_settings}
+        if table is not None:
+            _compare_latency(card, table, options.latency_table)
         card["verification"] = check
         card["macs_realized_batch1"] = realized_macs(scripted, timed, 1)
         atomic_write_json(tmp / CARD_FILE, card)

@@ -1,0 +1,171 @@
+"""Timing loop of the latency profiler, and the device side of a profiling bundle.
+
+This file needs only the Python standard library and ``torch`` (``tqdm`` if installed): ``nas4dyn profile
+--bundle DIR`` copies it as ``DIR/run.py``, so a device that cannot install nas4dyn (an ARM board, a Jetson)
+times the bundle's frozen pieces with exactly the loop ``nas4dyn profile`` uses here::
+
+    python run.py --out timings.json [--threads T]
+
+Timing: the thread count pinned, ``torch.inference_mode``, CUDA synchronised around every call. The machine
+may be shared, so items are timed in rounds, interleaved in shuffled order: a slow spell of other load then
+spreads over all items instead of biasing the ones measured during it. In each round an item gets one untimed
+call (its warm-up after the switch) and ``burst`` timed calls; its figure is the median (or, with
+``statistic="min"``, the minimum) of all its timed calls.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+# How the timed calls of one item are summarised. The median is the usual choice on a dedicated device; on a
+# machine shared with other jobs, preemption inflates long calls more than short ones and the median measures
+# the contention, while the minimum (least disturbed call) stays reproducible.
+STATISTICS = {"median": statistics.median, "min": min}
+# What a timed call's duration is read from: the wall clock, or the CPU time of the calling thread — which
+# leaves out the time other jobs hold the core (valid for one thread on the CPU, where the calling thread does
+# all the work).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+BUNDLE_FORMAT = "nas4dyn-bundle/1"
+TIMINGS_FORMAT = "nas4dyn-timings/1"
+MANIFEST_FILE = "manifest.json"
+INPUTS_FILE = "inputs.pt"
+
+
+def device_name(device: str) -> str:
+    """The CPU model (from /proc/cpuinfo) or the GPU name."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: fall back to what platform knows
+    return platform.processor() or platform.machine()
+
+
+def device_fingerprint(device: str, threads: int, batch_size: int, dtype: str = "float32",
+                       runtime: str = "torchscript") -> dict[str, Any]:
+    """What a latency table was measured on and with."""
+    import torch
+
+    return {
+        "device": device,
+        "device_name": device_name(device),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "runtime": runtime,
+        "threads": threads,
+        "batch_size": batch_size,
+        "dtype": dtype,
+    }
+
+
+def _progress(iterable: range, enabled: bool) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a bare device: no progress bar
+        return iterable
+    return tqdm(iterable, desc="profiling", unit="round", disable=not enabled)
+
+
+def measure(calls: Sequence[Callable[[], Any]], repeats: int, burst: int, statistic: str, clock: str, seed: int,
+            device: str = "cpu", progress: bool = True) -> list[float]:
+    """ms of each call (the ``statistic`` of its timed calls), timed in interleaved rounds (module docstring)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    read_clock = CLOCKS[clock]
+    times: list[list[float]] = [[] for _ in calls]
+    order = list(range(len(calls)))
+    shuffle = random.Random(seed)
+    for _ in _progress(range(math.ceil(repeats / burst)), progress):
+        shuffle.shuffle(order)
+        for i in order:
+            call = calls[i]
+            call()
+            sync()
+            for _ in range(burst):
+                start = read_clock()
+                call()
+                sync()
+                times[i].append(read_clock() - start)
+    summarize = STATISTICS[statistic]
+    return [1e3 * summarize(t) for t in times]
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_bundle(bundle: Path, threads: int, progress: bool = True) -> dict[str, Any]:
+    """Time every item of the bundle in ``bundle``; the timings document ``nas4dyn profile --import`` reads."""
+    import torch
+
+    raw = (bundle / MANIFEST_FILE).read_bytes()
+    manifest = json.loads(raw)
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise SystemExit(f"run.py: {bundle / MANIFEST_FILE} is not a nas4dyn profiling bundle ({BUNDLE_FORMAT})")
+    if manifest["runtime"] != "torchscript":
+        raise SystemExit(f"run.py: this bundle is for runtime {manifest['runtime']!r}; this run.py times torchscript")
+    settings = manifest["settings"]
+    device = settings["device"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("run.py: the bundle was made for --device cuda but no CUDA device is visible here")
+    torch.set_num_threads(threads)
+    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export, and says so per load
+        warnings.simplefilter("ignore", FutureWarning)
+        modules = [torch.jit.load(str(bundle / path), map_location=device) for path in manifest["modules"]]
+    tensors = [t.to(device) for t in torch.load(bundle / INPUTS_FILE, map_location="cpu", weights_only=True)]
+    calls = [(lambda m=modules[item["module"]], args=tuple(tensors[i] for i in item["inputs"]): m(*args))
+             for item in manifest["items"]]
+    started = time.perf_counter()
+    with torch.inference_mode():
+        ms = measure(calls, settings["repeats"], settings["burst"], settings["statistic"], settings["clock"],
+                     settings["seed"], device, progress)
+    return {
+        "format": TIMINGS_FORMAT,
+        "bundle_id": manifest["bundle_id"],
+        "manifest_sha256": digest(raw),
+        "manifest": manifest,
+        "fingerprint": device_fingerprint(device, threads, settings["batch_size"], runtime=manifest["runtime"]),
+        "seconds": round(time.perf_counter() - started, 1),
+        "ms": ms,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Time this nas4dyn profiling bundle on this device; bring the "
+                                 "output back and run `nas4dyn profile --import timings.json --out lut.json`.")
+    ap.add_argument("--out", required=True, help="timings JSON to write")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, pinned while timing")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads < 1:
+        raise SystemExit(f"run.py: --threads {args.threads}: must be an integer >= 1")
+    out = Path(args.out)
+    result = run_bundle(Path(__file__).resolve().parent, args.threads, not args.no_progress)
+    fd, tmp = tempfile.mkstemp(dir=out.resolve().parent, prefix=f".{out.name}.")
+    with os.fdopen(fd, "w") as f:  # written whole, then renamed: never half a file under the real name
+        json.dump(result, f)
+    os.replace(tmp, out)
+    print(f"timed {len(result['ms'])} items in {result['seconds']:.0f} s; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
