@@ -26,6 +26,7 @@ from nas4dyn.export.onnx_graph import ONNX_GATES, GraphBuilder, onnx_refusal
 from nas4dyn.export.runtime import ExportedModel
 from nas4dyn.io import atomic_write, atomic_write_json
 from search_spaces.arch import Arch
+from search_spaces.space import SearchSpace
 from supernet.dynamic.cigt import RoutedBlock
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ MANIFEST_FILE = "onnx.json"
 MANIFEST_FORMAT = "nas4dyn-onnx/2"
 
 
-def check_onnx_exportable(space, arch: Arch) -> None:
+def check_onnx_exportable(space: SearchSpace, arch: Arch) -> None:
     """Raises:
         ConfigError: a block of ``arch`` has a gate the ONNX graph cannot carry (one line naming it and the fix).
     """

@@ -33,10 +33,6 @@ ONNX_GATES = ("none", "channel", "skip")  # gate kinds with an ONNX translation 
 _ACT_OPS = {nn.ReLU: "Relu", nn.Hardswish: "HardSwish"}
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float32)
-
-
 def _fold(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: Optional[nn.Module]) -> tuple[np.ndarray, np.ndarray]:
     """(weight, bias) of ``bn(layer(x))`` as one layer (eval-mode BatchNorm folded into a conv or linear)."""
     w = weight.detach().double()
