@@ -35,9 +35,9 @@ TINY = {
     "bn_recal_images": 64,
     "checkpoint_every": 3,
     # The full phase reads augmented images and the next ones plain images: resume must survive the switch.
-    "phases": {"full": {"epochs": 0.3, "warmup_epochs": 0.1, "augment": True},
-               "kernel": {"epochs": 0.25, "augment": False}, "depth": {"epochs": 0.25}, "width": {"epochs": 0.25},
-               "dynamic": {"epochs": 0.4}},
+    "phases": {"full": {"epochs": 0.3, "warmup_epochs": 0.1, "augment": True, "min_steps": 0},
+               "kernel": {"epochs": 0.25, "augment": False, "min_steps": 0}, "depth": {"epochs": 0.25, "min_steps": 0},
+               "width": {"epochs": 0.25, "min_steps": 0}, "dynamic": {"epochs": 0.4, "min_steps": 0}},
 }
 PHASES = ["full", "kernel", "depth", "width", "dynamic"]
 

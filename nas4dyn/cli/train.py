@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 import torch
 
 from nas4dyn.cli.flags import NON_NEGATIVE
-from nas4dyn.train.config import PRESETS
+from nas4dyn.train.config import AUTO_DEFAULT_MIN_IMAGES, PRESET_CHOICES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", required=True, help="built-in space name or space file")
     p.add_argument("--data", required=True, help="fashion-mnist, synthetic, or an ImageFolder directory")
     p.add_argument("--out", required=True, help="run directory (supernet.pt, space.json, train_metrics.json, tb/)")
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="training schedule preset")
+    p.add_argument("--preset", default="auto", choices=PRESET_CHOICES,
+                   help=f"training schedule preset; auto: default from {AUTO_DEFAULT_MIN_IMAGES} training images on, "
+                        "else quick")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, subnet sampling and data order")
     p.add_argument("--config", help="YAML file of config keys overriding the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -49,14 +52,22 @@ def run(args: argparse.Namespace) -> int:
     from nas4dyn.errors import DataError
     from nas4dyn.io import check_writable
     from search_spaces.space import load_space
-    from nas4dyn.train.config import build_config
+    from nas4dyn.train.config import build_config, resolve_preset
     from nas4dyn.train.distributed import init_distributed, shutdown
     from nas4dyn.train.trainer import Trainer, summary_table
+    from nas4dyn.train.verdict import loud
 
-    config = build_config(args.preset, args.config, args.set)
+    preset = args.preset
+    config = build_config("default" if preset == "auto" else preset, args.config, args.set)  # bad input: before work
     check_writable(args.out)
     space = load_space(args.space)
     torch.set_num_threads(_threads(args.threads))
+    if preset == "auto":
+        train_images = len(load_data(args.data, data_root=args.data_root, augment=False,
+                                     skip_unreadable=args.skip_unreadable).train)
+        preset = resolve_preset(preset, train_images)
+        logging.getLogger(__name__).info("--preset auto: %s (%d training images)", preset, train_images)
+        config = build_config(preset, args.config, args.set)
     bundle = load_data(args.data, data_root=args.data_root, augment=any(config.augments(p) for p in config.phases),
                        erasing=config.random_erasing, skip_unreadable=args.skip_unreadable)
     if bundle.info.num_classes < 2:
@@ -67,10 +78,13 @@ def run(args: argparse.Namespace) -> int:
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of progress logs, from rank 0
     try:
-        metrics = Trainer(space, bundle, config, args.out, seed=args.seed, env=env, resume=args.resume).run()
+        metrics = Trainer(space, bundle, config, args.out, seed=args.seed, env=env, resume=args.resume,
+                          preset=preset).run()
     finally:
         shutdown(env)
     if env.is_main:
         print(summary_table(metrics))
         print(f"wrote {args.out}/supernet.pt, space.json, train_metrics.json, tb/")
+        for warning in metrics.get("warnings", []):
+            print(loud(warning["message"]), file=sys.stderr)
     return 0

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from tqdm import tqdm
 
 from nas4dyn.cost.timing import CLOCKS, STATISTICS
@@ -104,13 +104,25 @@ def decision_stats(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor,
     )
 
 
+def _quantized_conv_flops(x_shape: torch.Size, packed: Any, *args: Any, out_shape: torch.Size, **kwargs: Any) -> int:
+    """FLOPs of a quantized (int8) conv: FlopCounterMode sees the op but has no formula for it, and its weight
+    sits inside the packed parameters."""
+    return conv_flop_count(list(x_shape), list(packed.unpack()[0].shape), list(out_shape), transposed=False)
+
+
+# DFS int8 branches run quantized::conv2d (and conv2d_relu); counted like their float twins.
+QUANTIZED_CONV_FLOPS = {torch.ops.quantized.conv2d: _quantized_conv_flops,
+                        torch.ops.quantized.conv2d_relu: _quantized_conv_flops}
+
+
 @torch.no_grad()
 def realized_macs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1) -> float:
     """Mean multiply-adds per sample that ``model`` really executes on ``images`` at ``batch_size``, counted
-    with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, linear layers, matrix products)."""
+    with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, int8 convolutions, linear layers, matrix
+    products)."""
     if len(images) == 0:
         raise DataError("no images to count MACs on")
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=QUANTIZED_CONV_FLOPS) as counter:
         for i in range(0, len(images), batch_size):
             model(images[i : i + batch_size])
     return counter.get_total_flops() / 2 / len(images)

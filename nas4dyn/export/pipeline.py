@@ -19,7 +19,7 @@ from nas4dyn.api import load_supernet_file
 from nas4dyn.errors import CheckpointError, ConfigError, DataError, InvalidArchError
 from nas4dyn.export.card import CARD_FILE, build_card, read_card
 from nas4dyn.export.measure import collect, decision_stats, measure_latency, realized_macs, unnormalised
-from nas4dyn.export.onnx import ONNX_GATES, OnnxDynamicModel, export_onnx
+from nas4dyn.export.onnx import OnnxDynamicModel, check_onnx_exportable, export_onnx
 from nas4dyn.export.program import PROGRAM_FILE, check_exportable, load_program, save_program
 from nas4dyn.export.runtime import export_subnet
 from nas4dyn.export.torchscript import MODEL_FILE, load_exported, save_torchscript
@@ -263,10 +263,8 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
     check_writable(out)
     net, info = load_supernet_file(ckpt)
     arch = resolve_arch(arch_spec, net.space)
-    other_gates = sorted({b.gate for b in arch.blocks()} - set(ONNX_GATES))
-    if "onnx" in options.formats and other_gates:
-        raise ConfigError(f"--format onnx: gate kind(s) {other_gates} of this arch have no ONNX translation "
-                          f"(supported: {', '.join(ONNX_GATES)}); use --format torchscript")
+    if "onnx" in options.formats:
+        check_onnx_exportable(net.space, arch)
     if "export" in options.formats:
         check_exportable(arch)
     latency_model, threads = (_latency_table(options.latency_table, net, options.threads) if options.latency_table

@@ -32,6 +32,9 @@ class PhaseConfig:
     lr: float
     elastic: list[str] = field(default_factory=list)
     warmup_epochs: float = 0.0
+    # At least this many optimizer steps, whatever the dataset size: a few thousand images make an epoch a
+    # handful of steps, too few for a phase to do anything (the warmup keeps its share of the phase).
+    min_steps: int = 0
     # Re-order hidden channels by importance before the phase (when width first becomes elastic).
     sort_channels: bool = False
     # This phase's own value of the global key of the same name (None: the global value).
@@ -88,14 +91,16 @@ class TrainConfig:
         return self.weight_decay if phase.weight_decay is None else phase.weight_decay
 
 
-def _phase(name: str, epochs: float, lr: float, elastic: list[str], **kw: Any) -> dict[str, Any]:
-    return {"name": name, "epochs": epochs, "lr": lr, "elastic": elastic, **kw}
+def _phase(name: str, epochs: float, lr: float, elastic: list[str], min_steps: int, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "epochs": epochs, "lr": lr, "elastic": elastic, "min_steps": min_steps, **kw}
 
 
 _ALL = list(DIMENSIONS)
 _STATIC = ["resolution", "kernel", "depth", "width"]
 
-# Presets, tuned on Fashion-MNIST with the fmnist space on 2 CPU cores (see docs/BENCHMARKS.md).
+# Presets, tuned on Fashion-MNIST with the fmnist space on 2 CPU cores (see docs/BENCHMARKS.md). Phases are in
+# epochs with a floor in steps (min_steps) just below what Fashion-MNIST's 421 steps per epoch give, so its
+# runs are unchanged and a small dataset trains each phase about as long as Fashion-MNIST does.
 PRESETS: dict[str, dict[str, Any]] = {
     # One epoch of the max subnet, then short progressive-shrinking phases at a low rate (the dynamic parts
     # learn at dynamic_lr_scale x): the whole run fits about 5.5 minutes.
@@ -113,11 +118,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 100,
         "precision": "auto",
         "phases": [
-            _phase("full", 1.0, 0.1, [], warmup_epochs=0.03),
-            _phase("kernel", 0.04, 0.005, ["resolution", "kernel"]),
-            _phase("depth", 0.04, 0.005, ["resolution", "kernel", "depth"]),
-            _phase("width", 0.05, 0.005, _STATIC, sort_channels=True),
-            _phase("dynamic", 0.2, 0.01, _ALL),
+            _phase("full", 1.0, 0.1, [], 400, warmup_epochs=0.03),
+            _phase("kernel", 0.04, 0.005, ["resolution", "kernel"], 16),
+            _phase("depth", 0.04, 0.005, ["resolution", "kernel", "depth"], 16),
+            _phase("width", 0.05, 0.005, _STATIC, 20, sort_channels=True),
+            _phase("dynamic", 0.2, 0.01, _ALL, 80),
         ],
     },
     # About 40 minutes on 2 CPU cores for the fmnist space (bf16 autocast where the CPU has AMX or
@@ -134,14 +139,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "block_budget_weight": 10.0,
         "precision": "auto",
         "phases": [
-            _phase("full", 16.0, 0.1, [], warmup_epochs=0.2, augment=True, weight_decay=5e-4),
-            _phase("kernel", 0.4, 0.01, ["resolution", "kernel"]),
-            _phase("depth", 0.4, 0.01, ["resolution", "kernel", "depth"]),
-            _phase("width", 0.6, 0.01, _STATIC, sort_channels=True),
-            _phase("dynamic", 1.0, 0.01, _ALL),
+            _phase("full", 16.0, 0.1, [], 2000, warmup_epochs=0.2, augment=True, weight_decay=5e-4),
+            _phase("kernel", 0.4, 0.01, ["resolution", "kernel"], 160),
+            _phase("depth", 0.4, 0.01, ["resolution", "kernel", "depth"], 160),
+            _phase("width", 0.6, 0.01, _STATIC, 250, sort_channels=True),
+            _phase("dynamic", 1.0, 0.01, _ALL, 400),
         ],
     },
 }
+
+
+# `--preset auto`: below this many training images the default preset's 16 epochs shrink to its 2,000-step
+# floor, i.e. hundreds of passes over the same images for about a third of its Fashion-MNIST time; quick's
+# floors give a small dataset Fashion-MNIST's quick schedule (about 2 minutes) instead.
+AUTO_DEFAULT_MIN_IMAGES = 10_000
+PRESET_CHOICES = ("auto", *PRESETS)
+
+
+def resolve_preset(preset: str, train_images: int) -> str:
+    """The preset ``auto`` stands for with ``train_images`` training images (other names are returned as given)."""
+    if preset != "auto":
+        return preset
+    return "default" if train_images >= AUTO_DEFAULT_MIN_IMAGES else "quick"
 
 
 # ---- building ----------------------------------------------------------------------------------------------
@@ -270,6 +289,7 @@ def _parse_phase(problems: list[str], i: int, raw: Any) -> Optional[PhaseConfig]
     _check_number(problems, f"{where}.epochs", raw["epochs"], float, 0.0, None, low_open=True)
     _check_number(problems, f"{where}.lr", raw["lr"], float, 0.0, None, low_open=True)
     _check_number(problems, f"{where}.warmup_epochs", raw.get("warmup_epochs", 0.0), float, 0.0, None)
+    _check_number(problems, f"{where}.min_steps", raw.get("min_steps", 0), int, 0, None)
     elastic = raw.get("elastic", [])
     if not isinstance(elastic, list) or any(d not in DIMENSIONS for d in elastic):
         problems.append(f"{where}.elastic: {elastic!r} must be a list drawn from {list(DIMENSIONS)}")
@@ -322,7 +342,8 @@ def build_config(preset: str = "default", path: Optional[str | Path] = None,
         ConfigError: unknown preset, unreadable file, or any invalid key/value (all listed at once).
     """
     if preset not in PRESETS:
-        raise ConfigError(f"--preset {preset!r}: unknown preset; use one of {sorted(PRESETS)}")
+        hint = "; resolve 'auto' with resolve_preset(preset, train_images) first" if preset == "auto" else ""
+        raise ConfigError(f"--preset {preset!r}: unknown preset; use one of {sorted(PRESETS)}{hint}")
     problems: list[str] = []
     data = copy.deepcopy(PRESETS[preset])
     if path is not None:

@@ -1,6 +1,7 @@
 """The phase schedule in steps, and the learning-rate curve within a phase.
 
-Phases are given in epochs; here they become step counts for a known number of batches per epoch. Each
+Phases are given in epochs (with a floor in steps); here they become step counts for a known number of batches
+per epoch. Each
 phase gets a fresh optimizer (channel sorting re-orders weights, so old momentum would no longer match) and a
 linear-warmup-then-cosine learning-rate curve.
 """
@@ -29,11 +30,13 @@ class PhasePlan:
 
 
 def plan_phases(config: TrainConfig, steps_per_epoch: int) -> list[PhasePlan]:
-    """Each phase's step count (at least one step) for ``steps_per_epoch`` batches per epoch."""
+    """Each phase's step count for ``steps_per_epoch`` batches per epoch: its epochs, at least its
+    ``min_steps`` and one step; a phase lengthened by its floor keeps its warmup's share of the phase."""
     plans = []
     for i, phase in enumerate(config.phases):
-        steps = max(1, round(phase.epochs * steps_per_epoch))
-        warmup = min(steps - 1, round(phase.warmup_epochs * steps_per_epoch))
+        by_epochs = max(1, round(phase.epochs * steps_per_epoch))
+        steps = max(by_epochs, phase.min_steps)
+        warmup = min(steps - 1, round(phase.warmup_epochs * steps_per_epoch * steps / by_epochs))
         plans.append(PhasePlan(i, phase, steps, warmup))
     return plans
 

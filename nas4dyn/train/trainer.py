@@ -36,6 +36,7 @@ from nas4dyn.train.losses import subnet_loss
 from nas4dyn.train.precision import autocast, resolve_precision
 from nas4dyn.train.sampling import sandwich
 from nas4dyn.train.schedule import PhasePlan, make_optimizer, plan_phases
+from nas4dyn.train.verdict import near_chance
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,9 @@ class Trainer:
     """Trains a supernet of ``space`` on ``data`` into ``run_dir`` (see :mod:`nas4dyn.train`)."""
 
     def __init__(self, space: SearchSpace, data: DataBundle, config: TrainConfig, run_dir: str | Path,
-                 seed: int = 0, env: Optional[DistEnv] = None, resume: bool = False):
+                 seed: int = 0, env: Optional[DistEnv] = None, resume: bool = False, preset: Optional[str] = None):
         self.space, self.data, self.config, self.seed = space, data, config, seed
+        self.preset = preset  # recorded in train_metrics.json (the config itself is the full record)
         self.env = env or DistEnv()
         self.run_dir = Path(run_dir)
         seed_everything(seed)  # identical initial weights on every rank
@@ -317,8 +319,15 @@ class Trainer:
             "precision": self.precision,
             "total_wall_time_s": round(sum(p["wall_time_s"] for p in self.metrics["phases"]), 2),
             "last_session_s": round(session_time, 2), "rank_checksums": checksums,
-            "ranks_consistent": len(set(checksums)) == 1, "config": self.config.to_dict(), **self.metrics,
+            "ranks_consistent": len(set(checksums)) == 1, "preset": self.preset, "config": self.config.to_dict(),
+            **self.metrics,
         }
+        warning = near_chance(metrics["phases"][-1]["max_val_acc"], self.data.info.num_classes,
+                              sum(p.steps for p in self.plans), self.stream.steps_per_epoch, len(self.data.train),
+                              self.preset) if metrics["phases"] else None
+        metrics["warnings"] = [warning] if warning else []
+        if warning and self.env.is_main:  # `nas4dyn train` repeats it, framed, after its summary table
+            log.warning("%s", warning["message"])
         if not metrics["ranks_consistent"]:
             log.error("ranks ended with different weights: %s", checksums)
         if self.env.is_main:
