@@ -8,7 +8,7 @@ With the rates, :mod:`nas4dyn.search.candidate_costs` gives an unmeasured candid
 
 Two models, fitted on the study's own measured trials:
 
-- ``mlp``: a small torch MLP (an ensemble of three seeds) with one head per target: accuracy (standardised,
+- ``mlp``: a small torch MLP (an ensemble of two seeds) with one head per target: accuracy (standardised,
   squared error), exit rates (a softmax over the arch's active exits and the final classifier, cross-entropy
   against the measured shares), gate rates (sigmoid, binary cross-entropy, gated slots only);
 - ``gbm``: LightGBM gradient-boosted trees for accuracy, rates from the MLP's heads.
@@ -126,8 +126,8 @@ class SubnetPredictor:
     kind: str = "auto"
     folds: int = 5
     seed: int = 0
-    epochs: int = 400
-    members: int = 3
+    epochs: int = 300
+    members: int = 2
     chosen: str = ""  # the model that predicts accuracy after fit ("mlp" or "gbm")
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> {"tau", "rmse"} out of fold
     _mlps: list[_MLP] = field(default_factory=list)

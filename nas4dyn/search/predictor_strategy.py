@@ -157,10 +157,10 @@ def run_predictor_search(study: optuna.Study, ctx: TrialContext, target: int, se
         start = time.perf_counter()
         predictor = SubnetPredictor(settings.kind, seed=number if settings.seed is None else settings.seed + number)
         predictor.fit(featurizer.samples(trials))
-        fitted = time.perf_counter()
+        fitted, cpu = time.perf_counter(), time.process_time()
         seed = None if settings.seed is None else settings.seed + 1000 + number
         candidates = query_candidates(ctx, predictor, featurizer, costs, settings, seed)
-        searched = time.perf_counter()
+        searched, cpu = time.perf_counter(), time.process_time() - cpu
         seen = {_key(decode(space, t.params), t.params) for t in study.get_trials(deepcopy=False)
                 if t.state != TrialState.FAIL and t.params}
         measured = [t.user_attrs["metrics"] for t in trials if outputs.feasible(t)]
@@ -175,6 +175,7 @@ def run_predictor_search(study: optuna.Study, ctx: TrialContext, target: int, se
             study.enqueue_trial(c.params, user_attrs={PREDICTED_ATTR: c.metrics})
         info = {"round": number, "measured": done, "model": predictor.chosen, "scores": predictor.scores,
                 "candidates": len(candidates), "fit_s": fitted - start, "search_s": searched - fitted,
+                "search_cpu_s": cpu,  # this process's CPU time: the rate on a machine others share
                 "enqueued": len(picks), "traced": costs.traced}
         study.set_user_attr(f"{ROUND_ATTR}{number:03d}", info)
         note = (f"round {number}: {len(candidates)} candidates in {searched - fitted:.0f} s, predictor "
