@@ -66,7 +66,7 @@ def test_killed_predictor_search_resumes_keeping_every_measured_trial(run_dir, t
     proc = cli("search", "--run", str(run_dir), "--out", str(out), "--trials", "60", "--round-size", "4",
                "--seed", "1", *PREDICTOR, *FAST)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 600
         while time.time() < deadline:
             time.sleep(0.3)
             proc.send_signal(signal.SIGSTOP)  # frozen while we look
@@ -83,6 +83,7 @@ def test_killed_predictor_search_resumes_keeping_every_measured_trial(run_dir, t
     before = load(out / "study.db")
     done = {t.number for t in before.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
     pending = {t.number for t in before.get_trials(states=(optuna.trial.TrialState.WAITING,))}
+    running = {t.number for t in before.get_trials(states=(optuna.trial.TrialState.RUNNING,))}
     assert any(k.startswith(ROUND_ATTR) for k in before.user_attrs)
     target = len(done) + len(pending) + 4
     assert main(["search", "--run", str(run_dir), "--out", str(out), "--trials", str(target), "--round-size", "4",
@@ -90,9 +91,9 @@ def test_killed_predictor_search_resumes_keeping_every_measured_trial(run_dir, t
     after = load(out / "study.db")
     complete = {t.number for t in after.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
     assert len(complete) == target and done | pending <= complete
-    assert set(states(after)) <= {"COMPLETE", "FAIL"}
+    assert {t.number for t in after.get_trials(states=(optuna.trial.TrialState.FAIL,))} == running  # killed in flight
     predicted = [t for t in after.trials if PREDICTED_ATTR in t.user_attrs]
-    assert len(predicted) >= 4 and all(t.state.name == "COMPLETE" for t in predicted)
+    assert len(predicted) >= 4 and all(t.state.name == "COMPLETE" or t.number in running for t in predicted)
 
 
 def test_ray_backend_runs_the_predictor_strategy(run_dir, tmp_path):
