@@ -2,9 +2,6 @@
 trials, a killed predictor search resumes keeping every measured trial, and the Ray backend runs it."""
 from __future__ import annotations
 
-import signal
-import time
-
 import numpy as np
 import optuna
 import pytest
@@ -18,7 +15,7 @@ from nas4dyn.search.predictor_strategy import PREDICTED_ATTR, ROUND_ATTR
 from nas4dyn.search.trial import SearchSettings, load_context
 from nas4dyn.search.objectives import parse_objectives
 from search_spaces.arch import Arch
-from tests.test_search import FAST, cli, db_states, load, one_thread, run_dir, states  # noqa: F401 (fixtures)
+from tests.test_search import FAST, cli, kill_when, load, one_thread, run_dir, states  # noqa: F401 (fixtures)
 
 PREDICTOR = ["--strategy", "predictor", "--warmup", "8", "--candidates", "200"]
 
@@ -65,21 +62,10 @@ def test_killed_predictor_search_resumes_keeping_every_measured_trial(run_dir, t
     out = tmp_path / "s"
     proc = cli("search", "--run", str(run_dir), "--out", str(out), "--trials", "60", "--round-size", "4",
                "--seed", "1", *PREDICTOR, *FAST)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            time.sleep(0.3)
-            proc.send_signal(signal.SIGSTOP)  # frozen while we look
-            counts = db_states(out / "study.db")
-            if counts.get("COMPLETE", 0) > 8 and counts.get("WAITING", 0) + counts.get("RUNNING", 0) >= 1:
-                break  # past the warm-up, with predicted candidates still to measure
-            proc.send_signal(signal.SIGCONT)
-        else:
-            pytest.fail(f"no round started in time: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        proc.kill()
+    # Past the warm-up, with predicted candidates still to measure.
+    kill_when(proc, out / "study.db",
+              lambda counts: counts.get("COMPLETE", 0) > 8 and counts.get("WAITING", 0) + counts.get("RUNNING", 0) >= 1,
+              600)
     before = load(out / "study.db")
     done = {t.number for t in before.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
     pending = {t.number for t in before.get_trials(states=(optuna.trial.TrialState.WAITING,))}
