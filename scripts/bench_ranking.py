@@ -2,7 +2,7 @@
 
 Static subnets spread over the space's MAC range (the smallest, the largest, and subnets of a fixed random pool
 nearest to evenly spaced log-MAC targets between them) are each trained from scratch with one fixed recipe
-(random initialisation, SGD with Nesterov momentum, cosine learning rate, the same epochs and training images
+(random initialisation, Adam with a cosine learning rate, the same epochs and training images
 for every subnet, standard augmentation), and their validation accuracy is compared with the accuracy they
 inherit from the trained supernet (weights taken as they are, BatchNorm recalibrated on training images, as
 every search trial does). Reports Kendall τ between the two rankings and the mean gap (inherited − scratch).
@@ -64,13 +64,14 @@ def accuracy(model: nn.Module, batches: list) -> float:
 
 
 def train_scratch(space: Any, arch: Arch, args: argparse.Namespace, bundle: Any, val: list) -> dict[str, Any]:
-    """The recipe: fresh weights (seed fixed), SGD 0.9 Nesterov, lr 0.1 cosine to 0, wd 5e-5, batch 128, label
-    smoothing 0.1, ``args.epochs`` epochs over the same ``args.train_images`` augmented training images."""
+    """The recipe: fresh weights (seed fixed), Adam lr 3e-3 cosine to 0 (a short budget: SGD at lr 0.1 reached
+    about 50% in 46 steps), weight decay 5e-5, batch 128, label smoothing 0.1, ``args.epochs`` epochs over the same
+    ``args.train_images`` augmented training images."""
     torch.manual_seed(args.seed)
     model = nas4dyn.build_supernet(space).extract(arch)
     loader = make_loader(bundle.train, 128, shuffle=True, seed=args.seed, drop_last=True, limit=args.train_images)
     steps = args.epochs * len(loader)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-5)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=5e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     start = time.perf_counter()
@@ -113,7 +114,7 @@ def main() -> None:
     space = ctx.net.space
     archs = spread(space, CandidateCosts(ctx.net), args.subnets, args.seed)
     bundle = load_data(ctx.data_info["dataset"], data_root=args.data_root, augment=True)
-    recipe = {"epochs": args.epochs, "train_images": args.train_images, "val_images": args.val_images,
+    recipe = {"optimizer": "adam 3e-3 cosine", "epochs": args.epochs, "train_images": args.train_images, "val_images": args.val_images,
               "seed": args.seed, "dataset": ctx.data_info["dataset"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,7 @@ def main() -> None:
         f"1-minute load average {os.getloadavg()[0]:.1f} at the end (above ~2, other jobs shared the 2 cores).",
         "",
         f"{len(rows)} static subnets over the space's MAC range, each trained from scratch with one recipe "
-        f"({args.epochs} epochs over {args.train_images or 'all'} augmented training images, SGD Nesterov lr 0.1 "
+        f"({args.epochs} epochs over {args.train_images or 'all'} augmented training images, Adam lr 3e-3 "
         "cosine, batch 128, label smoothing 0.1, seed fixed) against the accuracy inherited from the supernet "
         f"(BatchNorm recalibrated on {args.bn_images} training images); both on "
         f"{args.val_images or 'all'} validation images:",
