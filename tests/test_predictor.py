@@ -86,7 +86,10 @@ def test_ray_backend_runs_the_predictor_strategy(run_dir, tmp_path):
     out = tmp_path / "ray"
     proc = cli("search", "--run", str(run_dir), "--out", str(out), "--backend", "ray", "--workers", "2",
                "--trials", "10", "--round-size", "2", "--seed", "0", *PREDICTOR, *FAST)
-    _, stderr = proc.communicate(timeout=900)  # two local Ray clusters (warm-up, one round): slow on a busy CPU
+    try:
+        _, stderr = proc.communicate(timeout=900)  # two local Ray clusters (warm-up, one round): slow on a busy CPU
+    finally:
+        proc.kill()  # on a timeout, no search (and Ray cluster) left behind
     assert proc.returncode == 0, stderr[-3000:]
     study = load(out / "study.db")
     assert states(study) == {"COMPLETE": 10}
