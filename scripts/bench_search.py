@@ -86,8 +86,13 @@ def wall_minutes(studies: list[optuna.Study]) -> float:
     return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds() / 60
 
 
-def study_hv(study: optuna.Study, reference: dict[str, float]) -> float:
-    metrics = [t.user_attrs["metrics"] for t in completed(study) if feasible(t)]
+def first(study: optuna.Study, budget: int | None = None) -> list[FrozenTrial]:
+    """The study's first ``budget`` completed trials (all when None), by trial number."""
+    return sorted(completed(study), key=lambda t: t.number)[:budget]
+
+
+def study_hv(study: optuna.Study, reference: dict[str, float], budget: int | None = None) -> float:
+    metrics = [t.user_attrs["metrics"] for t in first(study, budget) if feasible(t)]
     return hypervolume(metrics, parse_objectives(OBJECTIVES), reference)
 
 
@@ -101,9 +106,9 @@ def comparison(args: argparse.Namespace, tag: str, strategies: list[str], **kw: 
 
 
 def strategy_hv(studies: dict[str, optuna.Study], seeds: list[int], reference: dict[str, float], tag: str,
-                strategies: list[str]) -> dict[str, list[float]]:
-    """Hypervolume per strategy and seed."""
-    return {s: [study_hv(studies[f"{s}{tag}_s{seed}"], reference) for seed in seeds] for s in strategies}
+                strategies: list[str], budget: int | None = None) -> dict[str, list[float]]:
+    """Hypervolume per strategy and seed (of each study's first ``budget`` completed trials)."""
+    return {s: [study_hv(studies[f"{s}{tag}_s{seed}"], reference, budget) for seed in seeds] for s in strategies}
 
 
 def ratio(hv: dict[str, list[float]], a: str, b: str) -> float | None:
@@ -214,12 +219,15 @@ def extras(args: argparse.Namespace, ctx: TrialContext, done: dict[str, optuna.S
     return {"hv_floor": hv_floor, "static": static, "dynamic": dynamic}
 
 
-def predictor_figures(ctx: TrialContext, studies: dict[str, optuna.Study], pooled: list[FrozenTrial]) -> dict[str, Any]:
+def predictor_figures(ctx: TrialContext, studies: dict[str, optuna.Study],
+                      pooled: list[FrozenTrial]) -> dict[str, Any] | None:
     """The predictor strategy's candidates per minute and fits per round; its accuracy and expected-MACs error on
     the trials it proposed (predicted before they were measured); out-of-fold tau / RMSE of each model on
-    ``pooled`` trials (random search's: an unbiased sample of the space)."""
+    ``pooled`` trials (random search's: an unbiased sample of the space). None before a round measured two."""
     rounds = [v for st in studies.values() for k, v in st.user_attrs.items() if k.startswith(ROUND_ATTR)]
     proposed = [t for st in studies.values() for t in completed(st) if PREDICTED_ATTR in t.user_attrs]
+    if not rounds or len(proposed) < 2:
+        return None
     pred = np.array([t.user_attrs[PREDICTED_ATTR]["accuracy"] for t in proposed])
     meas = np.array([t.user_attrs["metrics"]["accuracy"] for t in proposed])
     macs_error = [abs(t.user_attrs[PREDICTED_ATTR]["macs_expected"] / t.user_attrs["metrics"]["macs_expected"] - 1)
@@ -256,6 +264,9 @@ def main() -> None:
     ap.add_argument("--round-size", type=int, default=20, help="predictor strategy: trials measured per round")
     ap.add_argument("--candidates", type=int, default=10_000, help="predictor strategy: candidates per round")
     ap.add_argument("--no-extras", action="store_true", help="only the strategy comparison (part 1)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run no trial: report the studies in --out as they stand, each cut to the smallest number "
+                    "of completed trials among them")
     ap.add_argument("--out", default="/tmp/bench_search")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=1, help="studies run at once, one process each")
@@ -281,13 +292,18 @@ def main() -> None:
         # trials (same seeds), and trials below the floor add no hypervolume either way, so those are reused.
         specs.update(comparison(args, "_floor", ["nsga2"], constraints=(floor,)))
         specs["static"] = dict(sampler="nsga2", seed=args.seeds[0], static=True)
-    done = run_studies(args, specs)
+    if args.report_only:  # the studies as they stand in --out (say, stopped at a deadline)
+        done = {name: optuna.load_study(study_name="search", storage=f"sqlite:///{Path(args.out) / name / 'study.db'}")
+                for name in specs}
+    else:
+        done = run_studies(args, specs)
     for name, study in done.items():
         if study.user_attrs[REFERENCE_ATTR] != reference:  # the hypervolumes below use this process's point
             print(f"warning: study {name} stored the reference point {study.user_attrs[REFERENCE_ATTR]}, this "
                   f"process measured {reference}", flush=True)
     studies = {name: done[name] for name in plain}
-    hv = strategy_hv(studies, args.seeds, reference, "", strategies)
+    budget = min(args.trials, *(len(completed(st)) for st in studies.values()))  # the same for every study
+    hv = strategy_hv(studies, args.seeds, reference, "", strategies, budget)
     durations = [t.duration.total_seconds() for st in done.values() for t in completed(st)]
     per_min_wall = len(durations) / wall_minutes(list(done.values()))
     per_min_trial = 60 / statistics.median(durations)
@@ -307,7 +323,8 @@ def main() -> None:
            + (f" --warmup {args.warmup} --round-size {args.round_size} --candidates {args.candidates}"
               if "predictor" in strategies else "")
            + f" --threads {args.threads} --jobs {args.jobs}"
-           + "".join(f" --{f.replace('_', '-')}" for f in ("no_extras", "reuse", "write") if getattr(args, f)))
+           + "".join(f" --{f.replace('_', '-')}" for f in ("no_extras", "report_only", "reuse", "write")
+                     if getattr(args, f)))
     rows = [f"| {s} | " + " | ".join(f"{v:.4f}" for v in hv[s]) + f" | {statistics.mean(hv[s]):.4f} |" for s in hv]
     val = f"{args.val_images} validation images (a fixed subset)" if args.val_images else "the whole validation split"
     body = [
@@ -321,7 +338,10 @@ def main() -> None:
         f"{per_min_wall:.1f} trials/min over the machine, wall-clock from the first trial's start to the last one's "
         f"end ({len(durations)} trials).",
         "",
-        f"Hypervolume at {args.trials} measured trials, one fresh study per seed, each starting from the same three "
+        f"Hypervolume at {budget} measured trials"
+        + (f" (each study cut to its first {budget} completed trials: not every study reached {args.trials})"
+           if budget < args.trials else "")
+        + ", one fresh study per seed, each starting from the same three "
         "corner subnets (largest and smallest static, largest with every exit) — the share of the box between the "
         "ideal point and the reference point (validation error of the smallest static subnet "
         f"{reference['accuracy']:.4f}, expected MACs of the largest static subnet {reference['macs_expected'] / 1e6:.2f}"
@@ -334,9 +354,11 @@ def main() -> None:
         f"Predictor ÷ random (goal ≥ 1.3×): **{show(ratio(hv, 'predictor', 'random'))}**; predictor ÷ NSGA-II "
         f"(goal ≥ 1.15×): **{show(ratio(hv, 'predictor', 'nsga2'))}**; NSGA-II ÷ random: "
         f"**{show(ratio(hv, 'nsga2', 'random'))}** (population {args.population}: "
-        f"{'/'.join(map(str, gens)) or 'n/a'} generations in {args.trials} trials).",
+        f"{'/'.join(map(str, gens)) or 'n/a'} generations in the NSGA-II studies' trials).",
     ]
-    if "predictor" in results:
+    if results.get("predictor") is None and "predictor" in strategies:
+        body += ["", "The predictor studies measured fewer than two proposed candidates: no predictor figures."]
+    elif "predictor" in results:
         p = results["predictor"]
         body += ["", (
             f"Predictor strategy ({args.warmup} warm-up trials — the corners, then random — then rounds of "
