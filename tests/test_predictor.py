@@ -12,6 +12,7 @@ from nas4dyn.search.candidate_costs import CandidateCosts
 from nas4dyn.search.outputs import completed
 from nas4dyn.search.predictor import Featurizer, SubnetPredictor, rates_of
 from nas4dyn.search.predictor_strategy import PREDICTED_ATTR, ROUND_ATTR
+from nas4dyn.search.runner import default_objectives
 from nas4dyn.search.trial import SearchSettings, load_context
 from nas4dyn.search.objectives import parse_objectives
 from search_spaces.arch import Arch
@@ -94,3 +95,8 @@ def test_ray_backend_runs_the_predictor_strategy(run_dir, tmp_path):
     study = load(out / "study.db")
     assert states(study) == {"COMPLETE": 10}
     assert sum(PREDICTED_ATTR in t.user_attrs for t in study.trials) == 2
+
+
+def test_default_objectives_are_latency_with_a_table_else_macs():
+    assert default_objectives("lut.json") == "accuracy:max,latency_ms:min"
+    assert default_objectives(None) == "accuracy:max,macs_expected:min"

@@ -193,6 +193,7 @@ def run_search(config: SearchConfig) -> SearchSummary:
     log.info("study %s in %s: %d completed, target %d", config.study, mask_url(url), count(study, TrialState.COMPLETE),
              config.trials)
     progress = Progress(config.trials, count(study, TrialState.COMPLETE), config.progress)
+
     def measure(target: int) -> None:
         if config.backend == "ray":
             from nas4dyn.search.ray_backend import run_ray
