@@ -114,7 +114,8 @@ def main() -> None:
     space = ctx.net.space
     archs = spread(space, CandidateCosts(ctx.net), args.subnets, args.seed)
     bundle = load_data(ctx.data_info["dataset"], data_root=args.data_root, augment=True)
-    recipe = {"optimizer": "adam 3e-3 cosine", "epochs": args.epochs, "train_images": args.train_images, "val_images": args.val_images,
+    recipe = {"optimizer": "adam 3e-3 cosine", "epochs": args.epochs, "train_images": args.train_images,
+              "val_images": args.val_images,
               "seed": args.seed, "dataset": ctx.data_info["dataset"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -198,7 +198,8 @@ def extras(args: argparse.Namespace, ctx: TrialContext, done: dict[str, optuna.S
         "",
         f"With the reference accuracy as a constraint ({floor}; the region the hypervolume counts, told to NSGA-II; "
         "random search ignores it, so its unconstrained studies serve): NSGA-II "
-        + " / ".join(f"{v:.4f}" for v in hv_floor["nsga2"]) + f", NSGA-II ÷ random **{show(ratio(hv_floor, 'nsga2', 'random'))}**.",
+        + " / ".join(f"{v:.4f}" for v in hv_floor["nsga2"])
+        + f", NSGA-II ÷ random **{show(ratio(hv_floor, 'nsga2', 'random'))}**.",
         "",
         "Unconstrained: " + census(studies, reference),
         "With the floor: " + census(floor_studies, reference),
@@ -366,7 +367,8 @@ def main() -> None:
             f"**{p['candidates_per_min']:.0f} candidates/min** wall-clock on the shared machine, "
             f"**{p['candidates_per_cpu_min']:.0f} per minute of the search process's CPU time** (NSGA-II over the "
             f"predictor and the cost tables, one torch thread); model picked per round by out-of-fold Kendall τ: "
-            f"mlp {p['models']['mlp']}×, gbm {p['models']['gbm']}×; τ per round {p['round_taus']}. On the {p['proposed']} trials it proposed "
+            f"mlp {p['models']['mlp']}×, gbm {p['models']['gbm']}×; τ per round {p['round_taus']}. On the "
+            f"{p['proposed']} trials it proposed "
             f"(predicted, then measured): accuracy τ **{p['proposed_tau']:.3f}**, RMSE {p['proposed_rmse']:.4f}; "
             f"expected MACs off by {100 * p['proposed_macs_error']:.1f}% (median). Out of fold (5 folds) on "
             f"{p['pooled']} measured trials of the random studies: "
