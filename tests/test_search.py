@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import optuna
@@ -93,6 +94,25 @@ def cli(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "nas4dyn", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(proc: subprocess.Popen, db: Path, ready: Callable[[dict[str, int]], bool], seconds: float) -> None:
+    """SIGKILL ``proc`` once the trial states in ``db`` satisfy ``ready``; the process is frozen (SIGSTOP) while
+    they are read, so a trial seen in flight still is when it dies."""
+    try:
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGSTOP)
+            if ready(db_states(db)):
+                break
+            proc.send_signal(signal.SIGCONT)
+        else:
+            pytest.fail(f"the states never got ready: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
 
 
 # ---- parsing ------------------------------------------------------------------------------------------------
@@ -351,21 +371,8 @@ def test_a_study_refuses_trials_of_another_supernet(run_dir, tmp_path, capsys):
 def test_killed_run_resumes_and_its_running_trial_fails(run_dir, tmp_path):
     out = tmp_path / "s"
     proc = cli("search", "--run", str(run_dir), "--out", str(out), "--trials", "40", "--seed", "1", *FAST)
-    try:
-        deadline = time.time() + 150
-        while time.time() < deadline:
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGSTOP)  # frozen while we look, so the trial seen in flight still is
-            counts = db_states(out / "study.db")
-            if counts.get("COMPLETE", 0) >= 2 and counts.get("RUNNING", 0) == 1:
-                break
-            proc.send_signal(signal.SIGCONT)
-        else:
-            pytest.fail(f"no trials completed in time: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        proc.kill()
+    kill_when(proc, out / "study.db", lambda counts: counts.get("COMPLETE", 0) >= 2 and counts.get("RUNNING", 0) == 1,
+              150)
     before = load(out / "study.db")
     done = [t.number for t in before.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
     running = [t.number for t in before.get_trials(states=(optuna.trial.TrialState.RUNNING,))]

@@ -17,8 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", dest="run_dir", required=True, metavar="RUN_DIR", help="run directory holding supernet.pt")
     p.add_argument("--out", required=True, metavar="SEARCH_DIR",
                    help="writes pareto.json, trials.csv, pareto.png (and study.db with the default storage)")
-    p.add_argument("--objectives", default="accuracy:max,macs_expected:min",
-                   help="comma-separated METRIC:max|min (latency metrics need --latency-table)")
+    p.add_argument("--objectives",
+                   help="comma-separated METRIC:max|min (latency metrics need --latency-table); default "
+                   "accuracy:max,latency_ms:min with --latency-table, else accuracy:max,macs_expected:min")
     p.add_argument("--latency-table", metavar="LUT.json", help="latency table from `nas4dyn profile`")
     p.add_argument("--constraint", dest="constraints", action="append", default=[], metavar="EXPR",
                    help="METRIC<=VALUE or METRIC>=VALUE, e.g. latency_ms<=4 or macs_expected<=20M (repeatable)")
@@ -43,6 +44,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="batch size of the validation pass")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 suits a shared CPU; Ray workers always use 1 each)")
+    p.add_argument("--strategy", default="measure", choices=("measure", "predictor"),
+                   help="measure: measure every trial the sampler proposes; predictor: after --warmup measured "
+                   "trials (the corners, then random), rounds of fitting an accuracy/exit/gate-rate predictor on the "
+                   "measured trials, querying it --candidates times with NSGA-II and measuring the --round-size "
+                   "most promising candidates (--trials counts measured trials either way)")
+    p.add_argument("--warmup", type=int, default=40, help="--strategy predictor: measured trials before the first fit")
+    p.add_argument("--round-size", type=int, default=10, help="--strategy predictor: trials measured per round")
+    p.add_argument("--candidates", type=int, default=10_000,
+                   help="--strategy predictor: predictor queries (NSGA-II candidates) per round")
+    p.add_argument("--predictor", default="auto", choices=("auto", "mlp", "gbm"),
+                   help="--strategy predictor: accuracy model (auto: the better out-of-fold Kendall tau per round)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -64,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         study=args.study, backend=args.backend, workers=args.workers, ray_address=args.ray_address,
         data_root=args.data_root, static=args.static, population=args.population, seed=args.seed,
         bn_images=args.bn_images, val_images=args.val_images, batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=not args.no_progress, strategy=args.strategy, warmup=args.warmup, round_size=args.round_size,
+        candidates=args.candidates, predictor=args.predictor,
     ))
     print(f"study {summary.study} in {summary.storage}: {summary.complete} completed, {summary.failed} failed"
           + (f" ({summary.orphaned} of a killed run)" if summary.orphaned else ""))

@@ -16,12 +16,15 @@ from nas4dyn.search import outputs
 from nas4dyn.search.encoding import corner_params
 from nas4dyn.search.objectives import parse_constraint, parse_objectives
 from nas4dyn.search.optuna_backend import make_sampler, run_optuna
+from nas4dyn.search.predictor import MIN_TRIALS, check_predictor
+from nas4dyn.search.predictor_strategy import PredictorSettings, run_predictor_search
 from nas4dyn.search.storage import count, default_storage, fail_orphaned_trials, mask_url, open_storage, open_study
 from nas4dyn.search.trial import SearchSettings, TrialContext, check_constraints, hv_reference, load_context
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("optuna", "ray")
+STRATEGIES = ("measure", "predictor")
 REFERENCE_ATTR = "nas4dyn:hv_reference"
 
 
@@ -31,7 +34,7 @@ class SearchConfig:
 
     run_dir: str
     out_dir: str
-    objectives: str = "accuracy:max,macs_expected:min"
+    objectives: Optional[str] = None  # default: see default_objectives
     constraints: tuple[str, ...] = ()
     latency_table: Optional[str] = None
     sampler: str = "nsga2"
@@ -49,6 +52,16 @@ class SearchConfig:
     val_images: Optional[int] = None
     batch_size: int = 256
     progress: bool = True
+    strategy: str = "measure"  # measure every sampled trial, or let a predictor propose them (predictor_strategy)
+    warmup: int = 40  # --strategy predictor: measured trials before the first fit
+    round_size: int = 10  # --strategy predictor: trials measured per round
+    candidates: int = 10_000  # --strategy predictor: predictor queries per round
+    predictor: str = "auto"  # mlp | gbm | auto
+
+
+def default_objectives(latency_table: Optional[str]) -> str:
+    """Expected latency on the profiled device when there is a latency table, expected MACs otherwise."""
+    return "accuracy:max,latency_ms:min" if latency_table else "accuracy:max,macs_expected:min"
 
 
 @dataclass
@@ -74,6 +87,11 @@ class Progress:
 
         self.bar = tqdm(total=total, initial=min(initial, total), unit="trial", desc="search", disable=not enabled,
                         dynamic_ncols=True)
+        self.note = ""  # --strategy predictor: the last round (candidates queried, the predictor's tau)
+
+    def set_note(self, note: str) -> None:
+        self.note = note
+        self.bar.set_postfix_str(note)
 
     def __call__(self, study: optuna.Study) -> None:
         done = count(study, TrialState.COMPLETE)
@@ -82,7 +100,7 @@ class Progress:
         if best:
             top = max((t.user_attrs["metrics"] for t in best), key=lambda m: m["accuracy"])
             self.bar.set_postfix_str(f"best acc {top['accuracy']:.4f} @ {top['macs_expected'] / 1e6:.2f} MMACs, "
-                                     f"front {len(study.best_trials)}")
+                                     f"front {len(study.best_trials)}" + (f"; {self.note}" if self.note else ""))
 
     def close(self) -> None:
         self.bar.close()
@@ -91,6 +109,13 @@ class Progress:
 def _check(config: SearchConfig) -> None:
     if config.backend not in BACKENDS:
         raise ConfigError(f"--backend {config.backend!r}: choose one of {', '.join(BACKENDS)}")
+    if config.strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy {config.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if config.strategy == "predictor":
+        check_predictor(config.predictor)
+        for name, low in (("warmup", MIN_TRIALS), ("round_size", 1), ("candidates", 1)):
+            if getattr(config, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be {low} or more")
     if config.trials < 1:
         raise ConfigError(f"--trials {config.trials}: must be 1 or more (the study holds that many completed trials "
                           "when the command ends)")
@@ -106,6 +131,11 @@ def _check(config: SearchConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be 1 or more")
     if config.val_images is not None and config.val_images < 1:
         raise ConfigError(f"--val-images {config.val_images}: must be 1 or more")
+
+
+def predictor_settings(config: SearchConfig) -> PredictorSettings:
+    return PredictorSettings(warmup=config.warmup, round_size=config.round_size, candidates=config.candidates,
+                             kind=config.predictor, seed=config.seed)
 
 
 def _batches_digest(batches: list) -> str:
@@ -145,7 +175,7 @@ def run_search(config: SearchConfig) -> SearchSummary:
     """
     _check(config)
     settings = SearchSettings(
-        objectives=parse_objectives(config.objectives),
+        objectives=parse_objectives(config.objectives or default_objectives(config.latency_table)),
         constraints=tuple(parse_constraint(c) for c in config.constraints),
         static=config.static,
         bn_images=config.bn_images,
@@ -180,13 +210,21 @@ def run_search(config: SearchConfig) -> SearchSummary:
     log.info("study %s in %s: %d completed, target %d", config.study, mask_url(url), count(study, TrialState.COMPLETE),
              config.trials)
     progress = Progress(config.trials, count(study, TrialState.COMPLETE), config.progress)
-    try:
+
+    def measure(target: int) -> None:
         if config.backend == "ray":
             from nas4dyn.search.ray_backend import run_ray
 
-            run_ray(study, storage, ctx, config.trials, config.workers, config.ray_address, progress)
+            run_ray(study, storage, ctx, target, config.workers, config.ray_address, progress)
         else:
-            run_optuna(study, ctx, config.trials, progress)
+            run_optuna(study, ctx, target, progress)
+
+    try:
+        if config.strategy == "predictor":
+            run_predictor_search(study, ctx, config.trials, predictor_settings(config), reference, measure,
+                                 progress.set_note)
+        else:
+            measure(config.trials)
     finally:
         progress.close()
     hv = outputs.write_outputs(study, out_dir, settings.objectives, reference, settings.constraints)

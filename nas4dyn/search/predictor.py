@@ -1,0 +1,252 @@
+"""Accuracy predictor for dynamic subnets: validation accuracy, exit rates and gate rates from the arch.
+
+Features: ``space.encode(arch)`` of the uncalibrated arch (resolution, depths, per block slot kernel, width and
+one-hot gate, exits on or off), the trial's exit budget (which sets the calibrated thresholds), and the static
+path's MACs relative to the largest subnet's. Targets: the measured validation accuracy; the share of images
+leaving at each exit position and at the final classifier; the share of each gated block's units that are on.
+With the rates, :mod:`nas4dyn.search.candidate_costs` gives an unmeasured candidate every cost objective.
+
+Two models, fitted on the study's own measured trials:
+
+- ``mlp``: a small torch MLP (an ensemble of two seeds) with one head per target: accuracy (standardised,
+  squared error), exit rates (a softmax over the arch's active exits and the final classifier, cross-entropy
+  against the measured shares), gate rates (sigmoid, binary cross-entropy, gated slots only);
+- ``gbm``: LightGBM gradient-boosted trees for accuracy, rates from the MLP's heads.
+
+``kind="auto"`` picks, per fit, the model whose out-of-fold predictions rank the measured trials best (Kendall
+τ over K folds) and reports that τ and the RMSE; the search shows it in its progress bar.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from optuna.trial import FrozenTrial
+from scipy.stats import kendalltau
+from torch import nn
+
+from nas4dyn.errors import ConfigError
+from nas4dyn.search.encoding import budget, decode
+from search_spaces.arch import Arch
+from search_spaces.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "mlp", "gbm")
+MIN_TRIALS = 8  # fewer measured trials than this fit nothing useful (and K-fold needs some per fold)
+
+
+@dataclass
+class Samples:
+    """Measured trials as arrays: features, accuracy, exit shares (per position + final, masked), gate rates
+    (per block slot, masked)."""
+
+    x: np.ndarray
+    accuracy: np.ndarray
+    exits: np.ndarray
+    exit_mask: np.ndarray
+    gates: np.ndarray
+    gate_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.accuracy)
+
+    def subset(self, rows: np.ndarray) -> "Samples":
+        return Samples(*(getattr(self, f)[rows] for f in ("x", "accuracy", "exits", "exit_mask", "gates", "gate_mask")))
+
+
+class Featurizer:
+    """Feature rows and target slots of one space (fixed length whatever the arch)."""
+
+    def __init__(self, space: SearchSpace, macs_reference: float):
+        self.space = space
+        self.macs_reference = macs_reference
+        self.positions = list(space.exits.positions)
+        self.slots = [f"{s}.{b}" for s, st in enumerate(space.stages) for b in range(st.max_depth)]
+
+    def row(self, arch: Arch, exit_budget: float, macs_max: float) -> list[float]:
+        return [*self.space.encode(arch), exit_budget, macs_max / self.macs_reference]
+
+    def exit_mask(self, arch: Arch) -> np.ndarray:
+        active = {(e.stage, e.block) for e in arch.exits}
+        return np.array([p in active for p in self.positions] + [True])
+
+    def gate_mask(self, arch: Arch) -> np.ndarray:
+        gated = {f"{b.stage}.{b.block}" for b in arch.blocks() if b.gate != "none"}
+        return np.array([name in gated for name in self.slots])
+
+    def samples(self, trials: Sequence[FrozenTrial]) -> Samples:
+        """The measured trials (COMPLETE, with metrics) as :class:`Samples`."""
+        rows, acc, exits, emask, gates, gmask = [], [], [], [], [], []
+        for t in trials:
+            m = t.user_attrs["metrics"]
+            arch = decode(self.space, t.params)
+            rows.append(self.row(arch, budget(t.params), m["macs_max"]))
+            acc.append(m["accuracy"])
+            mask = self.exit_mask(arch)
+            share = np.zeros(len(mask))
+            share[mask] = m["exit_rates"]
+            exits.append(share)
+            emask.append(mask)
+            mask = self.gate_mask(arch)
+            rate = np.zeros(len(mask))
+            rate[mask] = [m["gate_rates"][name] for name, on in zip(self.slots, mask) if on]
+            gates.append(rate)
+            gmask.append(mask)
+        return Samples(np.asarray(rows, dtype=np.float32), np.asarray(acc), np.asarray(exits), np.asarray(emask),
+                       np.asarray(gates), np.asarray(gmask))
+
+
+class _MLP(nn.Module):
+    def __init__(self, features: int, outputs: int, hidden: int = 128):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@dataclass
+class Prediction:
+    """Predicted accuracy, exit shares (per position + final; 0 where inactive) and gate rates per slot."""
+
+    accuracy: np.ndarray
+    exits: np.ndarray
+    gates: np.ndarray
+
+
+@dataclass
+class SubnetPredictor:
+    """Predicts a subnet's validation accuracy, exit shares and gate rates (see the module docstring)."""
+
+    kind: str = "auto"
+    folds: int = 5
+    seed: int = 0
+    epochs: int = 300
+    members: int = 2
+    chosen: str = ""  # the model that predicts accuracy after fit ("mlp" or "gbm")
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> {"tau", "rmse"} out of fold
+    _mlps: list[_MLP] = field(default_factory=list)
+    _gbm: Any = None
+    _norm: tuple[np.ndarray, np.ndarray, float, float] = (np.zeros(0), np.ones(0), 0.0, 1.0)
+
+    @property
+    def tau(self) -> float:
+        return self.scores.get(self.chosen, {}).get("tau", float("nan"))
+
+    # ---- fitting ------------------------------------------------------------------------------------
+    def _fit_mlps(self, data: Samples) -> None:
+        mean, std = data.x.mean(0), data.x.std(0)
+        std[std < 1e-8] = 1.0
+        acc_mean, acc_std = float(data.accuracy.mean()), float(data.accuracy.std()) or 1.0
+        self._norm = (mean, std, acc_mean, acc_std)
+        x = torch.as_tensor((data.x - mean) / std, dtype=torch.float32)
+        acc = torch.as_tensor((data.accuracy - acc_mean) / acc_std, dtype=torch.float32)
+        exits, emask = torch.as_tensor(data.exits, dtype=torch.float32), torch.as_tensor(data.exit_mask)
+        gates, gmask = torch.as_tensor(data.gates, dtype=torch.float32), torch.as_tensor(data.gate_mask)
+        n_exit = emask.shape[1]
+        self._mlps = []
+        for member in range(self.members):
+            torch.manual_seed(self.seed * 100 + member)
+            mlp = _MLP(x.shape[1], 1 + n_exit + gmask.shape[1])
+            opt = torch.optim.Adam(mlp.parameters(), lr=3e-3, weight_decay=1e-4)
+            for _ in range(self.epochs):
+                out = mlp(x)
+                logits = out[:, 1:1 + n_exit].masked_fill(~emask, -1e9)
+                loss = nn.functional.mse_loss(out[:, 0], acc)
+                loss = loss - (exits * torch.log_softmax(logits, 1).masked_fill(~emask, 0.0)).sum(1).mean()
+                if gmask.any():
+                    bce = nn.functional.binary_cross_entropy_with_logits(out[:, 1 + n_exit:], gates, reduction="none")
+                    loss = loss + bce[gmask].mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            self._mlps.append(mlp.eval())
+
+    def _fit_gbm(self, data: Samples) -> None:
+        import lightgbm
+
+        params = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 3,
+                  "bagging_fraction": 0.8, "bagging_freq": 1, "feature_fraction": 0.8, "seed": self.seed,
+                  "verbose": -1, "num_threads": 1}
+        self._gbm = lightgbm.train(params, lightgbm.Dataset(data.x, data.accuracy), num_boost_round=300)
+
+    def _fit(self, data: Samples, kind: str) -> None:
+        self._fit_mlps(data)
+        self._gbm = None
+        if kind == "gbm":
+            self._fit_gbm(data)
+        self.chosen = kind
+
+    def cross_validate(self, data: Samples, kind: str) -> dict[str, float]:
+        """Out-of-fold Kendall τ and RMSE of ``kind``'s accuracy over ``self.folds`` folds of ``data``."""
+        order = np.random.default_rng(self.seed).permutation(len(data))
+        predicted = np.zeros(len(data))
+        for fold in np.array_split(order, min(self.folds, len(data))):
+            model = SubnetPredictor(kind, seed=self.seed, epochs=self.epochs, members=self.members)
+            model._fit(data.subset(np.setdiff1d(order, fold)), kind)
+            predicted[fold] = model.predict_x(data.x[fold], data.exit_mask[fold], data.gate_mask[fold]).accuracy
+        tau = kendalltau(predicted, data.accuracy).statistic
+        return {"tau": float(tau) if np.isfinite(tau) else 0.0,
+                "rmse": float(np.sqrt(np.mean((predicted - data.accuracy) ** 2)))}
+
+    def fit(self, data: Samples) -> "SubnetPredictor":
+        """Score the candidate model kinds out of fold, then fit the best (``kind``, or by τ for "auto") on all
+        of ``data``.
+
+        Raises:
+            ConfigError: fewer than MIN_TRIALS measured trials, or an unknown kind.
+        """
+        check_predictor(self.kind)
+        if len(data) < MIN_TRIALS:
+            raise ConfigError(f"the predictor needs at least {MIN_TRIALS} measured trials, the study has {len(data)}; "
+                              "raise --warmup")
+        kinds = ("mlp", "gbm") if self.kind == "auto" else (self.kind,)
+        self.scores = {k: self.cross_validate(data, k) for k in kinds}
+        best = max(kinds, key=lambda k: self.scores[k]["tau"])
+        self._fit(data, best)
+        log.info("predictor: %s", ", ".join(f"{k} tau {s['tau']:.3f} rmse {s['rmse']:.4f}" for k, s in self.scores.items()))
+        return self
+
+    # ---- predicting -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_x(self, x: np.ndarray, exit_mask: np.ndarray, gate_mask: np.ndarray) -> Prediction:
+        mean, std, acc_mean, acc_std = self._norm
+        xt = torch.as_tensor((x - mean) / std, dtype=torch.float32)
+        emask = torch.as_tensor(exit_mask)
+        n_exit = emask.shape[1]
+        outs = torch.stack([mlp(xt) for mlp in self._mlps]).mean(0)
+        exits = torch.softmax(outs[:, 1:1 + n_exit].masked_fill(~emask, -1e9), 1).numpy()
+        gates = torch.sigmoid(outs[:, 1 + n_exit:]).numpy() * gate_mask
+        if self._gbm is not None:
+            accuracy = self._gbm.predict(x)
+        else:
+            accuracy = outs[:, 0].numpy() * acc_std + acc_mean
+        return Prediction(np.clip(accuracy, 0.0, 1.0), exits, gates)
+
+    def predict(self, featurizer: Featurizer, archs: Sequence[Arch], budgets: Sequence[float],
+                macs_max: Sequence[float]) -> Prediction:
+        """Predictions for uncalibrated ``archs`` at their exit ``budgets``."""
+        x = np.asarray([featurizer.row(a, b, m) for a, b, m in zip(archs, budgets, macs_max)], dtype=np.float32)
+        return self.predict_x(x, np.stack([featurizer.exit_mask(a) for a in archs]),
+                              np.stack([featurizer.gate_mask(a) for a in archs]))
+
+
+def rates_of(featurizer: Featurizer, arch: Arch, prediction: Prediction, row: int) -> tuple[list[float], list[float]]:
+    """One arch's predicted exit shares (its exits, then the final classifier) and gate rates (its gated
+    blocks in network order), as :meth:`CandidateCosts.metrics` takes them."""
+    exits = prediction.exits[row][featurizer.exit_mask(arch)]
+    gates = prediction.gates[row][featurizer.gate_mask(arch)]
+    return exits.tolist(), gates.tolist()
+
+
+def check_predictor(kind: Optional[str]) -> None:
+    """Raises:
+        ConfigError: unknown predictor kind.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"--predictor {kind!r}: choose one of {', '.join(KINDS)}")

@@ -1,0 +1,105 @@
+"""Predictor-driven search: the predictor fits and predicts on a tiny run, candidate costs agree with measured
+trials, a killed predictor search resumes keeping every measured trial, and the Ray backend runs it."""
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+
+from nas4dyn.cli.main import main
+from nas4dyn.search import SearchConfig, run_search
+from nas4dyn.search.candidate_costs import CandidateCosts
+from nas4dyn.search.outputs import completed
+from nas4dyn.search.predictor import Featurizer, SubnetPredictor, rates_of
+from nas4dyn.search.predictor_strategy import PREDICTED_ATTR, ROUND_ATTR
+from nas4dyn.search.runner import default_objectives
+from nas4dyn.search.trial import SearchSettings, load_context
+from nas4dyn.search.objectives import parse_objectives
+from search_spaces.arch import Arch
+from tests.test_search import FAST, cli, kill_when, load, one_thread, run_dir, states  # noqa: F401 (fixtures)
+
+PREDICTOR = ["--strategy", "predictor", "--warmup", "8", "--candidates", "200"]
+
+
+def test_predictor_fits_predicts_and_costs_candidates_like_trials(run_dir, tmp_path):
+    run_search(SearchConfig(run_dir=str(run_dir), out_dir=str(tmp_path), trials=14, sampler="random", seed=3,
+                            bn_images=64, progress=False))
+    trials = completed(load(tmp_path / "study.db"))
+    ctx = load_context(run_dir, SearchSettings(parse_objectives("accuracy:max,macs_expected:min"), bn_images=64))
+    costs = CandidateCosts(ctx.net)
+    featurizer = Featurizer(ctx.net.space, costs.macs_max(ctx.net.space.max_arch()))
+    data = featurizer.samples(trials)
+    predictor = SubnetPredictor("auto", epochs=150).fit(data)
+    assert set(predictor.scores) == {"mlp", "gbm"} and predictor.chosen in predictor.scores
+    assert all(-1.0 <= s["tau"] <= 1.0 and s["rmse"] >= 0 for s in predictor.scores.values())
+    assert predictor.tau == predictor.scores[predictor.chosen]["tau"]
+
+    archs = [Arch.from_dict(t.user_attrs["arch"]) for t in trials]
+    pred = predictor.predict_x(data.x, data.exit_mask, data.gate_mask)
+    assert np.all((pred.accuracy >= 0) & (pred.accuracy <= 1))
+    assert np.allclose(pred.exits.sum(1), 1.0, atol=1e-5) and np.all(pred.exits[~data.exit_mask] < 1e-6)
+    assert np.all(pred.gates[~data.gate_mask] == 0) and np.all((pred.gates >= 0) & (pred.gates <= 1))
+    exits, gates = rates_of(featurizer, archs[0], pred, 0)
+    assert len(exits) == len(archs[0].exits) + 1 and len(gates) == sum(b.gate != "none" for b in archs[0].blocks())
+
+    # Costs from rates: the full path exactly, and the expected MACs exactly where no gate makes them depend
+    # on the per-sample correlation of gates and exits (the corners include the largest subnet with every exit).
+    ungated = 0
+    for t, arch in zip(trials, archs):
+        m = t.user_attrs["metrics"]
+        gate_rates = [m["gate_rates"][f"{b.stage}.{b.block}"] for b in arch.blocks() if b.gate != "none"]
+        got = costs.metrics(arch, m["exit_rates"], gate_rates)
+        assert got["macs_max"] == pytest.approx(m["macs_max"], rel=1e-9)
+        if not gate_rates:
+            ungated += bool(arch.exits)
+            assert got["macs_expected"] == pytest.approx(m["macs_expected"], rel=1e-6)
+    assert ungated >= 1
+    traced = costs.traced
+    assert [costs.macs_max(a) for a in archs] == pytest.approx([t.user_attrs["metrics"]["macs_max"] for t in trials])
+    assert costs.traced == traced  # every piece is memoised now: no subnet is traced again
+
+
+def test_killed_predictor_search_resumes_keeping_every_measured_trial(run_dir, tmp_path):
+    out = tmp_path / "s"
+    proc = cli("search", "--run", str(run_dir), "--out", str(out), "--trials", "60", "--round-size", "4",
+               "--seed", "1", *PREDICTOR, *FAST)
+    # Past the warm-up, with predicted candidates still to measure.
+    kill_when(proc, out / "study.db",
+              lambda counts: counts.get("COMPLETE", 0) > 8 and counts.get("WAITING", 0) + counts.get("RUNNING", 0) >= 1,
+              600)
+    before = load(out / "study.db")
+    done = {t.number for t in before.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    pending = {t.number for t in before.get_trials(states=(optuna.trial.TrialState.WAITING,))}
+    running = {t.number for t in before.get_trials(states=(optuna.trial.TrialState.RUNNING,))}
+    assert any(k.startswith(ROUND_ATTR) for k in before.user_attrs)
+    target = len(done) + len(pending) + 4
+    assert main(["search", "--run", str(run_dir), "--out", str(out), "--trials", str(target), "--round-size", "4",
+                 *PREDICTOR, *FAST]) == 0
+    after = load(out / "study.db")
+    complete = {t.number for t in after.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    assert len(complete) == target and done | pending <= complete
+    assert {t.number for t in after.get_trials(states=(optuna.trial.TrialState.FAIL,))} == running  # killed in flight
+    predicted = [t for t in after.trials if PREDICTED_ATTR in t.user_attrs]
+    assert len(predicted) >= 4 and all(t.state.name == "COMPLETE" or t.number in running for t in predicted)
+
+
+def test_ray_backend_runs_the_predictor_strategy(run_dir, tmp_path):
+    out = tmp_path / "ray"
+    # The warm-up in this process (one Ray cluster start fewer), then a round whose candidates Ray measures.
+    run_search(SearchConfig(run_dir=str(run_dir), out_dir=str(out), trials=8, strategy="predictor", warmup=8,
+                            seed=0, bn_images=64, progress=False))
+    proc = cli("search", "--run", str(run_dir), "--out", str(out), "--backend", "ray", "--workers", "2",
+               "--trials", "10", "--round-size", "2", "--seed", "0", *PREDICTOR, *FAST)
+    try:
+        _, stderr = proc.communicate(timeout=900)  # a local Ray cluster: slow to start on a busy CPU
+    finally:
+        proc.kill()  # on a timeout, no search left behind
+    assert proc.returncode == 0, stderr[-3000:]
+    study = load(out / "study.db")
+    assert states(study) == {"COMPLETE": 10}
+    assert sum(PREDICTED_ATTR in t.user_attrs for t in study.trials) == 2
+
+
+def test_default_objectives_are_latency_with_a_table_else_macs():
+    assert default_objectives("lut.json") == "accuracy:max,latency_ms:min"
+    assert default_objectives(None) == "accuracy:max,macs_expected:min"
