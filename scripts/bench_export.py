@@ -325,7 +325,8 @@ def main() -> None:
     # Noise-robust cross-check: each image's fastest pass, averaged over the images.
     floor = {k: float(v.min(0).values.mean() * 1e3) for k, v in times.items()}
     cmd = (f"python scripts/bench_export.py --space {space.name} --threads {args.threads} --repeats {args.repeats} --samples {args.samples} "
-           f"--exit-share {args.exit_share}{' --run ' + args.run if args.run else ''}{' --write' if args.write else ''}")
+           f"--exit-share {args.exit_share} --path-samples {args.path_samples} --batch {args.batch}"
+           f"{' --run ' + args.run if args.run else ''}{' --write' if args.write else ''}")
     lines = [
         f"Command: `{cmd}` — {machine_line(args.threads)}",
         "",

@@ -82,19 +82,23 @@ def path_overhead(dynamic: nn.Module, index: list[int], twins: list[nn.Module], 
                   repeats: int, batch: int = 1) -> PathOverhead:
     """Path-equivalent overhead of ``dynamic`` on ``images`` at ``batch`` (see the module docstring)."""
     order = random.Random(0)
-    batches = [torch.arange(i, min(i + batch, len(images))) for i in range(0, len(images), batch)]
-    for b in batches[:3]:  # warm-up
-        dynamic(images[b])
-        for t in {index[i] for i in b.tolist()}:
-            twins[t](images[b][:1])
+    batches = []  # (images, {twin: rows of the batch taking its path})
+    for start in range(0, len(images), batch):
+        groups: dict[int, list[int]] = {}
+        for j, i in enumerate(range(start, min(start + batch, len(images)))):
+            groups.setdefault(index[i], []).append(j)
+        batches.append((images[start : start + batch], groups))
+    # Warm-up: TorchScript's profiling executor optimises a graph after its first calls, so every model runs
+    # each of its inputs a few times before the timing (a twin seen once would be timed unoptimised).
+    for x, groups in batches:
+        for _ in range(3):
+            dynamic(x)
+            for t, rows in groups.items():
+                twins[t](x[rows])
     ratios, dyn_ms, twin_ms = [], [], []
     for _ in range(repeats):
         dyn = twin = 0.0
-        for b in batches:
-            x = images[b]
-            groups: dict[int, list[int]] = {}
-            for j, i in enumerate(b.tolist()):
-                groups.setdefault(index[i], []).append(j)
+        for x, groups in batches:
             calls = [("d", None)] + [("t", g) for g in groups.items()]
             order.shuffle(calls)
             for kind, group in calls:
