@@ -27,7 +27,7 @@ class OneOfBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        out = torch.zeros(0)
+        out = x  # overwritten below; a placeholder that allocates nothing (this runs per block and image)
         if n == 1:
             chosen = self.choose_one(x)
             for i, path in enumerate(self.paths):
