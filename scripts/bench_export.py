@@ -2,23 +2,27 @@
 
 1. The exported static subnet (``model.ts``) against a hand-written plain PyTorch twin with the same weights:
    the export must cost nothing (ratio <= 1.03).
-2. Dynamic subnets of the same backbone — exits only, channel gates only, skip gates only, EMG gates only
-   (where the space allows them) — against the static twin scripted and frozen as the exports are (their
-   runtime; freezing folds BatchNorm into the convs): speed-up ÷ MAC
-   reduction, i.e. (twin latency ÷ mean per-sample latency) ÷ (twin MACs ÷ realized mean MACs), >= 0.8 (goal 0.9). MACs are counted with FlopCounterMode on
-   every timed image at batch 1.
+2. Dynamic subnets of the same backbone — exits only, and each gate kind the space offers on every block that
+   allows it (channel, skip, width, EMG, DFS gates; CIGT routing with the most paths) — against the static twin
+   scripted and frozen as the exports are (their runtime; freezing folds BatchNorm into the convs): speed-up ÷
+   MAC reduction, i.e. (twin latency ÷ mean per-sample latency) ÷ (twin MACs ÷ realized mean MACs). MACs are
+   counted with FlopCounterMode on every timed image at batch 1 (it does not see DFS's int8 convs).
+3. Path-equivalent overhead of each dynamic subnet (scripts/path_overhead.py): its time ÷ the time of the
+   frozen static twins of the paths it takes, at batch 1 and at ``--batch``. Goal at batch 1: <= 1.05 for
+   exits, skip and width gates, <= 1.10 for the others.
 
 The backbone is ``--space``'s largest subnet with every block at the middle kernel choice (fmnist: 5/5/3),
 at the largest resolution; images are Fashion-MNIST for the one-channel 28 x 28 spaces, synthetic otherwise.
 Untrained weights are used (or a trained run with ``--run``); exit thresholds and gate biases are calibrated
 on validation images so that a real share of samples exits early or closes gates: each exit's threshold is
 set so that ``--exit-share`` of the samples reaching it leave, and each gate's bias (EMG: threshold) so that
-it is on for half of the images (channel-gate and skip-gate logits are first scaled so that the decisions
-vary per image).
+it is on for half of the images (channel-, skip-, width- and DFS-gate logits are first scaled so that the
+decisions vary per image; a width or DFS gate's options then win about equally often).
 Timings: each model runs over the same ``--samples`` test images, the models taking turns image by image, median
 over ``--repeats`` passes.
 
-Usage: python scripts/bench_export.py [--space fmnist] [--threads 1] [--repeats 7] [--samples 300] [--write]
+Usage: python scripts/bench_export.py [--space fmnist] [--threads 1] [--repeats 7] [--samples 300]
+       [--path-samples 96] [--batch 32] [--write]
 With --write the table replaces the "Export" section of docs/BENCHMARKS.md ("Export (SPACE)" for other spaces).
 """
 from __future__ import annotations
@@ -42,12 +46,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nas4dyn  # noqa: E402
 from benchlib import machine_line, replace_section  # noqa: E402
+from path_overhead import check_twins, path_overhead, path_twins  # noqa: E402
 from nas4dyn.export.measure import collect, realized_macs, unnormalised  # noqa: E402
 from nas4dyn.export.torchscript import load_exported, save_torchscript  # noqa: E402
 from search_spaces.arch import Arch, ExitChoice  # noqa: E402
 from search_spaces.space import SearchSpace  # noqa: E402
+from supernet.dynamic.dfs import DFSGate  # noqa: E402
 from supernet.dynamic.emg import EMGGate  # noqa: E402
 from supernet.dynamic.gates import SkipGate  # noqa: E402
+from supernet.dynamic.width import WidthGate  # noqa: E402
 from supernet.network import Supernet  # noqa: E402
 from nas4dyn.train.sampling import gated  # noqa: E402
 
@@ -135,36 +142,38 @@ def calibrate_exits(net: Supernet, arch: Arch, x: torch.Tensor, share: float) ->
     return arch.with_thresholds(thresholds)
 
 
+def _outputs(net: Supernet, arch: Arch, kind: type, x: torch.Tensor, record: Any = None) -> dict[nn.Module, torch.Tensor]:
+    """What each ``kind`` module outputs (or ``record(module, inputs, output)`` gives) under ``arch`` on ``x``."""
+    seen: dict[nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.__setitem__(m, record(m, i, o) if record else o))
+             for m in net.modules() if type(m) is kind]
+    net.set_active(arch)
+    net.forward_all(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 @torch.no_grad()
-def calibrate_gates(net: Supernet, skip_arch: Arch, emg_arch: Arch | None, x: torch.Tensor, scale: float = 10.0) -> None:
-    """Put each gate's median logit at 0 (on for half of ``x``): the global gater's rows and the skip gates
-    (under ``skip_arch``) after scaling their logits so that decisions vary per image; the EMG thresholds
-    (under ``emg_arch``) at each filter's median small-kernel response."""
+def calibrate_gates(net: Supernet, variants: dict[str, Arch], x: torch.Tensor, scale: float = 10.0) -> None:
+    """Put each gate's median logit at 0 (on for half of ``x``): the global gater's rows, and the skip and
+    width gates (under the ``variants`` holding them) after scaling their logits so that decisions vary per
+    image (a width gate's options then win about equally often); the EMG thresholds at each filter's median
+    small-kernel response."""
     net.gater.fc2.weight.mul_(scale)
     net.gater.fc2.bias.sub_(between(net.gater(x), 0.5))
-    seen: dict[SkipGate, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.__setitem__(m, o)) for m in net.modules() if isinstance(m, SkipGate)]
-    net.set_active(skip_arch)
-    net.forward_all(x)
-    for h in hooks:
-        h.remove()
-    for gate, out in seen.items():
-        gate.fc2.weight.mul_(scale)
-        gate.fc2.bias.copy_(-between(scale * (out - gate.fc2.bias), 0.5))
-    if emg_arch is None:
-        return
-    emg: dict[EMGGate, torch.Tensor] = {}
-
-    def record(gate: EMGGate, inputs: tuple[Any, ...], _: Any) -> None:
-        emg[gate] = gate.small_response(*inputs).mean(dim=(2, 3))
-
-    hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, EMGGate)]
-    net.set_active(emg_arch)
-    net.forward_all(x)
-    for h in hooks:
-        h.remove()
-    for gate, response in emg.items():
-        gate.threshold[: response.shape[1]] = between(response, 0.5)
+    for name, kind in (("skip gates", SkipGate), ("width gates", WidthGate), ("dfs gates", DFSGate)):
+        for gate, out in _outputs(net, variants[name], kind, x).items() if name in variants else ():
+            out = out.view(len(x), -1)
+            gate.fc2.weight.mul_(scale)
+            if out.shape[1] == 1:
+                gate.fc2.bias.copy_(-between(scale * (out - gate.fc2.bias), 0.5))
+            else:  # each option's margin over the options' mean centred: every option wins for some images
+                gate.fc2.bias.mul_(scale).sub_(between(scale * (out - out.mean(1, keepdim=True)), 0.5))
+    if "emg gates" in variants:
+        record = lambda gate, inputs, _: gate.small_response(*inputs).mean(dim=(2, 3))  # noqa: E731
+        for gate, response in _outputs(net, variants["emg gates"], EMGGate, x, record).items():
+            gate.threshold[: response.shape[1]] = between(response, 0.5)
 
 
 # ---- measurement --------------------------------------------------------------------------------------------
@@ -245,6 +254,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--samples", type=int, default=300, help="test images timed at batch 1")
     ap.add_argument("--exit-share", type=float, default=0.4, help="share of the samples reaching an exit that leave")
+    ap.add_argument("--path-samples", type=int, default=96,
+                    help="test images (of --samples) whose path twins are built for the path-equivalent overhead")
+    ap.add_argument("--batch", type=int, default=32, help="the larger batch size of the path-equivalent overhead")
     ap.add_argument("--run", help="a trained run directory (default: an untrained supernet of --space)")
     ap.add_argument("--write", action="store_true", help="write the table into docs/BENCHMARKS.md")
     args = ap.parse_args()
@@ -271,11 +283,14 @@ def main() -> None:
         "exits": calibrate_exits(net, dataclasses.replace(base_arch, exits=exits), norm(val), args.exit_share),
         "channel gates": gated(space, base_arch, "channel"),
         "skip gates": gated(space, base_arch, "skip"),
+        "width gates": gated(space, base_arch, "width"),
     }
-    emg_arch = gated(space, base_arch, "emg")
-    if emg_arch != base_arch:
-        variants["emg gates"] = emg_arch
-    calibrate_gates(net, variants["skip gates"], variants.get("emg gates"), norm(val))
+    for kind in ("emg", "dfs"):  # where the space offers them
+        if gated(space, base_arch, kind) != base_arch:
+            variants[f"{kind} gates"] = gated(space, base_arch, kind)
+    if any(len(st.paths) > 1 for st in space.stages):
+        variants["routing"] = dataclasses.replace(base_arch, paths=tuple(max(st.paths) for st in space.stages))
+    calibrate_gates(net, variants, norm(val))
 
     with tempfile.TemporaryDirectory() as tmp:
         def exported(arch: Arch, name: str) -> torch.jit.ScriptModule:
@@ -290,18 +305,28 @@ def main() -> None:
             assert (twin(test) - models["static export"](test)).abs().max() <= 1e-4, "twin differs from the export"
         macs = {name: realized_macs(model, test, 1) for name, model in models.items()}
         exit_rates = models["exits"].forward_with_exits(test)[1].bincount(minlength=len(exits) + 1).double() / len(test)
-        gate_rates = {name: float(models[name].gate_decisions(test).float().mean()) for name in variants if "gates" in name}
+        gate_rates = {name: float(models[name].gate_decisions(test).float().mean()) for name in variants
+                      if "gates" in name and name != "dfs gates"}
         times = timed_passes(models, test, args.repeats)
         conv_full, conv_half = conv_scaling(net.extract(base_arch).eval())
+        few = test[: args.path_samples]
+        overhead = {}
+        for name, arch in variants.items():
+            index, twins = path_twins(net, arch, mean, std, few)
+            check_twins(models[name], index, twins, few)
+            overhead[name] = [path_overhead(models[name], index, twins, few, args.repeats, b) for b in (1, args.batch)]
 
     load_end = os.getloadavg()[0]
+    print("raw:", {"macs": macs, "overhead": {k: [vars(o) for o in v] for k, v in overhead.items()},
+                   "ms": {k: (v.mean(1) * 1e3).tolist() for k, v in times.items()}}, flush=True)
     per_pass = {k: (v.mean(1) * 1e3).tolist() for k, v in times.items()}  # mean ms per image, each pass
     med = {k: statistics.median(v) for k, v in per_pass.items()}
     spread = {k: (max(v) - min(v)) / med[k] for k, v in per_pass.items()}
     # Noise-robust cross-check: each image's fastest pass, averaged over the images.
     floor = {k: float(v.min(0).values.mean() * 1e3) for k, v in times.items()}
     cmd = (f"python scripts/bench_export.py --space {space.name} --threads {args.threads} --repeats {args.repeats} --samples {args.samples} "
-           f"--exit-share {args.exit_share}{' --run ' + args.run if args.run else ''}{' --write' if args.write else ''}")
+           f"--exit-share {args.exit_share} --path-samples {args.path_samples} --batch {args.batch}"
+           f"{' --run ' + args.run if args.run else ''}{' --write' if args.write else ''}")
     lines = [
         f"Command: `{cmd}` — {machine_line(args.threads)}",
         "",
@@ -342,26 +367,26 @@ def main() -> None:
         verdict = "goal met" if ratio >= 0.9 else ("≥ 0.8 met" if ratio >= 0.8 else "NOT met")
         lines.append(f"| {name} | {mac_red:.2f}× | {speed:.2f}× | **{math.floor(ratio * 1000) / 1000:.3f}** | {verdict} | "
                      f"{math.floor(floor[base] / floor[name] / mac_red * 1000) / 1000:.3f} |")
-    lines += [
-        "",
-        f"Where channel gates lose: the backbone's block convs alone take {conv_full:.3f} ms per image at batch 1 "
-        f"with every filter and {conv_half:.3f} ms with half of each block's hidden filters "
-        f"({conv_half / conv_full:.2f}× the time for 0.5× the MACs; 10th percentile of 200 calls each). A narrowed "
-        "conv's time falls less than its filter count at batch 1 (oneDNN blocks channels by 8/16 and pays a fixed "
-        "per-call cost; a gate leaves any number of filters on), and the MAC-free work of every image (the gated "
-        "blocks' BatchNorms, which do not fold into a conv whose filters change per image, activations, stem, "
-        "shortcuts, head, the gater network, gathering the open filters' weights, the "
-        "interpreter) stays. Skip gates and exits drop whole ops instead, so their time follows their MACs much "
-        "more closely.",
-    ]
-    # What channel gates could reach if gating itself cost nothing: the twin with only its block convs narrowed.
-    bound_speed = med[base] / (med[base] - conv_full + conv_half)
-    channel_red = macs[base] / macs["channel gates"]
-    lines += ["", f"Ceiling for channel gates here: were the gater, the gathers and the unfolded BatchNorms free, "
-                  f"halving the hidden filters would take the twin from {med[base]:.3f} to "
-                  f"{med[base] - conv_full + conv_half:.3f} ms, a speed-up of {bound_speed:.2f}× for the "
-                  f"{channel_red:.2f}× MAC reduction above: a ratio of at most "
-                  f"**{bound_speed / channel_red:.2f}** on this backbone at batch 1."]
+    lines += ["", f"Path-equivalent overhead: each dynamic model's time ÷ the time of the frozen static twins of the paths "
+                  f"it takes (same exit, same open filters / kernel sizes / width / branch, no gater, gate heads, "
+                  f"passed exit heads or gathers; scripts/path_overhead.py), on the first {len(few)} test images; "
+                  f"batch {args.batch}: per batch, the twins run once per distinct path on that path's images. "
+                  "Medians of the per-pass ratios (spread: (largest - smallest) ÷ median). Goal at batch 1: ≤ 1.05 "
+                  "for exits, skip and width gates, ≤ 1.10 for the others.", "",
+              f"| dynamic | distinct paths | ms/img dynamic (b1) | ms/img twins (b1) | overhead b1 | spread | goal | "
+              f"overhead b{args.batch} |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, (one, many) in overhead.items():
+        goal = 1.05 if name.split()[0] in ("exits", "skip", "width") else 1.10
+        lines.append(f"| {name} | {one.paths} | {one.dynamic_ms:.3f} | {one.twins_ms:.3f} | **{one.ratio:.3f}** | "
+                     f"{one.spread:.1%} | ≤ {goal:.2f} {'met' if one.ratio <= goal else 'NOT met'} | {many.ratio:.3f} |")
+    channel_speed = med[base] / med["channel gates"]
+    lines += ["", f"Channel gates at {macs['channel gates'] / macs[base]:.2f}× the static twin's MACs run "
+                  f"{channel_speed:.2f}× as fast as it at batch 1 ({'not slower' if channel_speed >= 1 else 'SLOWER'}). "
+                  f"The block convs alone take {conv_full:.3f} ms per image with every filter and {conv_half:.3f} ms "
+                  f"with half of each block's hidden filters ({conv_half / conv_full:.2f}× the time for 0.5× the "
+                  "MACs; 10th percentile of 200 calls each): a narrower conv's time falls less than its MACs at "
+                  "batch 1 on this CPU, whatever the gating costs."]
     table = "\n".join(lines)
     print(table)
     if args.write:

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 from nas4dyn.errors import SpaceError
 
 BLOCK_TYPES = ("basic", "mbconv")
-GATE_KINDS = ("none", "channel", "skip", "emg", "dfs")
+GATE_KINDS = ("none", "channel", "skip", "emg", "dfs", "width")
+MAX_WIDTH_OPTIONS = 4  # a width gate picks among at most this many widths (the largest up to the block's)
 EMG_MIN_KERNEL = 5  # the small kernel is the (k-2) x (k-2) centre, so k >= 5
 EXIT_CRITERIA = ("max_softmax", "entropy")
 BINARIZERS = ("semhash", "gumbel")
@@ -45,6 +46,11 @@ class StageSpec:
     def hidden_channels(self, width: int, in_channels: int) -> int:
         """Hidden channels of a block with width choice ``width`` and ``in_channels`` inputs."""
         return width * in_channels if self.block == "mbconv" else width
+
+    def width_options(self, width: int) -> tuple[int, ...]:
+        """The widths a ``width`` gate on a block of width ``width`` picks from: the stage's width choices up
+        to ``width``, the largest :data:`MAX_WIDTH_OPTIONS` of them, narrowest first."""
+        return tuple(w for w in self.widths if w <= width)[-MAX_WIDTH_OPTIONS:]
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ class SpaceSpec:
     def allowed_gates(self, stage: int, block: int, kernel: int | None = None) -> tuple[str, ...]:
         """Gate kinds allowed on a block: skip and DFS gates need an identity shortcut (skipping leaves the
         input); EMG and DFS gates need a basic block, EMG also a kernel of at least 5 (with ``kernel`` None:
-        some kernel choice of the stage)."""
+        some kernel choice of the stage); width gates need a stage with more than one width choice."""
         st = self.stages[stage]
         banned = set()
         if not self.has_identity_shortcut(stage, block):
@@ -108,6 +114,8 @@ class SpaceSpec:
             banned |= {"emg", "dfs"}
         if (max(st.kernels) if kernel is None else kernel) < EMG_MIN_KERNEL:
             banned.add("emg")
+        if len(st.widths) < 2:
+            banned.add("width")
         kinds = tuple(k for k in st.gates if k not in banned)
         return kinds if "none" in kinds else ("none",) + kinds
 

@@ -18,6 +18,7 @@ from supernet.dynamic.dfs import DFSGate, DFSQuantizer, fake_quant_weight, quant
 from supernet.dynamic.emg import EMGGate
 from supernet.dynamic.gates import SkipGate
 from supernet.dynamic.heads import ACTIVATIONS
+from supernet.dynamic.width import WidthGate, WidthGatedBlock
 from supernet.ops.elastic import ElasticBatchNorm2d, ElasticConv2d, static_conv
 from supernet.static_blocks import Int8Branch, StaticBasicBlock, StaticBlock, StaticMBConvBlock
 
@@ -37,6 +38,7 @@ class ElasticBlock(nn.Module):
         self.emg_gate = EMGGate(self.hidden_max) if "emg" in gates else None
         self.dfs_gate = DFSGate(in_ch) if "dfs" in gates else None
         self.dfs_quant = DFSQuantizer() if "dfs" in gates else None
+        self.width_gate = WidthGate(in_ch, len(spec.widths)) if "width" in gates else None
         self.emg_values: Optional[torch.Tensor] = None  # the EMG gates of the last forward (N x hidden)
 
     def hidden(self, width: int) -> int:
@@ -90,8 +92,25 @@ class ElasticBlock(nn.Module):
     def importance_order(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int) -> StaticBlock:
+    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int) -> nn.Module:
+        """The standalone block (a :class:`StaticBlock`; a :class:`WidthGatedBlock` for a width gate)."""
         raise NotImplementedError
+
+    def width_masks(self, x: torch.Tensor, width: int, training: bool) -> torch.Tensor:
+        """Per-sample masks (N x hidden filters at ``width``) of the block's width gate: each sample's chosen
+        width keeps its first filters (relaxed in training)."""
+        assert self.width_gate is not None
+        options = self.spec.width_options(width)
+        first = self.spec.widths.index(options[0])
+        return self.width_gate.choose(x, first, [self.hidden(w) for w in options], self.hidden(width), training)
+
+    def width_gated(self, kernel: int, width: int) -> WidthGatedBlock:
+        """The standalone width-gated block: one static branch per width option and the gate's sliced copy."""
+        assert self.width_gate is not None
+        options = self.spec.width_options(width)
+        gate = self.width_gate.sliced(self.spec.widths.index(options[0]), len(options))
+        return WidthGatedBlock(gate, [self.extract(kernel, w, "none", 0, 0) for w in options],
+                               [self.hidden(w) for w in options])
 
     def _static_skip_gate(self, gate: str) -> Optional[SkipGate]:
         return copy.deepcopy(self.skip_gate) if gate == "skip" else None
@@ -163,7 +182,9 @@ class ElasticBasicBlock(ElasticBlock):
         self.bn1.permute(order)
         self.conv2.permute_in(order)
 
-    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int) -> StaticBlock:
+    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int) -> nn.Module:
+        if gate == "width":
+            return self.width_gated(kernel, width)
         hidden = self.hidden(width)
         with torch.no_grad():
             conv1 = static_conv(self.conv1.kernel_weight(hidden, self.in_ch, kernel), self.stride, False)
@@ -216,7 +237,9 @@ class ElasticMBConvBlock(ElasticBlock):
         self.bn2.permute(order)
         self.project.permute_in(order)
 
-    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int) -> StaticBlock:
+    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int) -> nn.Module:
+        if gate == "width":
+            return self.width_gated(kernel, width)
         hid = self.hidden(width)
         with torch.no_grad():
             expand = static_conv(self.expand.kernel_weight(hid, self.in_ch, 1), 1, False)

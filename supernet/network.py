@@ -32,7 +32,7 @@ class GateTrace:
     stage: int
     block: int
     kind: str
-    # N x filters (channel, emg) or N (skip; dfs: the chosen option's BitOPs cost relative to fp32);
+    # N x filters (channel, emg, width) or N (skip; dfs: the chosen option's BitOPs cost relative to fp32);
     # relaxed in training, hard in eval
     values: torch.Tensor
     unit_macs: float  # MACs that one unit of ``values`` switches (a filter, a filter's large kernel, a branch)
@@ -184,10 +184,12 @@ class Supernet(nn.Module):
                 skip = binarize(module.skip_gate(h), binarizer, not hard)
             elif blk.gate == "dfs":
                 dfs = module.dfs_gate.choose(h, not hard)
+            elif blk.gate == "width":  # a mask keeping each sample's first filters, applied as a channel gate's
+                gate = module.width_masks(h, blk.width, not hard)
             size = h.shape[-1]
             h = module(h, blk.kernel, blk.width, gate, skip, emg=blk.gate == "emg", dfs=dfs)
             if blk.gate != "none":
-                values = {"channel": gate, "skip": skip, "emg": module.emg_values, "dfs": dfs}[blk.gate]
+                values = {"channel": gate, "width": gate, "skip": skip, "emg": module.emg_values, "dfs": dfs}[blk.gate]
                 module.emg_values = None  # the trace keeps them; a graph tensor left on the module blocks deepcopy
                 if dfs is not None:  # one number per sample: the chosen option's relative cost
                     values = dfs @ torch.tensor(DFS_RELATIVE_COST, dtype=dfs.dtype, device=dfs.device)

@@ -3,6 +3,10 @@
 Gated-off work is not computed: a channel gate narrows the convs to the filters that are on for at least
 one sample of the batch (at batch 1, exactly that sample's filters), and a skip gate runs the residual
 branch only on the samples whose gate is on. The code is TorchScript-friendly.
+
+Every BatchNorm after a conv whose filters change per sample (channel and EMG gates) is folded into that conv
+here, per output filter, at extraction: a gathered subset of folded filters is still exact, and freezing (which
+folds the other BatchNorms) cannot fold a conv whose weight is gathered per image.
 """
 from __future__ import annotations
 
@@ -30,6 +34,24 @@ def _active_filters(mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return keep, not bool(mask.index_select(1, keep).all())
 
 
+def fold_bn(weight: torch.Tensor, bn: nn.BatchNorm2d, bias: Optional[torch.Tensor] = None
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of ``bn(conv(x, weight, bias))`` as one conv, eval-mode ``bn`` folded in per output filter
+    (computed in float64, stored contiguous in float32)."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    w = weight.detach().double()
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    folded_bias = (b - bn.running_mean.detach().double()) * scale + bn.bias.detach().double()
+    return (w * scale[:, None, None, None]).float().contiguous(), folded_bias.float()
+
+
+def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Per-channel factor of an eval-mode BatchNorm (weight / sqrt(running_var + eps))."""
+    assert bn.running_var is not None
+    return (bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)).float()
+
+
 class StaticBlock(nn.Module):
     """Shared gating logic of the extracted blocks; subclasses define ``branch`` and the output activation."""
 
@@ -41,26 +63,33 @@ class StaticBlock(nn.Module):
         self.gate_end = gate_end
         self.skip_gate = skip_gate
         self.dfs_gate = dfs_gate
-        self.eps = 1e-5  # BatchNorm2d's default, used by every hidden BN of the supernet
         self.stride, self.padding = 1, 0  # of the first k x k conv; set by subclasses
-        # EMG blocks replace these with the per-filter thresholds and the centre of their first conv's kernel.
+        # EMG blocks replace these with the per-filter thresholds and signs (see StaticBasicBlock) and the centre
+        # of their first conv's BatchNorm-folded kernel.
         self.register_buffer("emg_threshold", torch.zeros(0))
+        self.register_buffer("emg_sign", torch.zeros(0))
         self.register_buffer("small_weight", torch.zeros(0))
+        # Channel- and EMG-gated blocks: their gathered convs with the BatchNorm after each folded in, per filter
+        # (basic: conv1, conv2; MBConv: expand, depthwise, project). Empty otherwise.
+        self.register_buffer("w1", torch.zeros(0))
+        self.register_buffer("b1", torch.zeros(0))
+        self.register_buffer("w2", torch.zeros(0))
+        self.register_buffer("b2", torch.zeros(0))
+        self.register_buffer("w3", torch.zeros(0))
+        self.register_buffer("b3", torch.zeros(0))
 
     def emg_gates(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(small-kernel response of every filter, per-sample EMG gates N x filters)."""
-        small = F.conv2d(x, self.small_weight, None, self.stride, self.padding - 1)
-        return small, small.mean(dim=(2, 3)) > self.emg_threshold  # the supernet's (mean - threshold) > 0
+        """(BatchNorm-folded small-kernel response of every filter, per-sample EMG gates N x filters).
+
+        The supernet compares the unfolded response's mean m with a threshold t; folded, the mean is s m + b
+        (s the BatchNorm's scale), so ``emg_threshold`` holds s t + b and ``emg_sign`` the sign of s: the gate
+        is on where (mean - emg_threshold) x emg_sign > 0.
+        """
+        small = F.conv2d(x, self.small_weight, self.b1, self.stride, self.padding - 1)
+        return small, (small.mean(dim=(2, 3)) - self.emg_threshold) * self.emg_sign > 0
 
     def run(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
-
-    @staticmethod
-    def bn_rows(x: torch.Tensor, mean: Optional[torch.Tensor], var: Optional[torch.Tensor], weight: torch.Tensor,
-                bias: torch.Tensor, eps: float, keep: torch.Tensor) -> torch.Tensor:
-        """Eval-mode BatchNorm over the ``keep`` channels only."""
-        assert mean is not None and var is not None
-        return F.batch_norm(x, mean[keep], var[keep], weight[keep], bias[keep], False, 0.0, eps)
 
     def post(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -155,17 +184,24 @@ class StaticBasicBlock(StaticBlock):
         self.int8_branch = int8_branch
         # Plain ints: TorchScript does not expose a submodule's constants to its parent.
         self.stride, self.padding = conv1.stride[0], conv1.padding[0]
-        if emg_threshold is not None:
-            self.emg_threshold = emg_threshold.detach().clone()
-            self.small_weight = conv1.weight.detach()[..., 1:-1, 1:-1].contiguous()
+        with torch.no_grad():
+            if gate_kind in ("channel", "emg"):
+                self.w1, self.b1 = fold_bn(conv1.weight, bn1)
+                self.w2, self.b2 = fold_bn(conv2.weight, bn2)
+            if emg_threshold is not None:
+                scale = bn_scale(bn1)
+                self.emg_threshold = scale * emg_threshold.detach() + self.b1
+                self.emg_sign = torch.where(scale >= 0, 1.0, -1.0)
+                self.small_weight = self.w1[..., 1:-1, 1:-1].contiguous()
 
     def emg_conv1(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1 and bn1 of an EMG block: the small kernel for every filter, the large one where a gate is on."""
         small, gates = self.emg_gates(x)
         one = x.shape[0] == 1  # one sample: every large response computed is its own, nothing to mix
         on = (gates[0] if one else gates.any(0)).nonzero().squeeze(1)
         if on.numel() == 0:
             return small
-        large = F.conv2d(x, self.conv1.weight.index_select(0, on), None, self.stride, self.padding)
+        large = F.conv2d(x, self.w1.index_select(0, on), self.b1.index_select(0, on), self.stride, self.padding)
         if one:
             return small.index_copy_(1, on, large)
         picked = torch.where(gates.index_select(1, on)[:, :, None, None], large, small.index_select(1, on))
@@ -181,17 +217,16 @@ class StaticBasicBlock(StaticBlock):
 
     def run(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.gate_kind == "emg":
-            h = self.bn2(self.conv2(F.relu(self.bn1(self.emg_conv1(x)))))
+            h = F.conv2d(F.relu(self.emg_conv1(x)), self.w2, self.b2, 1, self.padding)
         elif mask is None:
             h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         else:
             keep, partial = _active_filters(mask)
-            b1 = self.bn1
-            h = F.conv2d(x, self.conv1.weight.index_select(0, keep), None, self.stride, self.padding)
-            h = F.relu(self.bn_rows(h, b1.running_mean, b1.running_var, b1.weight, b1.bias, self.eps, keep))
+            h = F.relu(F.conv2d(x, self.w1.index_select(0, keep), self.b1.index_select(0, keep), self.stride,
+                                self.padding))
             if partial:
                 h = h * mask.index_select(1, keep).to(h.dtype)[:, :, None, None]
-            h = self.bn2(F.conv2d(h, self.conv2.weight.index_select(1, keep), None, 1, self.padding))
+            h = F.conv2d(h, self.w2.index_select(1, keep), self.b2, 1, self.padding)
         return F.relu(self.shortcut(x) + h)
 
 
@@ -206,6 +241,11 @@ class StaticMBConvBlock(StaticBlock):
         self.expand, self.bn1, self.dw, self.bn2 = expand, bn1, dw, bn2
         self.project, self.bn3, self.act, self.residual = project, bn3, act, residual
         self.stride, self.padding = dw.stride[0], dw.padding[0]
+        if gate_kind == "channel":
+            with torch.no_grad():
+                self.w1, self.b1 = fold_bn(expand.weight, bn1)
+                self.w2, self.b2 = fold_bn(dw.weight, bn2)
+                self.w3, self.b3 = fold_bn(project.weight, bn3)
 
     def post(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -216,13 +256,10 @@ class StaticMBConvBlock(StaticBlock):
             h = self.bn3(self.project(h))
         else:
             keep, partial = _active_filters(mask)
-            b1, b2 = self.bn1, self.bn2
-            h = F.conv2d(x, self.expand.weight.index_select(0, keep))
-            h = self.act(self.bn_rows(h, b1.running_mean, b1.running_var, b1.weight, b1.bias, self.eps, keep))
-            w = self.dw.weight.index_select(0, keep)
-            h = F.conv2d(h, w, None, self.stride, self.padding, 1, keep.numel())
-            h = self.act(self.bn_rows(h, b2.running_mean, b2.running_var, b2.weight, b2.bias, self.eps, keep))
+            h = self.act(F.conv2d(x, self.w1.index_select(0, keep), self.b1.index_select(0, keep)))
+            w, b = self.w2.index_select(0, keep), self.b2.index_select(0, keep)
+            h = self.act(F.conv2d(h, w, b, self.stride, self.padding, 1, keep.numel()))
             if partial:
                 h = h * mask.index_select(1, keep).to(h.dtype)[:, :, None, None]
-            h = self.bn3(F.conv2d(h, self.project.weight.index_select(1, keep)))
+            h = F.conv2d(h, self.w3.index_select(1, keep), self.b3)
         return h + x if self.residual else h

@@ -36,10 +36,11 @@ def make_decisive(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def all_space() -> SearchSpace:
     """tiny with every dynamic mechanism: EMG and DFS gates in the basic stages (kernel 5 qualifies for EMG),
-    CIGT routing (1, 2 or 3 paths) in the last stage."""
+    width gates in the first two (a basic and an MBConv stage), CIGT routing (1, 2 or 3 paths) in the last."""
     data = yaml.safe_load((BUILTIN_DIR / "tiny.yaml").read_text())
     data["name"] = "tiny_all"
-    data["stages"][0]["gates"] = ["none", "channel", "skip", "emg", "dfs"]
+    data["stages"][0]["gates"] = ["none", "channel", "skip", "emg", "dfs", "width"]
+    data["stages"][1]["gates"] = ["none", "channel", "skip", "width"]
     data["stages"][2]["gates"] = ["none", "channel", "skip", "dfs"]
     data["stages"][2]["paths"] = [1, 2, 3]
     return space_from_dict(data)

@@ -226,7 +226,7 @@ def test_exported_probe_features_feed_the_final_classifier(export_dir):
 
 
 def test_probe_covers_every_gate_kind():
-    """EMG, DFS (three options), routed (CIGT) blocks: the layout covers every decision column, and the
+    """EMG, DFS (three options), width, routed (CIGT) blocks: the layout covers every decision column, and the
     penultimate features still feed the final classifier (eager exports; TorchScript is tested above)."""
     from nas4dyn.export import export_subnet
 
@@ -242,7 +242,7 @@ def test_probe_covers_every_gate_kind():
             groups = probe.gate_groups()
             assert (groups[-1].end if groups else 0) == probe.gate_decisions(x).shape[1]
         kinds |= {g.kind for g in groups}
-    assert kinds == {"channel", "skip", "emg", "dfs", "route"}
+    assert kinds == {"channel", "skip", "emg", "dfs", "width", "route"}
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

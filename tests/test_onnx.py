@@ -19,6 +19,7 @@ from nas4dyn.errors import CheckpointError, ConfigError
 from nas4dyn.export.onnx import OnnxDynamicModel, check_onnx_exportable, export_onnx
 from nas4dyn.export.torchscript import save_torchscript
 from search_spaces.arch import Arch, ExitChoice
+from supernet.dynamic.heads import confidence
 from tests.conftest import all_space, make_decisive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +64,13 @@ def routed():
             bn.running_var[: logits.shape[1]] = logits.var(0) + 1e-6
     for h in hooks:
         h.remove()
+    # Thresholds at each exit's median confidence, so samples leave at every exit whatever the random weights.
+    net.set_active(arch)
+    with torch.no_grad():
+        exit_logits = net.forward_all((images - 0.5) / 0.25)[: len(arch.exits)]
+    medians = [confidence(logits, space.exits.criterion).median().item() for logits in exit_logits]
+    arch = space.validate(dataclasses.replace(
+        arch, exits=tuple(ExitChoice(e.stage, e.block, round(m, 4)) for e, m in zip(arch.exits, medians))))
     return net, arch, images
 
 

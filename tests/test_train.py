@@ -216,7 +216,8 @@ def test_phase_probes_measure_the_first_val_images_only(tiny_net):
 
 
 def test_dynamic_phase_trains_every_mechanism_and_reports_its_rates(tmp_path):
-    """A few steps on tiny_all: routers anneal and learn, and the phase reports path and per-kind gate rates."""
+    """A few steps on tiny_all: routers anneal and learn, and the phase reports path and per-kind gate rates
+    (width gates included)."""
     config = config_from_mapping({
         "batch_size": 16, "bn_recal_images": 32, "num_random": 2, "router_temperature_start": 4.0,
         "router_temperature_end": 0.5, "phases": [{"name": "dynamic", "epochs": 0.6, "lr": 0.05,
@@ -234,8 +235,8 @@ def test_dynamic_phase_trains_every_mechanism_and_reports_its_rates(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in trainer.net.routers.state_dict().items())
     shares = subnets["max_routed"]["path_rates"]["2.0"]
     assert len(shares) == 3 and sum(shares) == pytest.approx(1.0)
-    assert {"max_skip", "max_emg", "max_dfs"} <= set(subnets)
-    assert all(subnets[f"max_{kind}"]["gate_rates"] for kind in ("skip", "emg", "dfs"))
+    assert {"max_skip", "max_emg", "max_dfs", "max_width"} <= set(subnets)
+    assert all(subnets[f"max_{kind}"]["gate_rates"] for kind in ("skip", "emg", "dfs", "width"))
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------

@@ -123,10 +123,10 @@ def _block_levels(blk: nn.Module, h: torch.Tensor, kind: str, units: int) -> tup
         return ((0.0, float(count_ops(*_with_logits(blk, torch.zeros(0, dtype=torch.bool), h)))),)
     gate = gate_kind(kind)
     # Per-filter gates switch convs that are linear in the filters they run, so states 0, 1 and all fix the
-    # line; state 0 is traced too because the block may still run work then (a channel-gated block computes
-    # one masked filter when every filter is off).
+    # line (GateKind.levels); state 0 is traced too because the block may still run work then (a channel-gated
+    # block computes one masked filter when every filter is off).
     levels = []
-    for on in sorted({0, 1, units}):
+    for on in gate.levels(blk, units):
         mask = torch.arange(units) < gate.macs_as(on)
         levels.append((float(on), float(count_ops(*_with_logits(blk, mask, h)))))
     return tuple(levels)

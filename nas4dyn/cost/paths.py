@@ -53,8 +53,15 @@ def _force_option(decider: nn.Module, option: int) -> None:
 
 
 def _force_emg(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalGater]) -> None:
-    # EMG opens a filter's large kernel where pooled small response - threshold > 0.
-    blk.emg_threshold.copy_(torch.where(mask, -_FORCE, _FORCE).to(blk.emg_threshold))
+    # The exported gate is on where (folded mean - threshold) x sign > 0 (see StaticBlock.emg_gates).
+    blk.emg_threshold.copy_(torch.where(mask, -_FORCE, _FORCE).to(blk.emg_threshold) * blk.emg_sign)
+
+
+def _force_width(blk: nn.Module, mask: torch.Tensor, gater: Optional[GlobalGater]) -> None:
+    # The width option with the most filters not above the units on (the narrowest when none is).
+    on = int(mask.sum())
+    option = max([i for i, hidden in enumerate(blk.hiddens) if hidden <= on] or [0])
+    _force_option(blk.gate, option)
 
 
 def _states_sum(values: torch.Tensor) -> torch.Tensor:
@@ -87,6 +94,9 @@ class GateKind(NamedTuple):
     # The state whose multiply-adds a state has: DFS's int8 branch runs the fp32 branch's convolutions in
     # int8 (same MACs, 1/16 of the BitOPs), and fvcore cannot see inside quantized convs.
     macs_as: Callable[[int], int] = lambda state: state
+    # The states the costs are measured at (cost is linear between them): per-filter gates are linear in the
+    # filters on, so none, one and all fix the line; a width gate takes only its options' filter counts.
+    levels: Callable[[nn.Module, int], list[int]] = lambda blk, units: sorted({0, 1, units})
 
 
 GATES: dict[str, GateKind] = {
@@ -98,6 +108,9 @@ GATES: dict[str, GateKind] = {
     "dfs": GateKind(lambda hidden: len(DFS_OPTIONS) - 1,
                     lambda blk, mask, gater: _force_option(blk.dfs_gate, int(mask.sum())),
                     lambda blk: blk.dfs_gate, _dfs_states, _dfs_rate, lambda state: 2 if state == 1 else state),
+    # A width gate's state is the hidden filters of its chosen width (a mask keeping the first ones).
+    "width": GateKind(lambda hidden: hidden, _force_width, lambda blk: blk.gate,
+                      levels=lambda blk, units: list(blk.hiddens)),
 }
 
 
@@ -119,6 +132,7 @@ class BlockSlot(NamedTuple):
     gate: str
     units: int  # most gate units on (see GateKind); 0 without a gate
     paths: int  # parallel paths of a routed (CIGT) stage, one runs per sample; 1 otherwise
+    options: tuple[int, ...] = ()  # the only states the gate takes (a width gate's filter counts); () = any
 
 
 def arch_layout(space: SearchSpace, arch: Arch) -> list[BlockSlot]:
@@ -127,12 +141,14 @@ def arch_layout(space: SearchSpace, arch: Arch) -> list[BlockSlot]:
     slots = []
     for blk in arch.blocks():
         segment = sum(pos < (blk.stage, blk.block) for pos in positions)
-        units = 0
+        units, options = 0, ()
+        st, in_ch = space.stages[blk.stage], space.block_in_channels(blk.stage, blk.block)
         if blk.gate != "none":
-            hidden = space.stages[blk.stage].hidden_channels(blk.width, space.block_in_channels(blk.stage, blk.block))
-            units = gate_kind(blk.gate).units(hidden)
+            units = gate_kind(blk.gate).units(st.hidden_channels(blk.width, in_ch))
+        if blk.gate == "width":
+            options = tuple(st.hidden_channels(w, in_ch) for w in st.width_options(blk.width))
         slots.append(BlockSlot(f"{blk.stage}.{blk.block}", blk.stage, blk.block, segment, blk.gate, units,
-                               arch.paths[blk.stage]))
+                               arch.paths[blk.stage], options))
     return slots
 
 
@@ -271,12 +287,16 @@ def trace_paths(net: Supernet, arch: Arch, loader: Iterable) -> SamplePaths:
 
 
 def random_path(layout: list[BlockSlot], num_exits: int, rng: random.Random) -> tuple[int, list[torch.Tensor]]:
-    """A random path: an exit, and per gated block a random on/off mask over its units."""
+    """A random path: an exit, and per gated block a random on/off mask over its units (a width gate: the
+    first filters of a random option)."""
     exit_index = rng.randint(0, num_exits)
     masks = []
     for slot in gated_slots(layout):
         mask = torch.zeros(slot.units, dtype=torch.bool)
-        mask[rng.sample(range(slot.units), rng.randint(0, slot.units))] = True
+        if slot.options:
+            mask[: rng.choice(slot.options)] = True
+        else:
+            mask[rng.sample(range(slot.units), rng.randint(0, slot.units))] = True
         masks.append(mask)
     return exit_index, masks
 
@@ -284,7 +304,7 @@ def random_path(layout: list[BlockSlot], num_exits: int, rng: random.Random) -> 
 @torch.no_grad()
 def force_gate(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalGater] = None) -> None:
     """Make ``blk``'s gate decide ``mask`` for every input, in place (per-filter gates: the units on; skip and
-    DFS: the state is ``mask.sum()``). Only the decision layer changes (weights to 0, biases or thresholds to
+    DFS: the state is ``mask.sum()``; width: the widest option with at most ``mask.sum()`` filters). Only the decision layer changes (weights to 0, biases or thresholds to
     fixed signs), so the block runs exactly the operations of an input taking this state. A channel gate
     lives in the subnet's ``gater``."""
     gate_kind(blk.gate_kind).force(blk, mask, gater)

@@ -128,6 +128,8 @@ def _block_variants(net: Supernet, s: int, b: int, k: int, w: int, settings: Pro
         blk = net.block(s, b).extract(k, w, gate, 0, hidden if gate == "channel" else 0).eval()
         units = gate_kind(gate).units(hidden) if gate != "none" else 0
         levels = _unit_levels(units, settings.channel_levels) if units else [0]
+        if gate == "width":  # a width gate takes only its options' filter counts
+            levels = gate_kind(gate).levels(blk, units)
         out[(gate, 1)] = {on: forced_block(blk, torch.arange(units, device=dev) < on, batch) for on in levels}
     for paths in (p for p in st.paths if p > 1):  # routed stages are ungated
         copies = [net.block(s, b, i).extract(k, w, "none", 0, 0) for i in range(paths)]

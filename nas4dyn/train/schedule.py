@@ -58,7 +58,7 @@ class LRCurve:
 
 
 # Parameters of the dynamic parts (exit heads, gates, routers): they start untrained in the dynamic phase.
-DYNAMIC_PARTS = ("exit_heads", "gater", "routers", "skip_gate", "emg_gate", "dfs_gate")
+DYNAMIC_PARTS = ("exit_heads", "gater", "routers", "skip_gate", "emg_gate", "dfs_gate", "width_gate")
 
 
 def make_optimizer(net: torch.nn.Module, plan: PhasePlan, config: TrainConfig

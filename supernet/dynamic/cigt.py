@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from supernet.dynamic.choice import OneOfBlock
 from supernet.ops.elastic import ElasticBatchNorm1d
 
 
@@ -61,14 +62,13 @@ def information_gain_loss(probs: torch.Tensor, labels: torch.Tensor, num_classes
     return h_path_given_class - balance * h_path
 
 
-class RoutedBlock(nn.Module):
+class RoutedBlock(OneOfBlock):
     """Standalone routed block: the router picks a path per sample and only that path's block runs
-    (gather-scatter; at batch 1 a single path runs). TorchScript-friendly."""
+    (:class:`OneOfBlock`; at batch 1 a single path runs). TorchScript-friendly."""
 
     def __init__(self, router: Router, paths: List[nn.Module], num_paths: int):
-        super().__init__()
+        super().__init__(paths)
         self.router = router
-        self.paths = nn.ModuleList(paths)
         self.num_paths = num_paths
 
     def choose(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,26 +76,3 @@ class RoutedBlock(nn.Module):
 
     def decisions(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
         return F.one_hot(self.choose(x), self.num_paths) > 0
-
-    def forward(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
-        choice = self.choose(x)
-        n = x.shape[0]
-        out = torch.zeros(0)
-        if n == 1:  # one sample: one host sync, then only its path runs (no index bookkeeping)
-            chosen = int(choice[0])
-            for i, path in enumerate(self.paths):
-                if i == chosen:
-                    out = path(x, gate_logits)
-            return out
-        started = False
-        for i, path in enumerate(self.paths):
-            idx = (choice == i).nonzero().squeeze(1)
-            if idx.numel() == n:
-                out, started = path(x, gate_logits), True
-            elif idx.numel() > 0:
-                part = path(x.index_select(0, idx), gate_logits.index_select(0, idx))
-                if not started:
-                    out = part.new_zeros([n, part.shape[1], part.shape[2], part.shape[3]])
-                    started = True
-                out.index_copy_(0, idx, part)
-        return out

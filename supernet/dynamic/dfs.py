@@ -29,7 +29,7 @@ class DFSGate(SkipGate):
 
     def choose(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """One-hot option per sample (N x 3); straight-through over a softmax in training."""
-        logits = self.logits(x)
+        logits = self(x)  # through __call__, so that forward hooks see the logits
         hard = F.one_hot(logits.argmax(dim=1), len(DFS_OPTIONS)).to(logits.dtype)
         if not training:
             return hard

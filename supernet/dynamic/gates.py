@@ -71,10 +71,15 @@ class SkipGate(nn.Module):
         return self.logits(x).squeeze(1)
 
     @torch.jit.export
-    def opens(self, x: torch.Tensor) -> bool:
-        """Whether the branch runs for the one sample ``x`` (1 x C x H x W): ``forward(x) > 0`` in fewer calls,
-        for exported models at batch 1, where each call's fixed cost outweighs this MLP's arithmetic (the
-        pooling's division rides in the first matmul's ``alpha``; one host read)."""
+    def one_sample_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` of the one sample ``x`` (1 x C x H x W) in fewer calls, for exported models at batch 1,
+        where each call's fixed cost outweighs this MLP's arithmetic (the pooling's division rides in the first
+        matmul's ``alpha``). Detached: it only decides."""
         total = torch.flatten(x, 2).sum(2)
         h = torch.relu(torch.addmm(self.fc1.bias, total, self.fc1.weight.t(), alpha=1.0 / (x.shape[2] * x.shape[3])))
-        return float(torch.addmm(self.fc2.bias, h, self.fc2.weight.t()).detach()) > 0.0  # a decision: no grad
+        return torch.addmm(self.fc2.bias, h, self.fc2.weight.t()).detach()
+
+    @torch.jit.export
+    def opens(self, x: torch.Tensor) -> bool:
+        """Whether the branch runs for the one sample ``x``: ``forward(x) > 0`` (one host read)."""
+        return float(self.one_sample_logits(x)) > 0.0
