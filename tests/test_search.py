@@ -322,6 +322,19 @@ def test_latency_objective_and_constraint(run_dir, lut, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "no subnet can meet it" in err
 
 
+def test_a_table_of_another_version_of_the_space_is_refused(run_dir, lut, tmp_path, capsys):
+    table = json.loads(lut.read_text())
+    table["space"]["exits"]["hidden"] += 8  # same name, same entry keys, other exit heads timed
+    edited = tmp_path / "edited_lut.json"
+    edited.write_text(json.dumps(table))
+    out = tmp_path / "s"
+    assert main(["search", "--run", str(run_dir), "--out", str(out), "--trials", "2", "--latency-table",
+                 str(edited), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another version of space 'tiny'" in err, err
+    assert not (out / "study.db").exists()
+
+
 def test_bad_input_is_one_line_exit_2_before_any_trial(run_dir, tmp_path, capsys):
     cases = [
         (["--constraint", "macs_expected<=1000"], "no subnet can meet it"),

@@ -148,6 +148,7 @@ def _load_latency(latency_table: Optional[str], net: Supernet, settings: SearchS
     if model.table.space.name != net.space.name:
         raise ConfigError(f"--latency-table {latency_table}: profiled for space {model.table.space.name!r}, but the "
                           f"run's space is {net.space.name!r}; profile this space with `nas4dyn profile`")
+    model.check_space(net.space)  # an edited space can keep the entry keys but change the shapes timed
     model.predict(net.space.max_arch())  # fails early (ConfigError) when the table lacks entries
     return model
 
