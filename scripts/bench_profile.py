@@ -204,7 +204,7 @@ def main() -> None:
         v = table.validation or {}
         lines.append(
             f"| `{command}` | {seconds / 60:.1f} min | {load} | {sum(len(x) for x in table.levels.values())} "
-            f"| {a:.3f}·sum {b:+.3f} ms | {accuracy_cells(v['static'])} | {accuracy_cells(v['dynamic'])} |"
+            f"| {a:.3f}·sum {b:+.3f} ms, exits ×{table.exit_scale:.2f} | {accuracy_cells(v['static'])} | {accuracy_cells(v['dynamic'])} |"
         )
     lines += [
         "",

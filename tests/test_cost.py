@@ -369,13 +369,33 @@ def test_loading_a_bad_table_is_a_config_error(tmp_path):
 
 def test_fit_correction_recovers_an_exact_line():
     sums = np.array([1.0, 2.0, 4.0, 8.0])
-    a, b = fit_correction(sums, 1.5 * sums + 0.25)
-    assert (a, b) == (pytest.approx(1.5), pytest.approx(0.25))
+    a, b, scale = fit_correction(sums, 1.5 * sums + 0.25)
+    assert (a, b, scale) == (pytest.approx(1.5), pytest.approx(0.25), 1.0)
+
+
+def test_fit_correction_scales_exit_tests_on_their_own(tiny_table):
+    other = np.array([1.0, 2.0, 4.0, 8.0, 3.0, 5.0])
+    exits = np.array([0.0, 0.1, 0.3, 0.0, 0.5, 0.2])  # exit tests within the sums
+    measured = 1.2 * (other + 2.5 * exits) + 0.1
+    a, b, scale = fit_correction(other + exits, measured, exits)
+    assert (a, b, scale) == (pytest.approx(1.2), pytest.approx(0.1, abs=1e-9), pytest.approx(2.5))
+    # A table predicts with its exit scale: only the exit tests on the path grow.
+    data = tiny_table.to_dict()
+    data["correction"] = {"a": 1.0, "b": 0.0, "exit_scale": 1.0}
+    plain = LatencyModel(LatencyTable.from_dict(data))
+    data["correction"]["exit_scale"] = 2.5
+    scaled = LatencyModel(LatencyTable.from_dict(data))
+    arch = Arch("tiny_all", 16, (1, 1, 1), ((3,), (3,), (3,)), ((4,), (2,), (8,)),
+                (("none",), ("none",), ("none",)), ((0, 0, 0.05),))
+    probe = plain.path_sum(arch, 0, [], only="exit.")
+    assert probe > 0 and scaled.path_sum(arch, 0, [], only="exit.") == pytest.approx(2.5 * probe)
+    assert scaled.predict_path(arch, 0, []) - plain.predict_path(arch, 0, []) == pytest.approx(1.5 * probe)
+    assert scaled.predict(arch.without_dynamic()) == plain.predict(arch.without_dynamic())
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.floats(0.05, 50.0), st.floats(0.05, 50.0)), min_size=2, max_size=8))
 def test_fit_correction_never_predicts_a_negative_latency(points):
     sums, measured = zip(*points)
-    a, b = fit_correction(sums, measured)
+    a, b, _ = fit_correction(sums, measured)
     assert a >= 0 and b >= 0  # so a * sum + b >= 0 for every path, however short

@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{verb} {table.space.name} on {fp['device_name']} ({fp['device']}, {fp.get('runtime', 'torchscript')}, "
           f"{fp['threads']} threads, batch {fp['batch_size']}, torch {fp['torch']}) "
           f"in {table.settings['seconds']:.0f} s")
-    print(f"{sum(len(v) for v in table.levels.values())} table entries; correction: ms = {a:.3f} * sum + {b:.3f}")
+    print(f"{sum(len(v) for v in table.levels.values())} table entries; correction: ms = {a:.3f} * sum + {b:.3f}, "
+          f"exit tests x{table.exit_scale:.2f}")
     for title, scores in (("calibration", table.calibration), ("validation (held out)", table.validation or {})):
         if scores:
             print(title + ":")

@@ -17,6 +17,7 @@ count pinned, items in shuffled interleaved rounds. Every item is a frozen modul
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import random
 import time
@@ -29,7 +30,7 @@ from nas4dyn.cost.latency import LatencyModel, LatencyTable, accuracy, device_fi
 from nas4dyn.cost.paths import arch_layout, force_path, forced_block, gate_kind, random_path
 from nas4dyn.cost.settings import ProfileSettings
 from nas4dyn.cost.timing import measure
-from search_spaces.arch import Arch
+from search_spaces.arch import Arch, ExitChoice
 from search_spaces.space import SearchSpace
 from supernet.dynamic.cigt import RoutedBlock
 from supernet.dynamic.heads import confidence
@@ -185,13 +186,17 @@ def table_items(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> li
 
 def subnet_samples(net: Supernet, x: torch.Tensor, count: int, rng: random.Random) -> list[Subnet]:
     """``count`` random static subnets and ``count`` random dynamic paths (each of a fresh random dynamic
-    subnet, forced with :func:`~nas4dyn.cost.paths.force_path`), scripted and frozen as exported."""
+    subnet, half of them with every exit position its depths allow, forced with
+    :func:`~nas4dyn.cost.paths.force_path`), scripted and frozen as exported."""
     space = net.space
     out = []
     for _ in range(count):
         arch = space.sample(rng, dynamic=False)
         out.append(Subnet(arch, None, [], Item(freeze_scripted(net.extract(arch)), (x,))))
         arch = space.sample(rng, dynamic=True)
+        if rng.random() < 0.5:  # every exit its depths allow: searched subnets often pass several exits
+            exits = tuple(ExitChoice(st, b, 0.5) for st, b in space.exits.positions if b < arch.depths[st])
+            arch = dataclasses.replace(arch, exits=exits)
         if not arch.is_dynamic:
             continue  # a dynamic sample without exits or gates is a static subnet again
         layout = arch_layout(space, arch)
@@ -256,8 +261,10 @@ def build_table(space: SearchSpace, input_size: int, entries: list[tuple[tuple, 
     model = LatencyModel(table)
     measured = ms[len(entries):]
     calib_ms, valid_ms = measured[: len(calibration)], measured[len(calibration):]
-    sums = [model.path_sum(s.arch, s.exit_index, s.units) for s in calibration]
-    table.correction = fit_correction(sums, calib_ms)
+    sums = [model.path_sum(s.arch, s.exit_index, s.units) for s in calibration]  # exit tests as measured
+    exit_sums = [model.path_sum(s.arch, s.exit_index, s.units, only="exit.") for s in calibration]
+    a, b, table.exit_scale = fit_correction(sums, calib_ms, exit_sums)
+    table.correction = (a, b)
     table.calibration = _score(model, calibration, calib_ms)
     if validation:
         table.validation = _score(model, validation, valid_ms)
