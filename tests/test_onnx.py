@@ -17,6 +17,7 @@ import torch
 import nas4dyn
 from nas4dyn.errors import CheckpointError, ConfigError
 from nas4dyn.export.onnx import OnnxDynamicModel, check_onnx_exportable, export_onnx
+from nas4dyn.export.pipeline import DEFAULT_FORMATS, _default_formats
 from nas4dyn.export.torchscript import save_torchscript
 from search_spaces.arch import Arch, ExitChoice
 from supernet.dynamic.heads import confidence
@@ -111,6 +112,15 @@ def test_mbconv_channel_gates_are_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="MBConv channel gates cannot skip in ONNX"):
         export_onnx(nas4dyn.export_subnet(net, arch, {"mean": [0.5], "std": [0.25]}), tmp_path, RES)
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_default_formats_leave_onnx_out_for_an_arch_without_an_onnx_form(caplog):
+    space = nas4dyn.load_space("tiny")
+    arch = dataclasses.replace(space.max_arch(), gates=(("none", "none"), ("channel", "none"), ("none", "none")))
+    assert _default_formats(space, space.max_arch()) == DEFAULT_FORMATS and "onnx" in DEFAULT_FORMATS
+    with caplog.at_level("WARNING"):
+        assert _default_formats(space, arch) == ("torchscript",)
+    assert "no model.onnx" in caplog.text and "MBConv channel gates" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["../model.onnx", "/etc/passwd", "sub/model.onnx", "", None, "link.onnx"])

@@ -14,9 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", required=True, metavar="SEARCH_DIR/pareto.json#INDEX|ARCH.json",
                    help="the subnet: an entry of a search's pareto.json, or an arch JSON file")
     p.add_argument("--out", required=True, metavar="EXPORT_DIR", help="directory to write (replaced when complete)")
-    p.add_argument("--format", default=",".join(DEFAULT_FORMATS),
-                   help=f"comma-separated, from {','.join(FORMATS)} (model.ts is always written; export: "
-                        "torch.export's model.pt2, static archs only)")
+    p.add_argument("--format", help=f"comma-separated, from {','.join(FORMATS)} (model.ts is always written; export: "
+                        f"torch.export's model.pt2, static archs only; default: {','.join(DEFAULT_FORMATS)}, "
+                        "leaving ONNX out with a warning when a gate of the arch has no ONNX form)")
     p.add_argument("--latency-table", metavar="LUT.json", help="latency table from `nas4dyn profile`; fills "
                    "latency_ms_predicted in the card")
     p.add_argument("--data", help="data for the card's test figures (default: the run's dataset)")
@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = ExportOptions(
-        formats=parse_formats(args.format), data=args.data, data_root=args.data_root, bn_images=args.bn_images,
+        formats=parse_formats(args.format) if args.format else None, data=args.data, data_root=args.data_root, bn_images=args.bn_images,
         batch_size=args.batch_size, latency_samples=args.latency_samples, latency_repeats=args.repeats,
         latency_table=args.latency_table, threads=args.threads,
     )

@@ -9,7 +9,7 @@ import re
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -75,6 +75,17 @@ def resolve_arch(spec: str, space: SearchSpace) -> Arch:
         raise InvalidArchError(f"--arch {spec}: {exc}") from None
 
 
+def _default_formats(space: SearchSpace, arch: Arch) -> tuple[str, ...]:
+    """DEFAULT_FORMATS, without ONNX (and a warning saying why) when a gate of ``arch`` has no ONNX form: asked
+    for nothing in particular, an export should not fail over the optional format."""
+    try:
+        check_onnx_exportable(space, arch)
+    except ConfigError as exc:
+        log.warning(f"no model.onnx for this arch, model.ts only ({exc})")
+        return tuple(f for f in DEFAULT_FORMATS if f != "onnx")
+    return DEFAULT_FORMATS
+
+
 def parse_formats(text: str) -> tuple[str, ...]:
     """``"torchscript,onnx"`` -> ("torchscript", "onnx"); TorchScript is always written (``model.ts``)."""
     formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
@@ -124,7 +135,7 @@ def _check_data_fits(info: Any, channels: int, num_classes: int, source: str) ->
 class ExportOptions:
     """Knobs of :func:`export_run` (the CLI flags of ``nas4dyn export``)."""
 
-    formats: tuple[str, ...] = DEFAULT_FORMATS
+    formats: Optional[tuple[str, ...]] = None  # None: DEFAULT_FORMATS, without ONNX when the arch has no ONNX form
     data: Optional[str] = None  # default: the run's dataset
     data_root: Optional[str] = None
     bn_images: int = 2000
@@ -263,6 +274,8 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
     check_writable(out)
     net, info = load_supernet_file(ckpt)
     arch = resolve_arch(arch_spec, net.space)
+    if options.formats is None:
+        options = replace(options, formats=_default_formats(net.space, arch))
     if "onnx" in options.formats:
         check_onnx_exportable(net.space, arch)
     if "export" in options.formats:
