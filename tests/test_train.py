@@ -21,7 +21,7 @@ from nas4dyn.errors import ConfigError, DivergenceError
 from nas4dyn.data import load_data
 from supernet.network import GateTrace, RouteTrace
 from nas4dyn.train.config import PRESETS, build_config, config_from_mapping
-from nas4dyn.train.distributed import DistEnv, ShardedBatches
+from nas4dyn.train.distributed import DistEnv, ShardedBatches, sync_gradients
 from nas4dyn.train.evaluation import evaluate_phase
 from nas4dyn.train.losses import gated_mac_rate, subnet_loss
 from nas4dyn.train.precision import resolve_precision
@@ -371,3 +371,24 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, tiny_space):
     with pytest.raises(DivergenceError, match="1 of .* weight tensors are not finite"):
         trainer._save(opt, sched, time.perf_counter())
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def _sync_on_rank(rank: int, store: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        net = torch.nn.Linear(2, 1)
+        for p in net.parameters():
+            p.grad = torch.full_like(p, float(rank))
+        loss = float("inf") if rank == 1 else 0.5  # only rank 1 sees a non-finite loss
+        mean = sync_gradients(net, DistEnv(rank=rank, world_size=2), loss)
+        torch.save({"loss": mean, "grad": net.weight.grad.clone()}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_sees_a_non_finite_loss_of_any_rank(tmp_path):
+    # A rank that stopped alone would leave the others waiting in the next all-reduce.
+    torch.multiprocessing.spawn(_sync_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "r")), nprocs=2)
+    results = [torch.load(tmp_path / f"r.{rank}", weights_only=True) for rank in (0, 1)]
+    assert all(r["loss"] == float("inf") for r in results)
+    assert all(torch.equal(r["grad"], torch.full((1, 2), 0.5)) for r in results)

@@ -72,22 +72,26 @@ def _float_buffers(net: torch.nn.Module) -> list[torch.Tensor]:
     return [b for b in net.buffers() if b.is_floating_point()]
 
 
-def sync_gradients(net: torch.nn.Module, env: DistEnv) -> None:
-    """Average the accumulated gradients and the floating buffers (BN statistics) over all ranks.
+def sync_gradients(net: torch.nn.Module, env: DistEnv, loss: float = 0.0) -> float:
+    """Average the accumulated gradients, the floating buffers (BN statistics) and this step's ``loss`` over all
+    ranks; returns the mean loss.
 
-    Buffers are averaged too: each rank's BN sees only its shard, and ranks must stay identical.
+    Buffers are averaged too: each rank's BN sees only its shard, and ranks must stay identical. The loss rides
+    in the same all-reduce so that every rank decides alike whether the step diverged (a rank stopping alone
+    would leave the others waiting in the next collective).
     """
     if not env.distributed:
-        return
+        return loss
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     tensors = grads + _float_buffers(net)
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = torch.cat([t.reshape(-1) for t in tensors] + [torch.tensor([loss], device=env.device)])
     dist.all_reduce(flat)
     flat /= env.world_size
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
+    return float(flat[-1])
 
 
 def broadcast_state(net: torch.nn.Module, env: DistEnv) -> None:

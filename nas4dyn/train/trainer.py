@@ -197,10 +197,11 @@ class Trainer:
                     logs[key] = parts[key]
         # Drop the last graph's references (and let evaluation deep-copy the net).
         net.gate_trace, net.route_trace = [], []
-        sync_gradients(net, self.env)
-        logs["loss"] = sum(v for k, v in logs.items() if k.startswith("loss_"))
+        local_loss = sum(v for k, v in logs.items() if k.startswith("loss_"))
+        logs["loss"] = sync_gradients(net, self.env, local_loss)
         grads = [p.grad for p in net.parameters() if p.grad is not None]
-        # The gradient norm is the same on every rank (after the all-reduce), so all ranks stop at the same step.
+        # The loss and the gradient norm are the same on every rank (after the all-reduce), so all ranks stop at
+        # the same step.
         norm = (nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
                 else nn.utils.get_total_norm(grads))
         logs["grad_norm"] = float(norm)
