@@ -194,7 +194,8 @@ GRAY_MODES = ("L", "LA", "1", "I", "I;16", "F")
 
 def _unreadable(path: str, exc: Exception) -> DataError:
     return DataError(f"{path}: cannot read this image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                     "replace or remove it, or pass --skip-unreadable to leave unreadable images out")
+                     "replace or remove it (`nas4dyn train` and `evaluate` can also leave unreadable images out: "
+                     "--skip-unreadable)")
 
 
 def _header(path: str) -> tuple[int, int]:
