@@ -44,7 +44,7 @@ from nas4dyn.search.predictor import Featurizer, SubnetPredictor
 from nas4dyn.search.predictor_strategy import PREDICTED_ATTR, ROUND_ATTR
 from nas4dyn.search.runner import REFERENCE_ATTR
 from nas4dyn.search.trial import Batches, SearchSettings, TrialContext, cached_batches, hv_reference, load_context
-from nas4dyn.search.objectives import parse_objectives
+from nas4dyn.search.objectives import budget_metric, parse_objectives
 from search_spaces.arch import Arch
 from nas4dyn.train.bn import recalibrate_bn
 
@@ -234,7 +234,7 @@ def predictor_figures(ctx: TrialContext, studies: dict[str, optuna.Study],
     macs_error = [abs(t.user_attrs[PREDICTED_ATTR]["macs_expected"] / t.user_attrs["metrics"]["macs_expected"] - 1)
                   for t in proposed]
     costs = CandidateCosts(ctx.net)
-    data = Featurizer(ctx.net.space, costs.macs_max(ctx.net.space.max_arch())).samples(pooled)
+    data = Featurizer(ctx.net.space, costs, budget_metric(ctx.settings.objectives)).samples(pooled)
     return {
         "rounds": len(rounds),
         "candidates_per_min": 60 * sum(r["candidates"] for r in rounds) / sum(r["search_s"] for r in rounds),

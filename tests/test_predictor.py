@@ -27,7 +27,7 @@ def test_predictor_fits_predicts_and_costs_candidates_like_trials(run_dir, tmp_p
     trials = completed(load(tmp_path / "study.db"))
     ctx = load_context(run_dir, SearchSettings(parse_objectives("accuracy:max,macs_expected:min"), bn_images=64))
     costs = CandidateCosts(ctx.net)
-    featurizer = Featurizer(ctx.net.space, costs.macs_max(ctx.net.space.max_arch()))
+    featurizer = Featurizer(ctx.net.space, costs)
     data = featurizer.samples(trials)
     predictor = SubnetPredictor("auto", epochs=150).fit(data)
     assert set(predictor.scores) == {"mlp", "gbm"} and predictor.chosen in predictor.scores
@@ -39,7 +39,7 @@ def test_predictor_fits_predicts_and_costs_candidates_like_trials(run_dir, tmp_p
     assert np.all((pred.accuracy >= 0) & (pred.accuracy <= 1))
     assert np.allclose(pred.exits.sum(1), 1.0, atol=1e-5) and np.all(pred.exits[~data.exit_mask] < 1e-6)
     assert np.all(pred.gates[~data.gate_mask] == 0) and np.all((pred.gates >= 0) & (pred.gates <= 1))
-    exits, gates = rates_of(featurizer, archs[0], pred, 0)
+    exits, gates = rates_of(featurizer, archs[0], pred, 0, trials[0].params.get("exit_budget", 1.0))
     assert len(exits) == len(archs[0].exits) + 1 and len(gates) == sum(b.gate != "none" for b in archs[0].blocks())
 
     # Costs from rates: the full path exactly, and the expected MACs exactly where no gate makes them depend
