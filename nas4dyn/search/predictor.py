@@ -39,6 +39,11 @@ __all__ = ["Featurizer", "Prediction", "Samples", "SubnetPredictor", "check_pred
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "mlp", "gbm")
+# LightGBM's parameters for accuracy and the cost share (out of fold on the default run, smaller trees or
+# monotone constraints did no better: scripts/bench_predictor.py).
+GBM_PARAMS = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 3,
+              "bagging_fraction": 0.8, "bagging_freq": 1, "feature_fraction": 0.8, "verbose": -1, "num_threads": 1,
+              "num_boost_round": 300}
 MIN_TRIALS = 8  # fewer measured trials than this fit nothing useful (and K-fold needs some per fold)
 
 
@@ -116,10 +121,8 @@ class SubnetPredictor:
     def _lgbm(self, x: np.ndarray, y: np.ndarray, **overrides: Any) -> Any:
         import lightgbm
 
-        params = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 3,
-                  "bagging_fraction": 0.8, "bagging_freq": 1, "feature_fraction": 0.8, "seed": self.seed,
-                  "verbose": -1, "num_threads": 1, **overrides}
-        rounds = params.pop("num_boost_round", 300)
+        params = {**GBM_PARAMS, "seed": self.seed, **overrides}
+        rounds = params.pop("num_boost_round")
         return lightgbm.train(params, lightgbm.Dataset(x, y), num_boost_round=rounds)
 
     def _fit_share(self, data: Samples) -> None:
