@@ -32,12 +32,19 @@ def test_predictor_fits_predicts_and_costs_candidates_like_trials(run_dir, tmp_p
     featurizer = Featurizer(ctx.net.space, costs)
     data = featurizer.samples(trials)
     predictor = SubnetPredictor("auto", epochs=150).fit(data)
-    assert set(predictor.scores) == {"mlp", "gbm"} and predictor.chosen in predictor.scores
+    assert set(predictor.scores) == {"mlp", "gbm", "ensemble"} and predictor.chosen in predictor.scores
     assert all(-1.0 <= s["tau"] <= 1.0 and s["rmse"] >= 0 for s in predictor.scores.values())
     assert predictor.tau == predictor.scores[predictor.chosen]["tau"]
 
     archs = [Arch.from_dict(t.user_attrs["arch"]) for t in trials]
     pred = predictor.predict_x(data.x, data.exit_mask, data.gate_mask)
+    ensemble = SubnetPredictor("ensemble", epochs=150).fit(data)
+    assert set(ensemble.scores) == {"ensemble"} and ensemble.chosen == "ensemble"
+    means = []
+    for kind in ("mlp", "gbm", "ensemble"):  # one fit holds both models; the ensemble is their mean
+        ensemble.chosen = kind
+        means.append(ensemble.predict_x(data.x, data.exit_mask, data.gate_mask).accuracy)
+    assert means[2] == pytest.approx(np.clip((means[0] + means[1]) / 2, 0, 1)) and not np.allclose(means[0], means[1])
     assert np.all((pred.accuracy >= 0) & (pred.accuracy <= 1))
     assert np.allclose(pred.exits.sum(1), 1.0, atol=1e-5) and np.all(pred.exits[~data.exit_mask] < 1e-6)
     assert np.all(pred.gates[~data.gate_mask] == 0) and np.all((pred.gates >= 0) & (pred.gates <= 1))

@@ -8,7 +8,9 @@ Two models, fitted on the study's own measured trials:
 - ``mlp``: a small torch MLP (an ensemble of two seeds) with one head per target: accuracy (standardised,
   squared error), exit rates (a softmax over the arch's active exits and the final classifier, cross-entropy
   against the measured shares), gate rates (sigmoid, binary cross-entropy, gated slots only);
-- ``gbm``: LightGBM gradient-boosted trees for accuracy, rates from the MLP's heads.
+- ``gbm``: LightGBM gradient-boosted trees for accuracy, rates from the MLP's heads;
+- ``ensemble``: the mean of the two accuracies (out of fold the best on the predictor strategy's own
+  proposals, the second best in K-fold over all measured trials: scripts/bench_predictor.py).
 
 Either way a second LightGBM model predicts the *cost share* of archs with exits (measured expected cost over
 the limit their exit budget set; median 0.90 on the default run), and :func:`rates_of` moves the MLP's exit
@@ -38,7 +40,8 @@ __all__ = ["Featurizer", "Prediction", "Samples", "SubnetPredictor", "check_pred
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "mlp", "gbm")
+KINDS = ("auto", "mlp", "gbm", "ensemble")
+MODELS = KINDS[1:]  # what "auto" chooses from
 # LightGBM's parameters for accuracy and the cost share (out of fold on the default run, smaller trees or
 # monotone constraints did no better: scripts/bench_predictor.py).
 GBM_PARAMS = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 3,
@@ -78,7 +81,7 @@ class SubnetPredictor:
     epochs: int = 300
     members: int = 2
     gbm_params: dict[str, Any] = field(default_factory=dict)  # overrides of the accuracy model's LightGBM params
-    chosen: str = ""  # the model that predicts accuracy after fit ("mlp" or "gbm")
+    chosen: str = ""  # the model that predicts accuracy after fit ("mlp", "gbm" or "ensemble")
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> {"tau", "rmse"} out of fold
     _mlps: list[_MLP] = field(default_factory=list)
     _gbm: Any = None
@@ -135,21 +138,31 @@ class SubnetPredictor:
     def _fit(self, data: Samples, kind: str) -> None:
         self._fit_mlps(data)
         self._fit_share(data)
-        self._gbm = self._lgbm(data.x, data.accuracy, **self.gbm_params) if kind == "gbm" else None
+        self._gbm = self._lgbm(data.x, data.accuracy, **self.gbm_params) if kind != "mlp" else None
         self.chosen = kind
+
+    def cross_validate_kinds(self, data: Samples, kinds: Sequence[str]) -> dict[str, dict[str, float]]:
+        """Out-of-fold Kendall τ and RMSE of each model kind's accuracy over ``self.folds`` folds of ``data``
+        (one MLP and one LightGBM fit per fold serve every kind: "ensemble" is their mean)."""
+        order = np.random.default_rng(self.seed).permutation(len(data))
+        predicted = {k: np.zeros(len(data)) for k in kinds}
+        for fold in np.array_split(order, min(self.folds, len(data))):
+            model = SubnetPredictor("gbm", seed=self.seed, epochs=self.epochs, members=self.members,
+                                    gbm_params=self.gbm_params)
+            model._fit(data.subset(np.setdiff1d(order, fold)), "mlp" if set(kinds) == {"mlp"} else "gbm")
+            for k in kinds:
+                model.chosen = k
+                predicted[k][fold] = model.predict_x(data.x[fold], data.exit_mask[fold], data.gate_mask[fold]).accuracy
+        scores = {}
+        for k, p in predicted.items():
+            tau = kendalltau(p, data.accuracy).statistic
+            scores[k] = {"tau": float(tau) if np.isfinite(tau) else 0.0,
+                         "rmse": float(np.sqrt(np.mean((p - data.accuracy) ** 2)))}
+        return scores
 
     def cross_validate(self, data: Samples, kind: str) -> dict[str, float]:
         """Out-of-fold Kendall τ and RMSE of ``kind``'s accuracy over ``self.folds`` folds of ``data``."""
-        order = np.random.default_rng(self.seed).permutation(len(data))
-        predicted = np.zeros(len(data))
-        for fold in np.array_split(order, min(self.folds, len(data))):
-            model = SubnetPredictor(kind, seed=self.seed, epochs=self.epochs, members=self.members,
-                                    gbm_params=self.gbm_params)
-            model._fit(data.subset(np.setdiff1d(order, fold)), kind)
-            predicted[fold] = model.predict_x(data.x[fold], data.exit_mask[fold], data.gate_mask[fold]).accuracy
-        tau = kendalltau(predicted, data.accuracy).statistic
-        return {"tau": float(tau) if np.isfinite(tau) else 0.0,
-                "rmse": float(np.sqrt(np.mean((predicted - data.accuracy) ** 2)))}
+        return self.cross_validate_kinds(data, [kind])[kind]
 
     def fit(self, data: Samples) -> "SubnetPredictor":
         """Score the candidate model kinds out of fold, then fit the best (``kind``, or by τ for "auto") on all
@@ -162,8 +175,8 @@ class SubnetPredictor:
         if len(data) < MIN_TRIALS:
             raise ConfigError(f"the predictor needs at least {MIN_TRIALS} measured trials, the study has {len(data)}; "
                               "raise --warmup")
-        kinds = ("mlp", "gbm") if self.kind == "auto" else (self.kind,)
-        self.scores = {k: self.cross_validate(data, k) for k in kinds}
+        kinds = MODELS if self.kind == "auto" else (self.kind,)
+        self.scores = self.cross_validate_kinds(data, kinds)
         best = max(kinds, key=lambda k: self.scores[k]["tau"])
         self._fit(data, best)
         log.info("predictor: %s", ", ".join(f"{k} tau {s['tau']:.3f} rmse {s['rmse']:.4f}" for k, s in self.scores.items()))
@@ -179,10 +192,11 @@ class SubnetPredictor:
         outs = torch.stack([mlp(xt) for mlp in self._mlps]).mean(0)
         exits = torch.softmax(outs[:, 1:1 + n_exit].masked_fill(~emask, -1e9), 1).numpy()
         gates = torch.sigmoid(outs[:, 1 + n_exit:]).numpy() * gate_mask
-        if self._gbm is not None:
+        accuracy = outs[:, 0].numpy() * acc_std + acc_mean
+        if self.chosen == "gbm":
             accuracy = self._gbm.predict(x)
-        else:
-            accuracy = outs[:, 0].numpy() * acc_std + acc_mean
+        elif self.chosen == "ensemble":
+            accuracy = (accuracy + self._gbm.predict(x)) / 2
         share = self._share.predict(x) if hasattr(self._share, "predict") else np.full(len(x), self._share)
         share = np.where(exit_mask[:, :-1].any(1), np.clip(share, 0.05, 1.0), 1.0)
         return Prediction(np.clip(accuracy, 0.0, 1.0), exits, gates, share)

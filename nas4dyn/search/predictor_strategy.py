@@ -51,7 +51,7 @@ class PredictorSettings:
     round_size: int = 10  # candidates measured per round
     candidates: int = 10_000  # predictor queries per round
     population: int = 100  # of the candidate NSGA-II
-    kind: str = "auto"  # mlp | gbm | auto (by out-of-fold Kendall tau)
+    kind: str = "auto"  # mlp | gbm | ensemble | auto (by out-of-fold Kendall tau)
     seed: Optional[int] = None
 
 
