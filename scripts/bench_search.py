@@ -44,7 +44,7 @@ from nas4dyn.search.predictor import Featurizer, SubnetPredictor
 from nas4dyn.search.predictor_strategy import PREDICTED_ATTR, ROUND_ATTR
 from nas4dyn.search.runner import REFERENCE_ATTR
 from nas4dyn.search.trial import Batches, SearchSettings, TrialContext, cached_batches, hv_reference, load_context
-from nas4dyn.search.objectives import parse_objectives
+from nas4dyn.search.objectives import budget_metric, parse_objectives
 from search_spaces.arch import Arch
 from nas4dyn.train.bn import recalibrate_bn
 
@@ -234,20 +234,20 @@ def predictor_figures(ctx: TrialContext, studies: dict[str, optuna.Study],
     macs_error = [abs(t.user_attrs[PREDICTED_ATTR]["macs_expected"] / t.user_attrs["metrics"]["macs_expected"] - 1)
                   for t in proposed]
     costs = CandidateCosts(ctx.net)
-    data = Featurizer(ctx.net.space, costs.macs_max(ctx.net.space.max_arch())).samples(pooled)
+    data = Featurizer(ctx.net.space, costs, budget_metric(ctx.settings.objectives)).samples(pooled)
     return {
         "rounds": len(rounds),
         "candidates_per_min": 60 * sum(r["candidates"] for r in rounds) / sum(r["search_s"] for r in rounds),
         "candidates_per_cpu_min": 60 * sum(r["candidates"] for r in rounds) / sum(r["search_cpu_s"] for r in rounds),
         "candidates_per_round": statistics.median(r["candidates"] for r in rounds),
         "round_taus": [round(r["scores"][r["model"]]["tau"], 3) for r in sorted(rounds, key=lambda r: r["measured"])],
-        "models": {m: sum(r["model"] == m for r in rounds) for m in ("mlp", "gbm")},
+        "models": {m: sum(r["model"] == m for r in rounds) for m in ("mlp", "gbm", "ensemble")},
         "proposed": len(proposed),
         "proposed_tau": float(kendalltau(pred, meas).statistic),
         "proposed_rmse": float(np.sqrt(np.mean((pred - meas) ** 2))),
         "proposed_macs_error": statistics.median(macs_error),
         "pooled": len(pooled),
-        "cv": {kind: SubnetPredictor(kind).cross_validate(data, kind) for kind in ("mlp", "gbm")},
+        "cv": SubnetPredictor().cross_validate_kinds(data, ("mlp", "gbm", "ensemble")),
     }
 
 
@@ -367,7 +367,7 @@ def main() -> None:
             f"**{p['candidates_per_min']:.0f} candidates/min** wall-clock on the shared machine, "
             f"**{p['candidates_per_cpu_min']:.0f} per minute of the search process's CPU time** (NSGA-II over the "
             f"predictor and the cost tables, one torch thread); model picked per round by out-of-fold Kendall τ: "
-            f"mlp {p['models']['mlp']}×, gbm {p['models']['gbm']}×; τ per round {p['round_taus']}. On the "
+            + ", ".join(f"{m} {n}×" for m, n in p["models"].items()) + f"; τ per round {p['round_taus']}. On the "
             f"{p['proposed']} trials it proposed "
             f"(predicted, then measured): accuracy τ **{p['proposed_tau']:.3f}**, RMSE {p['proposed_rmse']:.4f}; "
             f"expected MACs off by {100 * p['proposed_macs_error']:.1f}% (median). Out of fold (5 folds) on "

@@ -8,9 +8,11 @@ import pytest
 
 from nas4dyn.cli.main import main
 from nas4dyn.search import SearchConfig, run_search
-from nas4dyn.search.candidate_costs import CandidateCosts
+from nas4dyn.errors import ConfigError
+from nas4dyn.search.candidate_costs import CandidateCosts, fit_exit_shares
 from nas4dyn.search.outputs import completed
 from nas4dyn.search.predictor import Featurizer, SubnetPredictor, rates_of
+from nas4dyn.search.predictor_features import cost_limit
 from nas4dyn.search.predictor_strategy import PREDICTED_ATTR, ROUND_ATTR
 from nas4dyn.search.runner import default_objectives
 from nas4dyn.search.trial import SearchSettings, load_context
@@ -27,20 +29,46 @@ def test_predictor_fits_predicts_and_costs_candidates_like_trials(run_dir, tmp_p
     trials = completed(load(tmp_path / "study.db"))
     ctx = load_context(run_dir, SearchSettings(parse_objectives("accuracy:max,macs_expected:min"), bn_images=64))
     costs = CandidateCosts(ctx.net)
-    featurizer = Featurizer(ctx.net.space, costs.macs_max(ctx.net.space.max_arch()))
+    featurizer = Featurizer(ctx.net.space, costs)
     data = featurizer.samples(trials)
     predictor = SubnetPredictor("auto", epochs=150).fit(data)
-    assert set(predictor.scores) == {"mlp", "gbm"} and predictor.chosen in predictor.scores
+    assert set(predictor.scores) == {"mlp", "gbm", "ensemble"} and predictor.chosen in predictor.scores
     assert all(-1.0 <= s["tau"] <= 1.0 and s["rmse"] >= 0 for s in predictor.scores.values())
     assert predictor.tau == predictor.scores[predictor.chosen]["tau"]
 
     archs = [Arch.from_dict(t.user_attrs["arch"]) for t in trials]
     pred = predictor.predict_x(data.x, data.exit_mask, data.gate_mask)
+    ensemble = SubnetPredictor("ensemble", epochs=150).fit(data)
+    assert set(ensemble.scores) == {"ensemble"} and ensemble.chosen == "ensemble"
+    means = []
+    for kind in ("mlp", "gbm", "ensemble"):  # one fit holds both models; the ensemble is their mean
+        ensemble.chosen = kind
+        means.append(ensemble.predict_x(data.x, data.exit_mask, data.gate_mask).accuracy)
+    assert means[2] == pytest.approx(np.clip((means[0] + means[1]) / 2, 0, 1)) and not np.allclose(means[0], means[1])
     assert np.all((pred.accuracy >= 0) & (pred.accuracy <= 1))
     assert np.allclose(pred.exits.sum(1), 1.0, atol=1e-5) and np.all(pred.exits[~data.exit_mask] < 1e-6)
     assert np.all(pred.gates[~data.gate_mask] == 0) and np.all((pred.gates >= 0) & (pred.gates <= 1))
-    exits, gates = rates_of(featurizer, archs[0], pred, 0)
-    assert len(exits) == len(archs[0].exits) + 1 and len(gates) == sum(b.gate != "none" for b in archs[0].blocks())
+    on_target = 0
+    for row, (t, arch) in enumerate(zip(trials, archs)):
+        exits, gates = rates_of(featurizer, arch, pred, row, t.params["exit_budget"])
+        assert len(exits) == len(arch.exits) + 1 and len(gates) == sum(b.gate != "none" for b in arch.blocks())
+        assert sum(exits) == pytest.approx(1.0) and min(exits) >= 0
+        if arch.exits:  # the shares move towards the predicted share of the budget's cost limit, never away
+            per_exit = costs.exit_costs(arch, gates)["macs_expected"]
+            target = pred.cost_share[row] * cost_limit(per_exit, t.params["exit_budget"])
+            raw = pred.exits[row][data.exit_mask[row]]
+            assert abs(np.dot(exits, per_exit) - target) <= abs(raw @ per_exit - target) + 1e-6 * target
+            on_target += np.dot(exits, per_exit) == pytest.approx(target, rel=1e-9)
+    assert on_target >= 1
+    # Cost shares: measured expected MACs over the budget's limit, known exactly for the archs with exits.
+    with_exits = np.array([bool(a.exits) for a in archs])
+    assert np.all(np.isfinite(data.cost_share[with_exits])) and np.all(np.isnan(data.cost_share[~with_exits]))
+    assert np.all((data.cost_share[with_exits] > 0) & (data.cost_share[with_exits] <= 1 + 1e-6))
+    assert np.all((pred.cost_share > 0) & (pred.cost_share <= 1)) and np.all(pred.cost_share[~with_exits] == 1)
+    base = Featurizer(ctx.net.space, costs, features="base")
+    assert len(base.row(archs[0], 0.5)) < data.x.shape[1] == len(featurizer.row(ctx.net.space.min_arch(), 0.0))
+    with pytest.raises(ConfigError, match="features"):
+        Featurizer(ctx.net.space, costs, features="bogus")
 
     # Costs from rates: the full path exactly, and the expected MACs exactly where no gate makes them depend
     # on the per-sample correlation of gates and exits (the corners include the largest subnet with every exit).
@@ -49,6 +77,9 @@ def test_predictor_fits_predicts_and_costs_candidates_like_trials(run_dir, tmp_p
         m = t.user_attrs["metrics"]
         gate_rates = [m["gate_rates"][f"{b.stage}.{b.block}"] for b in arch.blocks() if b.gate != "none"]
         got = costs.metrics(arch, m["exit_rates"], gate_rates)
+        # Expected cost is linear in the exit shares: the per-exit costs reproduce it.
+        assert np.dot(m["exit_rates"], costs.exit_costs(arch, gate_rates)["macs_expected"]) == \
+            pytest.approx(got["macs_expected"], rel=1e-9)
         assert got["macs_max"] == pytest.approx(m["macs_max"], rel=1e-9)
         if not gate_rates:
             ungated += bool(arch.exits)
@@ -57,6 +88,16 @@ def test_predictor_fits_predicts_and_costs_candidates_like_trials(run_dir, tmp_p
     traced = costs.traced
     assert [costs.macs_max(a) for a in archs] == pytest.approx([t.user_attrs["metrics"]["macs_max"] for t in trials])
     assert costs.traced == traced  # every piece is memoised now: no subnet is traced again
+
+
+def test_fit_exit_shares_meets_the_cost_target_within_valid_shares():
+    shares, per_exit = [0.2, 0.3, 0.5], [1.0, 2.0, 4.0]
+    fitted = fit_exit_shares(shares, per_exit, 2.5)
+    assert fitted == pytest.approx([0.25, 0.375, 0.375]) and fitted @ per_exit == pytest.approx(2.5)
+    assert fit_exit_shares(shares, per_exit, 0.5) == pytest.approx([0.4, 0.6, 0.0])  # as cheap as valid shares go
+    assert fit_exit_shares(shares, per_exit, 9.0) == pytest.approx([0.0, 0.0, 1.0])  # nobody leaves early
+    assert fit_exit_shares([0.0, 0.0, 1.0], per_exit, 2.5) @ np.asarray(per_exit) == pytest.approx(2.5)
+    assert fit_exit_shares([1.0], [3.0], 1.0) == pytest.approx([1.0])  # no exit: nothing to move
 
 
 def test_killed_predictor_search_resumes_keeping_every_measured_trial(run_dir, tmp_path):

@@ -53,8 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round-size", type=int, default=10, help="--strategy predictor: trials measured per round")
     p.add_argument("--candidates", type=int, default=10_000,
                    help="--strategy predictor: predictor queries (NSGA-II candidates) per round")
-    p.add_argument("--predictor", default="auto", choices=("auto", "mlp", "gbm"),
-                   help="--strategy predictor: accuracy model (auto: the better out-of-fold Kendall tau per round)")
+    p.add_argument("--predictor", default="auto", choices=("auto", "mlp", "gbm", "ensemble"),
+                   help="--strategy predictor: accuracy model (auto: the best out-of-fold Kendall tau of mlp, gbm "
+                   "and their mean, ensemble, per round)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 

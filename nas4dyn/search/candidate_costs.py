@@ -41,6 +41,37 @@ def expected_cost(parts: Sequence[Part], exit_rates: Sequence[float], units: Seq
     return float(total)
 
 
+def exit_costs(parts: Sequence[Part], units: Sequence[float], num_exits: int) -> np.ndarray:
+    """What a sample costs when it leaves at each exit (the final classifier last), gates at their mean
+    ``units``: ``expected_cost(parts, rates, units) == rates @ exit_costs(parts, units, len(rates) - 1)``."""
+    segment = np.zeros(num_exits + 1)
+    for part in parts:
+        segment[part.segment] += float(part.cost(units[part.gate])) if part.gate is not None else part.full
+    return np.cumsum(segment)
+
+
+def fit_exit_shares(shares: Sequence[float], costs: Sequence[float], target: float) -> np.ndarray:
+    """``shares`` (the arch's exits, then the final classifier) with the early exits' shares scaled by one
+    factor, keeping their proportions, and the final classifier taking the rest, so that the expected cost
+    ``shares @ costs`` meets ``target`` as closely as valid shares allow. Calibration sets the thresholds to
+    meet the trial's budget on this cost, so the predicted shares are moved onto it (see SubnetPredictor)."""
+    shares, costs = np.asarray(shares, dtype=float), np.asarray(costs, dtype=float)
+    early = shares[:-1].sum()
+    if len(shares) < 2:
+        return shares
+    if early < 1e-9:  # nothing predicted to leave early: spread the early mass evenly
+        shares = np.r_[np.full(len(shares) - 1, 1.0 / (len(shares) - 1)), 0.0]
+        early = 1.0
+    early_cost = float(shares[:-1] @ costs[:-1]) / early
+    if costs[-1] - early_cost <= 1e-12:
+        return shares
+    scale = float(np.clip((costs[-1] - target) / (early * (costs[-1] - early_cost)), 0.0, 1.0 / early))
+    out = shares.copy()
+    out[:-1] *= scale
+    out[-1] = max(0.0, 1.0 - out[:-1].sum())
+    return out
+
+
 def _block_key(arch: Arch, slot: BlockSlot) -> tuple:
     return (arch.resolution, slot.stage, slot.block == 0, arch.kernels[slot.stage][slot.block],
             arch.widths[slot.stage][slot.block], slot.gate, slot.paths)
@@ -132,11 +163,24 @@ class CandidateCosts:
         """MACs of the full path (every gate open, every exit head evaluated)."""
         return full_cost(self.mac_parts(arch))
 
+    def _units(self, arch: Arch, gate_rates: Sequence[float]) -> list[float]:
+        layout = arch_layout(self.net.space, arch)
+        return [rate * slot.units for rate, slot in zip(gate_rates, (s for s in layout if s.gate != "none"))]
+
+    def exit_costs(self, arch: Arch, gate_rates: Sequence[float]) -> dict[str, np.ndarray]:
+        """macs_expected (and with a latency table latency_ms) of a sample leaving at each exit of ``arch`` (the
+        final classifier last), its gated blocks' units on at ``gate_rates``."""
+        units = self._units(arch, gate_rates)
+        out = {"macs_expected": exit_costs(self.mac_parts(arch), units, len(arch.exits))}
+        if self.latency is not None:
+            a, b = self.latency.table.correction
+            out["latency_ms"] = a * exit_costs(self.latency.table.parts(arch), units, len(arch.exits)) + b
+        return out
+
     def metrics(self, arch: Arch, exit_rates: Sequence[float], gate_rates: Sequence[float]) -> dict[str, float]:
         """macs_max, macs_expected (and with a latency table latency_ms, latency_ms_max) of ``arch`` whose
         samples leave at each exit with ``exit_rates`` and open each gated block's units at ``gate_rates``."""
-        layout = arch_layout(self.net.space, arch)
-        units = [rate * slot.units for rate, slot in zip(gate_rates, (s for s in layout if s.gate != "none"))]
+        units = self._units(arch, gate_rates)
         macs = self.mac_parts(arch)
         out = {"macs_max": full_cost(macs), "macs_expected": expected_cost(macs, exit_rates, units)}
         if self.latency is not None:

@@ -1,17 +1,21 @@
 """Accuracy predictor for dynamic subnets: validation accuracy, exit rates and gate rates from the arch.
 
-Features: ``space.encode(arch)`` of the uncalibrated arch (resolution, depths, per block slot kernel, width and
-one-hot gate, exits on or off), the trial's exit budget (which sets the calibrated thresholds), and the static
-path's MACs relative to the largest subnet's. Targets: the measured validation accuracy; the share of images
-leaving at each exit position and at the final classifier; the share of each gated block's units that are on.
-With the rates, :mod:`nas4dyn.search.candidate_costs` gives an unmeasured candidate every cost objective.
+Features and targets: :mod:`nas4dyn.search.predictor_features`. With the rates,
+:mod:`nas4dyn.search.candidate_costs` gives an unmeasured candidate every cost objective.
 
 Two models, fitted on the study's own measured trials:
 
 - ``mlp``: a small torch MLP (an ensemble of two seeds) with one head per target: accuracy (standardised,
   squared error), exit rates (a softmax over the arch's active exits and the final classifier, cross-entropy
   against the measured shares), gate rates (sigmoid, binary cross-entropy, gated slots only);
-- ``gbm``: LightGBM gradient-boosted trees for accuracy, rates from the MLP's heads.
+- ``gbm``: LightGBM gradient-boosted trees for accuracy, rates from the MLP's heads;
+- ``ensemble``: the mean of the two accuracies (out of fold the best on the predictor strategy's own
+  proposals, the second best in K-fold over all measured trials: scripts/bench_predictor.py).
+
+Either way a second LightGBM model predicts the *cost share* of archs with exits (measured expected cost over
+the limit their exit budget set; median 0.90 on the default run), and :func:`rates_of` moves the MLP's exit
+shares onto that cost: calibration meets the budget, so the budget, not the MLP, pins down the expected cost
+(offline, scripts/bench_predictor.py: median expected-MAC error 2.9% -> 1.5% out of fold).
 
 ``kind="auto"`` picks, per fit, the model whose out-of-fold predictions rank the measured trials best (Kendall
 τ over K folds) and reports that τ and the RMSE; the search shows it in its progress bar.
@@ -24,80 +28,26 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from optuna.trial import FrozenTrial
 from scipy.stats import kendalltau
 from torch import nn
 
 from nas4dyn.errors import ConfigError
-from nas4dyn.search.encoding import budget, decode
+from nas4dyn.search.candidate_costs import fit_exit_shares
+from nas4dyn.search.predictor_features import Featurizer, Samples, cost_limit
 from search_spaces.arch import Arch
-from search_spaces.space import SearchSpace
+
+__all__ = ["Featurizer", "Prediction", "Samples", "SubnetPredictor", "check_predictor", "rates_of"]
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "mlp", "gbm")
+KINDS = ("auto", "mlp", "gbm", "ensemble")
+MODELS = KINDS[1:]  # what "auto" chooses from
+# LightGBM's parameters for accuracy and the cost share (out of fold on the default run, smaller trees or
+# monotone constraints did no better: scripts/bench_predictor.py).
+GBM_PARAMS = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 3,
+              "bagging_fraction": 0.8, "bagging_freq": 1, "feature_fraction": 0.8, "verbose": -1, "num_threads": 1,
+              "num_boost_round": 300}
 MIN_TRIALS = 8  # fewer measured trials than this fit nothing useful (and K-fold needs some per fold)
-
-
-@dataclass
-class Samples:
-    """Measured trials as arrays: features, accuracy, exit shares (per position + final, masked), gate rates
-    (per block slot, masked)."""
-
-    x: np.ndarray
-    accuracy: np.ndarray
-    exits: np.ndarray
-    exit_mask: np.ndarray
-    gates: np.ndarray
-    gate_mask: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.accuracy)
-
-    def subset(self, rows: np.ndarray) -> "Samples":
-        return Samples(*(getattr(self, f)[rows] for f in ("x", "accuracy", "exits", "exit_mask", "gates", "gate_mask")))
-
-
-class Featurizer:
-    """Feature rows and target slots of one space (fixed length whatever the arch)."""
-
-    def __init__(self, space: SearchSpace, macs_reference: float):
-        self.space = space
-        self.macs_reference = macs_reference
-        self.positions = list(space.exits.positions)
-        self.slots = [f"{s}.{b}" for s, st in enumerate(space.stages) for b in range(st.max_depth)]
-
-    def row(self, arch: Arch, exit_budget: float, macs_max: float) -> list[float]:
-        return [*self.space.encode(arch), exit_budget, macs_max / self.macs_reference]
-
-    def exit_mask(self, arch: Arch) -> np.ndarray:
-        active = {(e.stage, e.block) for e in arch.exits}
-        return np.array([p in active for p in self.positions] + [True])
-
-    def gate_mask(self, arch: Arch) -> np.ndarray:
-        gated = {f"{b.stage}.{b.block}" for b in arch.blocks() if b.gate != "none"}
-        return np.array([name in gated for name in self.slots])
-
-    def samples(self, trials: Sequence[FrozenTrial]) -> Samples:
-        """The measured trials (COMPLETE, with metrics) as :class:`Samples`."""
-        rows, acc, exits, emask, gates, gmask = [], [], [], [], [], []
-        for t in trials:
-            m = t.user_attrs["metrics"]
-            arch = decode(self.space, t.params)
-            rows.append(self.row(arch, budget(t.params), m["macs_max"]))
-            acc.append(m["accuracy"])
-            mask = self.exit_mask(arch)
-            share = np.zeros(len(mask))
-            share[mask] = m["exit_rates"]
-            exits.append(share)
-            emask.append(mask)
-            mask = self.gate_mask(arch)
-            rate = np.zeros(len(mask))
-            rate[mask] = [m["gate_rates"][name] for name, on in zip(self.slots, mask) if on]
-            gates.append(rate)
-            gmask.append(mask)
-        return Samples(np.asarray(rows, dtype=np.float32), np.asarray(acc), np.asarray(exits), np.asarray(emask),
-                       np.asarray(gates), np.asarray(gmask))
 
 
 class _MLP(nn.Module):
@@ -112,11 +62,13 @@ class _MLP(nn.Module):
 
 @dataclass
 class Prediction:
-    """Predicted accuracy, exit shares (per position + final; 0 where inactive) and gate rates per slot."""
+    """Predicted accuracy, exit shares (per position + final; 0 where inactive), gate rates per slot and cost
+    share (expected budget metric over the budget's limit; 1 without exits)."""
 
     accuracy: np.ndarray
     exits: np.ndarray
     gates: np.ndarray
+    cost_share: np.ndarray
 
 
 @dataclass
@@ -128,10 +80,12 @@ class SubnetPredictor:
     seed: int = 0
     epochs: int = 300
     members: int = 2
-    chosen: str = ""  # the model that predicts accuracy after fit ("mlp" or "gbm")
+    gbm_params: dict[str, Any] = field(default_factory=dict)  # overrides of the accuracy model's LightGBM params
+    chosen: str = ""  # the model that predicts accuracy after fit ("mlp", "gbm" or "ensemble")
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> {"tau", "rmse"} out of fold
     _mlps: list[_MLP] = field(default_factory=list)
     _gbm: Any = None
+    _share: Any = None  # LightGBM model of the cost share, or a constant (few archs with exits)
     _norm: tuple[np.ndarray, np.ndarray, float, float] = (np.zeros(0), np.ones(0), 0.0, 1.0)
 
     @property
@@ -167,32 +121,48 @@ class SubnetPredictor:
                 opt.step()
             self._mlps.append(mlp.eval())
 
-    def _fit_gbm(self, data: Samples) -> None:
+    def _lgbm(self, x: np.ndarray, y: np.ndarray, **overrides: Any) -> Any:
         import lightgbm
 
-        params = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 3,
-                  "bagging_fraction": 0.8, "bagging_freq": 1, "feature_fraction": 0.8, "seed": self.seed,
-                  "verbose": -1, "num_threads": 1}
-        self._gbm = lightgbm.train(params, lightgbm.Dataset(data.x, data.accuracy), num_boost_round=300)
+        params = {**GBM_PARAMS, "seed": self.seed, **overrides}
+        rounds = params.pop("num_boost_round")
+        return lightgbm.train(params, lightgbm.Dataset(x, y), num_boost_round=rounds)
+
+    def _fit_share(self, data: Samples) -> None:
+        known = np.isfinite(data.cost_share)
+        if known.sum() < MIN_TRIALS:  # too few archs with exits to learn from: their median (calibration's aim: 1)
+            self._share = float(np.median(data.cost_share[known])) if known.any() else 1.0
+        else:
+            self._share = self._lgbm(data.x[known], data.cost_share[known])
 
     def _fit(self, data: Samples, kind: str) -> None:
         self._fit_mlps(data)
-        self._gbm = None
-        if kind == "gbm":
-            self._fit_gbm(data)
+        self._fit_share(data)
+        self._gbm = self._lgbm(data.x, data.accuracy, **self.gbm_params) if kind != "mlp" else None
         self.chosen = kind
+
+    def cross_validate_kinds(self, data: Samples, kinds: Sequence[str]) -> dict[str, dict[str, float]]:
+        """Out-of-fold Kendall τ and RMSE of each model kind's accuracy over ``self.folds`` folds of ``data``
+        (one MLP and one LightGBM fit per fold serve every kind: "ensemble" is their mean)."""
+        order = np.random.default_rng(self.seed).permutation(len(data))
+        predicted = {k: np.zeros(len(data)) for k in kinds}
+        for fold in np.array_split(order, min(self.folds, len(data))):
+            model = SubnetPredictor("gbm", seed=self.seed, epochs=self.epochs, members=self.members,
+                                    gbm_params=self.gbm_params)
+            model._fit(data.subset(np.setdiff1d(order, fold)), "mlp" if set(kinds) == {"mlp"} else "gbm")
+            for k in kinds:
+                model.chosen = k
+                predicted[k][fold] = model.predict_x(data.x[fold], data.exit_mask[fold], data.gate_mask[fold]).accuracy
+        scores = {}
+        for k, p in predicted.items():
+            tau = kendalltau(p, data.accuracy).statistic
+            scores[k] = {"tau": float(tau) if np.isfinite(tau) else 0.0,
+                         "rmse": float(np.sqrt(np.mean((p - data.accuracy) ** 2)))}
+        return scores
 
     def cross_validate(self, data: Samples, kind: str) -> dict[str, float]:
         """Out-of-fold Kendall τ and RMSE of ``kind``'s accuracy over ``self.folds`` folds of ``data``."""
-        order = np.random.default_rng(self.seed).permutation(len(data))
-        predicted = np.zeros(len(data))
-        for fold in np.array_split(order, min(self.folds, len(data))):
-            model = SubnetPredictor(kind, seed=self.seed, epochs=self.epochs, members=self.members)
-            model._fit(data.subset(np.setdiff1d(order, fold)), kind)
-            predicted[fold] = model.predict_x(data.x[fold], data.exit_mask[fold], data.gate_mask[fold]).accuracy
-        tau = kendalltau(predicted, data.accuracy).statistic
-        return {"tau": float(tau) if np.isfinite(tau) else 0.0,
-                "rmse": float(np.sqrt(np.mean((predicted - data.accuracy) ** 2)))}
+        return self.cross_validate_kinds(data, [kind])[kind]
 
     def fit(self, data: Samples) -> "SubnetPredictor":
         """Score the candidate model kinds out of fold, then fit the best (``kind``, or by τ for "auto") on all
@@ -205,8 +175,8 @@ class SubnetPredictor:
         if len(data) < MIN_TRIALS:
             raise ConfigError(f"the predictor needs at least {MIN_TRIALS} measured trials, the study has {len(data)}; "
                               "raise --warmup")
-        kinds = ("mlp", "gbm") if self.kind == "auto" else (self.kind,)
-        self.scores = {k: self.cross_validate(data, k) for k in kinds}
+        kinds = MODELS if self.kind == "auto" else (self.kind,)
+        self.scores = self.cross_validate_kinds(data, kinds)
         best = max(kinds, key=lambda k: self.scores[k]["tau"])
         self._fit(data, best)
         log.info("predictor: %s", ", ".join(f"{k} tau {s['tau']:.3f} rmse {s['rmse']:.4f}" for k, s in self.scores.items()))
@@ -222,25 +192,32 @@ class SubnetPredictor:
         outs = torch.stack([mlp(xt) for mlp in self._mlps]).mean(0)
         exits = torch.softmax(outs[:, 1:1 + n_exit].masked_fill(~emask, -1e9), 1).numpy()
         gates = torch.sigmoid(outs[:, 1 + n_exit:]).numpy() * gate_mask
-        if self._gbm is not None:
+        accuracy = outs[:, 0].numpy() * acc_std + acc_mean
+        if self.chosen == "gbm":
             accuracy = self._gbm.predict(x)
-        else:
-            accuracy = outs[:, 0].numpy() * acc_std + acc_mean
-        return Prediction(np.clip(accuracy, 0.0, 1.0), exits, gates)
+        elif self.chosen == "ensemble":
+            accuracy = (accuracy + self._gbm.predict(x)) / 2
+        share = self._share.predict(x) if hasattr(self._share, "predict") else np.full(len(x), self._share)
+        share = np.where(exit_mask[:, :-1].any(1), np.clip(share, 0.05, 1.0), 1.0)
+        return Prediction(np.clip(accuracy, 0.0, 1.0), exits, gates, share)
 
-    def predict(self, featurizer: Featurizer, archs: Sequence[Arch], budgets: Sequence[float],
-                macs_max: Sequence[float]) -> Prediction:
+    def predict(self, featurizer: Featurizer, archs: Sequence[Arch], budgets: Sequence[float]) -> Prediction:
         """Predictions for uncalibrated ``archs`` at their exit ``budgets``."""
-        x = np.asarray([featurizer.row(a, b, m) for a, b, m in zip(archs, budgets, macs_max)], dtype=np.float32)
+        x = np.asarray([featurizer.row(a, b) for a, b in zip(archs, budgets)], dtype=np.float32)
         return self.predict_x(x, np.stack([featurizer.exit_mask(a) for a in archs]),
                               np.stack([featurizer.gate_mask(a) for a in archs]))
 
 
-def rates_of(featurizer: Featurizer, arch: Arch, prediction: Prediction, row: int) -> tuple[list[float], list[float]]:
+def rates_of(featurizer: Featurizer, arch: Arch, prediction: Prediction, row: int,
+             exit_budget: float) -> tuple[list[float], list[float]]:
     """One arch's predicted exit shares (its exits, then the final classifier) and gate rates (its gated
-    blocks in network order), as :meth:`CandidateCosts.metrics` takes them."""
+    blocks in network order), as :meth:`CandidateCosts.metrics` takes them; the exit shares moved so that the
+    expected budget metric is the predicted cost share of the limit ``exit_budget`` sets."""
     exits = prediction.exits[row][featurizer.exit_mask(arch)]
     gates = prediction.gates[row][featurizer.gate_mask(arch)]
+    if arch.exits:
+        costs = featurizer.costs.exit_costs(arch, gates.tolist())[featurizer.metric]
+        exits = fit_exit_shares(exits, costs, float(prediction.cost_share[row]) * cost_limit(costs, exit_budget))
     return exits.tolist(), gates.tolist()
 
 

@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 from nas4dyn.search import outputs
 from nas4dyn.search.candidate_costs import CandidateCosts
 from nas4dyn.search.encoding import budget, decode, suggest
+from nas4dyn.search.objectives import budget_metric
 from nas4dyn.search.predictor import Featurizer, SubnetPredictor, rates_of
 from nas4dyn.search.storage import count
 from nas4dyn.search.trial import TrialContext
@@ -50,7 +51,7 @@ class PredictorSettings:
     round_size: int = 10  # candidates measured per round
     candidates: int = 10_000  # predictor queries per round
     population: int = 100  # of the candidate NSGA-II
-    kind: str = "auto"  # mlp | gbm | auto (by out-of-fold Kendall tau)
+    kind: str = "auto"  # mlp | gbm | ensemble | auto (by out-of-fold Kendall tau)
     seed: Optional[int] = None
 
 
@@ -80,10 +81,9 @@ def query_candidates(ctx: TrialContext, predictor: SubnetPredictor, featurizer: 
         trials = [study.ask() for _ in range(min(settings.population, settings.candidates - len(out)))]
         params = [suggest(t, space, s.static) for t in trials]
         archs = [decode(space, p) for p in params]
-        macs_max = [costs.macs_max(a) for a in archs]
-        prediction = predictor.predict(featurizer, archs, [budget(p) for p in params], macs_max)
+        prediction = predictor.predict(featurizer, archs, [budget(p) for p in params])
         for row, (trial, p, arch) in enumerate(zip(trials, params, archs)):
-            exits, gates = rates_of(featurizer, arch, prediction, row)
+            exits, gates = rates_of(featurizer, arch, prediction, row, budget(p))
             metrics = {"accuracy": float(prediction.accuracy[row]), **costs.metrics(arch, exits, gates)}
             violations = [c.violation(metrics[c.metric]) for c in s.constraints]
             for c, v in zip(s.constraints, violations):
@@ -140,7 +140,7 @@ def run_predictor_search(study: optuna.Study, ctx: TrialContext, target: int, se
     measures the study's enqueued (or, failing those, sampled) trials until it holds ``n`` completed ones."""
     space = ctx.net.space
     costs = CandidateCosts(ctx.net, ctx.latency)
-    featurizer = Featurizer(space, costs.macs_max(space.max_arch()))
+    featurizer = Featurizer(space, costs, budget_metric(ctx.settings.objectives))
     rng = np.random.default_rng(settings.seed)
     while (done := count(study, TrialState.COMPLETE)) < target:
         waiting = count(study, TrialState.WAITING)
