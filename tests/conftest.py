@@ -1,6 +1,7 @@
 """Shared fixtures: tiny spaces and supernets whose gates and exits take varied decisions."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -11,7 +12,7 @@ import nas4dyn
 from search_spaces.space import BUILTIN_DIR, SearchSpace, space_from_dict
 from supernet.dynamic.gates import SkipGate
 
-torch.set_num_threads(2)
+torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))  # never more threads than usable cores
 
 
 def make_decisive(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -392,3 +392,14 @@ def test_every_rank_sees_a_non_finite_loss_of_any_rank(tmp_path):
     results = [torch.load(tmp_path / f"r.{rank}", weights_only=True) for rank in (0, 1)]
     assert all(r["loss"] == float("inf") for r in results)
     assert all(torch.equal(r["grad"], torch.full((1, 2), 0.5)) for r in results)
+
+
+def test_default_threads_follow_the_usable_cores(monkeypatch):
+    from nas4dyn.cli import train as train_cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)  # pinned to one core
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert train_cli._threads(0) == 1 and train_cli._threads(4) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks share the four cores
+    assert train_cli._threads(0) == 2
