@@ -56,11 +56,15 @@ class StaticBlock(nn.Module):
     """Shared gating logic of the extracted blocks; subclasses define ``branch`` and the output activation."""
 
     def __init__(self, gate_kind: str, gate_start: int, gate_end: int, skip_gate: Optional[SkipGate],
-                 dfs_gate: Optional[DFSGate] = None):
+                 dfs_gate: Optional[DFSGate] = None, filters: int = 0, gate_group: int = 1):
         super().__init__()
         self.gate_kind = gate_kind
         self.gate_start = gate_start
         self.gate_end = gate_end
+        # Channel gates in groups: the gate column of each of the ``filters`` gated filters (empty: one per filter).
+        grouped = gate_kind == "channel" and gate_group > 1
+        self.register_buffer("filter_group", torch.arange(filters) // gate_group if grouped
+                             else torch.zeros(0, dtype=torch.long))
         self.skip_gate = skip_gate
         self.dfs_gate = dfs_gate
         self.stride, self.padding = 1, 0  # of the first k x k conv; set by subclasses
@@ -94,12 +98,25 @@ class StaticBlock(nn.Module):
     def post(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def channel_mask(self, gate_logits: torch.Tensor) -> torch.Tensor:
+        """N x filters: which filters a channel gate keeps for each sample (grouped gates: their group's)."""
+        mask = gate_logits[:, self.gate_start : self.gate_end] > 0
+        return mask.index_select(1, self.filter_group) if self.filter_group.numel() > 0 else mask
+
+    def gate_columns(self, filters: torch.Tensor) -> torch.Tensor:
+        """The gate-column decisions (last dim) that open the filters ``filters`` (bool, last dim one per filter)
+        open: with grouped gates, a group is on when any of its filters is."""
+        if self.filter_group.numel() == 0:
+            return filters
+        groups = filters.new_zeros(filters.shape[:-1] + (self.gate_end - self.gate_start,), dtype=torch.float)
+        return groups.index_add(-1, self.filter_group, filters.float()) > 0
+
     def decisions(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
         """Per-sample binary decisions of this block's gate (N x filters, N x 1, or N x 0)."""
         if self.gate_kind == "emg":
             return self.emg_gates(x)[1]
         if self.gate_kind == "channel":
-            return gate_logits[:, self.gate_start : self.gate_end] > 0
+            return self.channel_mask(gate_logits)
         route = self.route(x)
         if route is None:
             return torch.zeros(x.shape[0], 0, dtype=torch.bool, device=x.device)
@@ -127,7 +144,7 @@ class StaticBlock(nn.Module):
         if self.gate_kind == "none":
             return self.run(x, None)
         if self.gate_kind == "channel":
-            return self.run(x, gate_logits[:, self.gate_start : self.gate_end] > 0)
+            return self.run(x, self.channel_mask(gate_logits))
         route = self.route(x)
         if route is not None and x.shape[0] == 1:  # one sample: one host sync, then only its option runs
             option = int(route[0])
@@ -178,8 +195,8 @@ class StaticBasicBlock(StaticBlock):
     def __init__(self, conv1: nn.Conv2d, bn1: nn.BatchNorm2d, conv2: nn.Conv2d, bn2: nn.BatchNorm2d,
                  shortcut: nn.Module, gate_kind: str = "none", gate_start: int = 0, gate_end: int = 0,
                  skip_gate: Optional[SkipGate] = None, emg_threshold: Optional[torch.Tensor] = None,
-                 dfs_gate: Optional[DFSGate] = None, int8_branch: Optional[Int8Branch] = None):
-        super().__init__(gate_kind, gate_start, gate_end, skip_gate, dfs_gate)
+                 dfs_gate: Optional[DFSGate] = None, int8_branch: Optional[Int8Branch] = None, gate_group: int = 1):
+        super().__init__(gate_kind, gate_start, gate_end, skip_gate, dfs_gate, conv1.out_channels, gate_group)
         self.conv1, self.bn1, self.conv2, self.bn2, self.shortcut = conv1, bn1, conv2, bn2, shortcut
         self.int8_branch = int8_branch
         # Plain ints: TorchScript does not expose a submodule's constants to its parent.
@@ -236,8 +253,8 @@ class StaticMBConvBlock(StaticBlock):
     def __init__(self, expand: nn.Conv2d, bn1: nn.BatchNorm2d, dw: nn.Conv2d, bn2: nn.BatchNorm2d,
                  project: nn.Conv2d, bn3: nn.BatchNorm2d, act: nn.Module, residual: bool,
                  gate_kind: str = "none", gate_start: int = 0, gate_end: int = 0,
-                 skip_gate: Optional[SkipGate] = None):
-        super().__init__(gate_kind, gate_start, gate_end, skip_gate)
+                 skip_gate: Optional[SkipGate] = None, gate_group: int = 1):
+        super().__init__(gate_kind, gate_start, gate_end, skip_gate, None, expand.out_channels, gate_group)
         self.expand, self.bn1, self.dw, self.bn2 = expand, bn1, dw, bn2
         self.project, self.bn3, self.act, self.residual = project, bn3, act, residual
         self.stride, self.padding = dw.stride[0], dw.padding[0]

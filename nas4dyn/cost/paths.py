@@ -39,7 +39,7 @@ def _force_channel(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalG
     if gater is None:
         raise ConfigError("a channel-gated block is forced through its subnet's gater; none was given")
     gater.fc2.weight[blk.gate_start : blk.gate_end] = 0.0
-    gater.fc2.bias[blk.gate_start : blk.gate_end] = torch.where(mask, 1.0, -1.0).to(gater.fc2.bias)
+    gater.fc2.bias[blk.gate_start : blk.gate_end] = torch.where(blk.gate_columns(mask), 1.0, -1.0).to(gater.fc2.bias)
 
 
 def _force_option(decider: nn.Module, option: int) -> None:
@@ -328,7 +328,7 @@ def forced_block(blk: nn.Module, mask: torch.Tensor, batch: int = 1) -> tuple[nn
     kind = block_gate(blk)
     if kind == "channel":
         logits = torch.zeros(batch, blk.gate_end, device=mask.device)
-        logits[:, blk.gate_start : blk.gate_end] = torch.where(mask, 1.0, -1.0)
+        logits[:, blk.gate_start : blk.gate_end] = torch.where(blk.gate_columns(mask), 1.0, -1.0)
         return blk, logits
     no_logits = torch.zeros(batch, 0, device=mask.device)
     if kind == "none" and not isinstance(blk, RoutedBlock):
