@@ -103,3 +103,21 @@ def test_bad_gate_group_is_a_space_error_naming_the_field(value):
     data["gater"]["group"] = value
     with pytest.raises(SpaceError, match="gater.group"):
         space_from_dict(data)
+
+
+@pytest.mark.parametrize("stage, group", [(0, GROUP), (0, 1), (1, 8)])  # basic (ragged groups, per filter), MBConv
+def test_pre_gathered_subsets_equal_the_gathered_convs(net, stage, group):
+    """Every subset code of a block with few gate columns runs as the per-image gather of its filters would."""
+    width = net.space.stages[stage].widths[0]
+    hidden = net.block(stage, 0).hidden(width)
+    columns = -(-hidden // group)
+    blk = net.block(stage, 0).extract(3, width, "channel", 0, columns, group).eval()
+    assert len(blk.subset_w1) == 2 ** columns and columns <= 4
+    x = torch.randn(1, net.space.block_in_channels(stage, 0), 8, 8)
+    column = blk.filter_group if group > 1 else torch.arange(hidden)
+    with torch.no_grad():
+        for code in range(2 ** columns):
+            open_columns = torch.tensor([(code >> i) & 1 for i in range(columns)], dtype=torch.bool)
+            assert blk.subset_code(torch.where(open_columns, 1.0, -1.0)[None]) == code
+            expected = blk.run(x, open_columns[column][None])
+            assert (blk.run_subset(x, code) - expected).abs().max() <= 1e-5, code
