@@ -32,11 +32,15 @@ class Segment(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.head = head
-        self.threshold = threshold
-        # Rounded to float32 as a tensor comparison rounds it, so a host-side comparison of a float32 confidence
-        # with it decides exactly as ``confidence(...) >= threshold`` does at larger batches.
-        self.threshold32 = float(torch.tensor(threshold, dtype=torch.float32))
+        self.set_threshold(threshold)
         self.final = final
+
+    @torch.jit.unused
+    def set_threshold(self, threshold: float) -> None:
+        """Set the exit's threshold (and its float32 rounding, ``threshold32``: a host-side comparison of a
+        float32 confidence with it decides exactly as the tensor comparison ``confidence(...) >= threshold``)."""
+        self.threshold = threshold
+        self.threshold32 = float(torch.tensor(threshold, dtype=torch.float32))
 
     def body(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:

@@ -23,10 +23,12 @@ def test_batch_one_exit_decisions_equal_the_tensor_comparison_at_the_float32_bou
     seen = set()
     for threshold in (float(conf), float(conf) + 1e-12, float(conf) + 1e-6):  # the middle one rounds to conf
         sub = net.extract(arch.with_thresholds([threshold])).eval()
-        scripted = torch.jit.script(sub)
         with torch.no_grad():
             one_logits, one_exit = sub.forward_with_exits(x)
-            assert torch.equal(scripted(x), one_logits) and torch.equal(scripted.forward_with_exits(x)[1], one_exit)
+            if threshold == float(conf) + 1e-12:  # TorchScript decides alike (scripted once: it takes seconds)
+                scripted = torch.jit.script(sub)
+                assert torch.equal(scripted(x), one_logits)
+                assert torch.equal(scripted.forward_with_exits(x)[1], one_exit)
             expected = 0 if bool(conf >= threshold) else 1  # what the batched path's comparison decides
             assert int(one_exit[0]) == expected, threshold
             assert torch.allclose(one_logits, sub.forward_with_exits(x.repeat(2, 1, 1, 1))[0][:1], atol=1e-5)

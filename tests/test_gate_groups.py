@@ -15,6 +15,8 @@ from nas4dyn.export.onnx import OnnxDynamicModel, export_onnx
 from nas4dyn.export.torchscript import save_torchscript
 from search_spaces.space import BUILTIN_DIR, space_from_dict
 from tests.conftest import make_decisive
+from supernet.network import Supernet
+from tests.test_cost import flop_counter_macs
 from tests.test_export import ALL_MECHANISMS, RES, between, calibrated, onnx_able, reference
 
 GROUP = 3  # does not divide the tiny space's 8-filter blocks: their last group is shorter
@@ -24,6 +26,13 @@ def grouped_space(group: int = GROUP):
     data = yaml.safe_load((BUILTIN_DIR / "tiny.yaml").read_text())
     data["gater"]["group"] = group
     return space_from_dict(data)
+
+
+def grouped_net(net: Supernet, group: int) -> Supernet:
+    """``net``'s weights under the tiny space with gates in groups of ``group``."""
+    out = Supernet(grouped_space(group))
+    out.load_state_dict(net.state_dict())
+    return out.eval()
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +130,20 @@ def test_pre_gathered_subsets_equal_the_gathered_convs(net, stage, group):
             assert blk.subset_code(torch.where(open_columns, 1.0, -1.0)[None]) == code
             expected = blk.run(x, open_columns[column][None])
             assert (blk.run_subset(x, code) - expected).abs().max() <= 1e-5, code
+
+
+def test_count_macs_counts_the_grouped_gater_and_what_each_sample_runs(net, data):
+    arch = calibrated(net, ALL_MECHANISMS, data["normalised"])
+    x = data["normalised"][:12]
+    rep = nas4dyn.count_macs(net, arch, [(x, None)])
+    sub = net.extract(arch).eval()
+    per_sample = []
+    for i in range(len(x)):
+        exit_index = sub.forward_with_exits(x[i : i + 1])[1].item()
+        confidence = sum(rep.parts[f"confidence.{e.stage}.{e.block}"] for e in arch.exits[: exit_index + 1])
+        per_sample.append(flop_counter_macs(sub, x[i : i + 1]) + confidence)
+    assert rep.macs_expected == pytest.approx(sum(per_sample) / len(per_sample))
+    hidden = sub.gater.fc1.out_features
+    ungrouped = nas4dyn.count_macs(grouped_net(net, 1), arch)
+    filters = sum(e - s for s, e in net._gate_rows(arch)[1].values())
+    assert ungrouped.parts["gater"] - rep.parts["gater"] == hidden * (filters - sub.gater.fc2.out_features)

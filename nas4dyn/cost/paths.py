@@ -100,7 +100,9 @@ class GateKind(NamedTuple):
 
 
 GATES: dict[str, GateKind] = {
-    "channel": GateKind(lambda hidden: hidden, _force_channel),
+    # Grouped channel gates open whole groups: the line through 0, the first group and all filters.
+    "channel": GateKind(lambda hidden: hidden, _force_channel,
+                        levels=lambda blk, units: sorted({0, int((blk.filter_group == 0).sum()) or 1, units})),
     "emg": GateKind(lambda hidden: hidden, _force_emg),
     "skip": GateKind(lambda hidden: 1, lambda blk, mask, gater: _force_option(blk.skip_gate, int(mask.sum())),
                      lambda blk: blk.skip_gate),
@@ -150,6 +152,13 @@ def arch_layout(space: SearchSpace, arch: Arch) -> list[BlockSlot]:
         slots.append(BlockSlot(f"{blk.stage}.{blk.block}", blk.stage, blk.block, segment, blk.gate, units,
                                arch.paths[blk.stage], options))
     return slots
+
+
+def gater_rows(space: SearchSpace, layout: list[BlockSlot]) -> int:
+    """Outputs of the extracted gater of an arch with this layout: one per group of ``space.gater.group``
+    filters of each channel-gated block (its cost grows with them)."""
+    group = space.gater.group
+    return sum(-(-slot.units // group) for slot in layout if slot.gate == "channel")
 
 
 def gated_slots(layout: list[BlockSlot]) -> list[BlockSlot]:
@@ -349,7 +358,7 @@ def force_path(sub: SubNet, exit_index: int, masks: list[torch.Tensor]) -> SubNe
     for i, seg in enumerate(forced.segments):
         if not seg.final:
             # Confidence lies in [0, 1]: -1 always leaves, 2 never does.
-            seg.threshold = -1.0 if i == exit_index else 2.0
+            seg.set_threshold(-1.0 if i == exit_index else 2.0)
     blocks = [blk for seg in forced.segments for blk in seg.blocks]
     gated = [blk for blk in blocks if block_gate(blk) != "none"]
     if len(gated) != len(masks):

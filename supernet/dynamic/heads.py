@@ -51,4 +51,4 @@ def one_sample_leaves(logits: torch.Tensor, criterion: str, threshold: float) ->
     tensor comparison rounds it so; the host comparison here does not)."""
     if criterion == "entropy":
         return bool(confidence(logits, criterion)[0] >= threshold)
-    return float(torch.softmax(logits, 1).max()) >= threshold
+    return float(torch.softmax(logits, 1).max().detach()) >= threshold
