@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nas4dyn  # noqa: E402
-from bench_export import Twin, backbone, calibrate_exits, calibrate_gates, load_images, timed_passes  # noqa: E402
+from bench_export import Twin, backbone, calibrate_exits, calibrate_gates, net_and_images, timed_passes  # noqa: E402
 from path_overhead import check_twins, path_overhead, path_twins  # noqa: E402
 from nas4dyn.api import save_supernet  # noqa: E402
 from nas4dyn.export.measure import realized_macs  # noqa: E402
@@ -82,16 +82,8 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     load_start = os.getloadavg()[0]
-    if args.run:
-        from nas4dyn.api import load_supernet_file
-
-        net, info = load_supernet_file(Path(args.run) / "supernet.pt")
-    else:
-        net, info = nas4dyn.build_supernet(nas4dyn.load_space(args.space)).eval(), None
+    net, val, test, mean, std, source = net_and_images(args.space, args.run, 1000, args.samples)
     space = net.space
-    val, test, mean, std, source = load_images(space, 1000, args.samples)
-    if info:
-        mean, std = list(info["mean"]), list(info["std"])
     info = {"mean": mean, "std": std}
     norm = (val - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     base = backbone(space)

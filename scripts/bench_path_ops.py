@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nas4dyn  # noqa: E402
 from bench_before_after import grouped  # noqa: E402
-from bench_export import backbone, calibrate_exits, calibrate_gates, load_images  # noqa: E402
+from bench_export import backbone, calibrate_exits, calibrate_gates, net_and_images  # noqa: E402
 from nas4dyn.export.torchscript import load_exported, save_torchscript  # noqa: E402
 from nas4dyn.train.sampling import gated  # noqa: E402
 from search_spaces.arch import ExitChoice  # noqa: E402
@@ -49,17 +49,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    if args.run:
-        from nas4dyn.api import load_supernet_file
-
-        net, info = load_supernet_file(Path(args.run) / "supernet.pt")
-        space = net.space
-    else:
-        space = nas4dyn.load_space(args.space)
-        net = nas4dyn.build_supernet(space).eval()
-    val, test, mean, std, _ = load_images(space, 300, args.images)
-    if args.run:
-        mean, std = list(info["mean"]), list(info["std"])
+    net, val, test, mean, std, _ = net_and_images(args.space, args.run, 300, args.images)
+    space = net.space
     base = backbone(space)
     kinds = args.kinds.split(",")
     variants = {f"{k} gates": gated(space, base, k) for k in kinds if k != "exits"}
