@@ -97,6 +97,13 @@ class StaticBlock(nn.Module):
         # depthwise bias b2 and w3); empty when the block does not keep them.
         self.subset_w1, self.subset_b1, self.subset_w2, self.subset_b2, self.subset_w3 = [], [], [], [], []
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to() / .cuda() / .double() reach buffers through _apply; the pre-gathered lists are plain attributes.
+        super()._apply(fn, recurse)
+        for name in ("subset_w1", "subset_b1", "subset_w2", "subset_b2", "subset_w3"):
+            setattr(self, name, [fn(t) for t in getattr(self, name)])
+        return self
+
     def subset_filters(self) -> List[torch.Tensor]:
         """For a channel gate of at most ``SUBSET_MAX_COLUMNS`` columns, the filters each subset code keeps (code
         bit i: column i open; code 0 keeps filter 0, whose output the caller zeroes), and sets ``subset_powers``;

@@ -147,3 +147,11 @@ def test_count_macs_counts_the_grouped_gater_and_what_each_sample_runs(net, data
     ungrouped = nas4dyn.count_macs(grouped_net(net, 1), arch)
     filters = sum(e - s for s, e in net._gate_rows(arch)[1].values())
     assert ungrouped.parts["gater"] - rep.parts["gater"] == hidden * (filters - sub.gater.fc2.out_features)
+
+
+def test_pre_gathered_subsets_follow_the_block_to_another_dtype(net):
+    """.to() reaches the pre-gathered lists as it reaches buffers (the same path as .cuda())."""
+    blk = net.block(0, 0).extract(3, 8, "channel", 0, 3, GROUP).eval().double()
+    assert all(t.dtype == torch.float64 for t in blk.subset_w1 + blk.subset_b1 + blk.subset_w2)
+    with torch.no_grad():
+        assert blk.run_subset(torch.randn(1, 4, 8, 8, dtype=torch.float64), 5).dtype == torch.float64
