@@ -155,3 +155,18 @@ def test_pre_gathered_subsets_follow_the_block_to_another_dtype(net):
     assert all(t.dtype == torch.float64 for t in blk.subset_w1 + blk.subset_b1 + blk.subset_w2)
     with torch.no_grad():
         assert blk.run_subset(torch.randn(1, 4, 8, 8, dtype=torch.float64), 5).dtype == torch.float64
+
+
+def test_grouped_gates_train_every_row_of_a_group_alike(data):
+    """In training the gater's rows get gradients through their group's logit: each row of a group the same."""
+    torch.manual_seed(0)
+    net = make_decisive(nas4dyn.build_supernet(grouped_space())).train()
+    arch = dataclasses.replace(ALL_MECHANISMS, exits=())
+    net.set_active(arch)
+    net.forward_all(data["normalised"][:16])[-1].square().sum().backward()
+    rows, _, groups, _ = net._gate_rows(arch)
+    grad = net.gater.fc2.weight.grad[rows]
+    assert grad.abs().sum() > 0
+    for g in range(int(groups.max()) + 1):
+        members = grad[groups == g]
+        assert torch.allclose(members, members[:1].expand_as(members))
