@@ -170,3 +170,9 @@ def test_grouped_gates_train_every_row_of_a_group_alike(data):
     for g in range(int(groups.max()) + 1):
         members = grad[groups == g]
         assert torch.allclose(members, members[:1].expand_as(members))
+
+
+def test_spaces_listing_names_the_gate_group():
+    from nas4dyn.cli.spaces import describe
+
+    assert "groups of 3" in describe(grouped_space()) and "groups of" not in describe(grouped_space(1))
