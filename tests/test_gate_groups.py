@@ -72,14 +72,15 @@ def test_grouped_exports_equal_the_supernet_and_gate_whole_groups(net, data, tmp
         arch = calibrated(net, arch, data["normalised"])
         ref_logits, ref_exit = reference(net, arch, data["normalised"])
         model = nas4dyn.export_subnet(net, arch, data["info"])
-        scripted = save_torchscript(model, tmp_path / f"m{i}.ts")
-        with torch.no_grad():
-            logits, exit_index = scripted.forward_with_exits(data["images"])
-            one_by_one = torch.cat([scripted(data["images"][j : j + 1]) for j in range(8)])
-        assert torch.equal(exit_index, ref_exit)
-        assert (logits - ref_logits).abs().max() <= 1e-4
-        assert (one_by_one - ref_logits[:8]).abs().max() <= 1e-4
-        if i == 1:  # basic-block channel gates only: ONNX too
+        if i == 0:  # TorchScript (scripting takes seconds: once, on the arch with MBConv channel gates too)
+            scripted = save_torchscript(model, tmp_path / "m.ts")
+            with torch.no_grad():
+                logits, exit_index = scripted.forward_with_exits(data["images"])
+                one_by_one = torch.cat([scripted(data["images"][j : j + 1]) for j in range(8)])
+            assert torch.equal(exit_index, ref_exit)
+            assert (logits - ref_logits).abs().max() <= 1e-4
+            assert (one_by_one - ref_logits[:8]).abs().max() <= 1e-4
+        else:  # basic-block channel gates only: ONNX
             export_onnx(model, tmp_path / "onnx", RES)
             onnx_logits, onnx_exit = OnnxDynamicModel(tmp_path / "onnx").forward_with_exits(data["images"].numpy())
             assert torch.equal(torch.from_numpy(onnx_exit), ref_exit)
