@@ -247,6 +247,22 @@ def load_images(space: SearchSpace, n_val: int, n_test: int) -> tuple[torch.Tens
     return val, test, list(info.mean), list(info.std), source
 
 
+def net_and_images(space_name: str, run: str | None, n_val: int, n_test: int
+                   ) -> tuple[Supernet, torch.Tensor, torch.Tensor, list[float], list[float], str]:
+    """(supernet in eval mode, calibration images, timed images, mean, std, image source): the trained run's
+    supernet and input normalisation, or an untrained supernet of ``space_name``; images as ``load_images``."""
+    if run:
+        from nas4dyn.api import load_supernet_file
+
+        net, info = load_supernet_file(Path(run) / "supernet.pt")
+    else:
+        net, info = nas4dyn.build_supernet(nas4dyn.load_space(space_name)).eval(), None
+    val, test, mean, std, source = load_images(net.space, n_val, n_test)
+    if info:
+        mean, std = list(info["mean"]), list(info["std"])
+    return net, val, test, mean, std, source
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", default="fmnist", help="the space whose backbone is exported (with --run: the run's)")
@@ -263,17 +279,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()[0]
-    if args.run:
-        from nas4dyn.api import load_supernet_file
-
-        net, info = load_supernet_file(Path(args.run) / "supernet.pt")
-        space = net.space
-    else:
-        space = nas4dyn.load_space(args.space)
-        net = nas4dyn.build_supernet(space).eval()
-    val, test, mean, std, source = load_images(space, 1000, args.samples)
-    if args.run:
-        mean, std = list(info["mean"]), list(info["std"])
+    net, val, test, mean, std, source = net_and_images(args.space, args.run, 1000, args.samples)
+    space = net.space
     base_arch = backbone(space)
     norm = lambda t: (t - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)  # noqa: E731
     info = {"mean": mean, "std": std}

@@ -2,11 +2,14 @@
 CPU ms) per image of each gated variant of bench_export's backbone, beside the same for the frozen static twins of
 the images' paths (scripts/path_overhead.py). Op counts are robust to machine load; the ms are not.
 
-Usage: python scripts/bench_path_ops.py [--space fmnist] [--images 24] [--kinds channel,skip,width] [--top 16]
+Usage: python scripts/bench_path_ops.py [--space fmnist] [--run DIR] [--images 24] [--kinds channel,skip,width,exits]
+       [--top 16] [--gate-group 1]
+``exits``: bench_export's two exits (thresholds calibrated so that 40% of the samples reaching each leave).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -16,9 +19,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nas4dyn  # noqa: E402
-from bench_export import backbone, calibrate_gates, load_images  # noqa: E402
+from bench_before_after import grouped  # noqa: E402
+from bench_export import backbone, calibrate_exits, calibrate_gates, net_and_images  # noqa: E402
 from nas4dyn.export.torchscript import load_exported, save_torchscript  # noqa: E402
 from nas4dyn.train.sampling import gated  # noqa: E402
+from search_spaces.arch import ExitChoice  # noqa: E402
 from path_overhead import check_twins, path_twins  # noqa: E402
 
 
@@ -36,19 +41,26 @@ def per_image_ops(fn, images: torch.Tensor, passes: int = 2) -> dict[str, tuple[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", default="fmnist")
+    ap.add_argument("--run", help="a trained run directory (default: an untrained supernet of --space)")
+    ap.add_argument("--gate-group", type=int, default=1, help="channel gates in groups of this many filters")
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--kinds", default="channel,skip,width", help="gate kinds, comma-separated")
     ap.add_argument("--top", type=int, default=16, help="ops listed per kind (by the dynamic model's self time)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    space = nas4dyn.load_space(args.space)
-    net = nas4dyn.build_supernet(space).eval()
-    val, test, mean, std, _ = load_images(space, 300, args.images)
+    net, val, test, mean, std, _ = net_and_images(args.space, args.run, 300, args.images)
+    space = net.space
     base = backbone(space)
-    variants = {f"{k} gates": gated(space, base, k) for k in args.kinds.split(",")}
+    kinds = args.kinds.split(",")
+    variants = {f"{k} gates": gated(space, base, k) for k in kinds if k != "exits"}
     norm = (val - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     calibrate_gates(net, variants, norm)
+    if args.gate_group > 1:
+        net = grouped(net, args.gate_group)
+    if "exits" in kinds:
+        exits = tuple(ExitChoice(s, b, 1.0) for s, b in space.exits.positions if b == 1)[:2]
+        variants["exits"] = calibrate_exits(net, dataclasses.replace(base, exits=exits), norm, 0.4)
     with tempfile.TemporaryDirectory() as tmp:
         for name, arch in variants.items():
             save_torchscript(nas4dyn.export_subnet(net, arch, {"mean": mean, "std": std}), Path(tmp) / "m.ts")

@@ -65,11 +65,16 @@ class ExitSpec:
 
 @dataclass(frozen=True)
 class GaterSpec:
-    """The GaterNet-style global gater: stride-2 convs of ``channels``, pooled, then an FC of ``hidden``."""
+    """The GaterNet-style global gater: stride-2 convs of ``channels``, pooled, then an FC of ``hidden``.
+
+    ``group``: filters gated together, in runs of ``group`` consecutive filters of a block (the last run of a
+    block may be shorter) — one gate logit per run, so a narrowed conv keeps multiples of ``group`` filters
+    (vector-friendly widths). 1 (the default) is GaterNet's one gate per filter."""
 
     channels: tuple[int, ...] = (8, 16)
     hidden: int = 32
     binarizer: str = "semhash"
+    group: int = 1
 
 
 @dataclass(frozen=True)
@@ -221,6 +226,7 @@ def _parse_gater(problems: list[str], raw: Any) -> GaterSpec:
         channels=_positive_ints(problems, "gater.channels", raw.get("channels", [8, 16]), choices=False),
         hidden=_int(problems, "gater.hidden", raw.get("hidden", 32)),
         binarizer=binarizer,
+        group=_int(problems, "gater.group", raw.get("group", 1)),
     )
 
 

@@ -92,8 +92,10 @@ class ElasticBlock(nn.Module):
     def importance_order(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int) -> nn.Module:
-        """The standalone block (a :class:`StaticBlock`; a :class:`WidthGatedBlock` for a width gate)."""
+    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int,
+                gate_group: int = 1) -> nn.Module:
+        """The standalone block (a :class:`StaticBlock`; a :class:`WidthGatedBlock` for a width gate); a channel
+        gate reads gate logits ``gate_start:gate_end``, one per ``gate_group`` consecutive filters."""
         raise NotImplementedError
 
     def width_masks(self, x: torch.Tensor, width: int, training: bool) -> torch.Tensor:
@@ -182,7 +184,8 @@ class ElasticBasicBlock(ElasticBlock):
         self.bn1.permute(order)
         self.conv2.permute_in(order)
 
-    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int) -> nn.Module:
+    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int,
+                gate_group: int = 1) -> nn.Module:
         if gate == "width":
             return self.width_gated(kernel, width)
         hidden = self.hidden(width)
@@ -195,7 +198,7 @@ class ElasticBasicBlock(ElasticBlock):
             dfs_gate, int8 = copy.deepcopy(self.dfs_gate), self.int8_branch(kernel, width)
         return StaticBasicBlock(conv1, self.bn1.sliced(hidden), conv2, copy.deepcopy(self.bn2),
                                 copy.deepcopy(self.shortcut), gate, gate_start, gate_end, self._static_skip_gate(gate),
-                                emg, dfs_gate, int8)
+                                emg, dfs_gate, int8, gate_group)
 
 
 class ElasticMBConvBlock(ElasticBlock):
@@ -237,7 +240,8 @@ class ElasticMBConvBlock(ElasticBlock):
         self.bn2.permute(order)
         self.project.permute_in(order)
 
-    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int) -> nn.Module:
+    def extract(self, kernel: int, width: int, gate: str, gate_start: int, gate_end: int,
+                gate_group: int = 1) -> nn.Module:
         if gate == "width":
             return self.width_gated(kernel, width)
         hid = self.hidden(width)
@@ -247,7 +251,7 @@ class ElasticMBConvBlock(ElasticBlock):
             project = static_conv(self.project.kernel_weight(self.out_ch, hid, 1), 1, False)
         return StaticMBConvBlock(expand, self.bn1.sliced(hid), dw, self.bn2.sliced(hid), project,
                                  copy.deepcopy(self.bn3), copy.deepcopy(self.act), self.residual,
-                                 gate, gate_start, gate_end, self._static_skip_gate(gate))
+                                 gate, gate_start, gate_end, self._static_skip_gate(gate), gate_group)
 
 
 BLOCK_TYPES: dict[str, type[ElasticBlock]] = {"basic": ElasticBasicBlock, "mbconv": ElasticMBConvBlock}

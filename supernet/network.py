@@ -119,28 +119,38 @@ class Supernet(nn.Module):
             return self.stages[stage][block]  # type: ignore[index]
         return self.path_copies[f"{stage}_{block}"][path - 1]  # type: ignore[index]
 
-    def _gate_rows(self, arch: Arch) -> tuple[torch.Tensor, dict[tuple[int, int], tuple[int, int]]]:
-        """Gater rows used by ``arch``'s channel-gated blocks, and each block's column range in the output."""
-        rows, columns, start = [], {}, 0
+    def _gate_rows(self, arch: Arch) -> tuple[torch.Tensor, dict[tuple[int, int], tuple[int, int]],
+                                              Optional[torch.Tensor], dict[tuple[int, int], tuple[int, int]]]:
+        """Gater rows used by ``arch``'s channel-gated blocks, each block's column range in the per-filter logits,
+        and with grouped gates (``gater.group`` > 1) each row's group and each block's range of group columns
+        (the extracted gater's outputs); without, None and the filter ranges."""
+        group = self.space.gater.group
+        rows, groups, columns, group_columns, start, first_group = [], [], {}, {}, 0, 0
         for blk in arch.blocks():
             if blk.gate == "channel":
                 n = self.block(blk.stage, blk.block).hidden(blk.width)
                 first = self.gate_offsets[(blk.stage, blk.block)][0]
                 rows.append(torch.arange(first, first + n))
+                groups.append(first_group + torch.arange(n) // group)
                 columns[(blk.stage, blk.block)] = (start, start + n)
-                start += n
-        return (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)), columns
+                group_columns[(blk.stage, blk.block)] = (first_group, first_group + -(-n // group))
+                start, first_group = start + n, first_group + -(-n // group)
+        all_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        if group == 1 or not rows:
+            return all_rows, columns, None, columns
+        return all_rows, columns, torch.cat(groups), group_columns
 
     def extract(self, arch: Optional[Arch] = None) -> SubNet:
         """A standalone :class:`SubNet` of ``arch`` (default: the active arch) with copied weights."""
         arch = self.space.validate(arch or self.active)
-        rows, columns = self._gate_rows(arch)
+        rows, _, groups, columns = self._gate_rows(arch)
         exits = {(e.stage, e.block): e.threshold for e in arch.exits}
         segments, blocks = [], []
         for blk in arch.blocks():
             start, end = columns.get((blk.stage, blk.block), (0, 0))
             paths = arch.paths[blk.stage]
-            copies = [self.block(blk.stage, blk.block, p).extract(blk.kernel, blk.width, blk.gate, start, end)
+            copies = [self.block(blk.stage, blk.block, p).extract(blk.kernel, blk.width, blk.gate, start, end,
+                                                                   self.space.gater.group)
                       for p in range(paths)]
             if paths > 1:
                 router = self.routers[f"{blk.stage}_{blk.block}"].sliced(paths)
@@ -152,7 +162,7 @@ class Supernet(nn.Module):
                 segments.append(Segment(blocks, head, exits[(blk.stage, blk.block)], False))
                 blocks = []
         segments.append(Segment(blocks, copy.deepcopy(self.classifier), 1.0, True))
-        gater = self.gater.extract(rows) if self.gater is not None and len(rows) else None
+        gater = self.gater.extract(rows, groups) if self.gater is not None and len(rows) else None
         sub = SubNet(arch.resolution, copy.deepcopy(self.stem), gater, segments, self.space.exits.criterion,
                      self.space.num_classes)
         return sub.train(self.training)
@@ -162,8 +172,8 @@ class Supernet(nn.Module):
         """Logits of every active exit in order, then of the final classifier (no sample stops)."""
         arch, hard = self.active, not self.training
         x = resize(x, arch.resolution)
-        rows, columns = self._gate_rows(arch)
-        gate_logits = self.gater(x, rows) if columns and self.gater is not None else None
+        rows, columns, groups, _ = self._gate_rows(arch)
+        gate_logits = self.gater(x, rows, groups) if columns and self.gater is not None else None
         binarizer = self.space.gater.binarizer
         exits = {(e.stage, e.block) for e in arch.exits}
         h = self.stem(x)

@@ -10,7 +10,7 @@ folds the other BatchNorms) cannot fold a conv whose weight is gathered per imag
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,15 +52,30 @@ def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     return (bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)).float()
 
 
+# Channel-gated blocks with at most this many gate columns keep their convs pre-gathered for every subset of
+# open columns (2^4 = 16 copies at half the weights on average): at batch 1 they then index a list instead of
+# finding the open filters and gathering three weight tensors per image.
+SUBSET_MAX_COLUMNS = 4
+
+
 class StaticBlock(nn.Module):
     """Shared gating logic of the extracted blocks; subclasses define ``branch`` and the output activation."""
 
+    # The type of the (possibly empty) pre-gathered conv lists, for TorchScript; spelled out as objects, not as
+    # annotations, which this module's ``from __future__ import annotations`` turns into strings TorchScript
+    # does not resolve.
+    __annotations__ = {f"subset_{name}": List[torch.Tensor] for name in ("w1", "b1", "w2", "b2", "w3")}
+
     def __init__(self, gate_kind: str, gate_start: int, gate_end: int, skip_gate: Optional[SkipGate],
-                 dfs_gate: Optional[DFSGate] = None):
+                 dfs_gate: Optional[DFSGate] = None, filters: int = 0, gate_group: int = 1):
         super().__init__()
         self.gate_kind = gate_kind
         self.gate_start = gate_start
         self.gate_end = gate_end
+        # Channel gates in groups: the gate column of each of the ``filters`` gated filters (empty: one per filter).
+        grouped = gate_kind == "channel" and gate_group > 1
+        self.register_buffer("filter_group", torch.arange(filters) // gate_group if grouped
+                             else torch.zeros(0, dtype=torch.long))
         self.skip_gate = skip_gate
         self.dfs_gate = dfs_gate
         self.stride, self.padding = 1, 0  # of the first k x k conv; set by subclasses
@@ -77,6 +92,38 @@ class StaticBlock(nn.Module):
         self.register_buffer("b2", torch.zeros(0))
         self.register_buffer("w3", torch.zeros(0))
         self.register_buffer("b3", torch.zeros(0))
+        self.register_buffer("subset_powers", torch.zeros(0))  # 2^column: a sample's open columns -> subset code
+        # Pre-gathered convs per subset code (see ``SUBSET_MAX_COLUMNS``; basic: w1, b1, w2; MBConv also the
+        # depthwise bias b2 and w3); empty when the block does not keep them.
+        self.subset_w1, self.subset_b1, self.subset_w2, self.subset_b2, self.subset_w3 = [], [], [], [], []
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to() / .cuda() / .double() reach buffers through _apply; the pre-gathered lists are plain attributes.
+        super()._apply(fn, recurse)
+        for name in ("subset_w1", "subset_b1", "subset_w2", "subset_b2", "subset_w3"):
+            setattr(self, name, [fn(t) for t in getattr(self, name)])
+        return self
+
+    def subset_filters(self) -> List[torch.Tensor]:
+        """For a channel gate of at most ``SUBSET_MAX_COLUMNS`` columns, the filters each subset code keeps (code
+        bit i: column i open; code 0 keeps filter 0, whose output the caller zeroes), and sets ``subset_powers``;
+        else an empty list."""
+        columns = self.gate_end - self.gate_start
+        if self.gate_kind != "channel" or columns > SUBSET_MAX_COLUMNS:
+            return []
+        filters = self.w1.shape[0]
+        column = self.filter_group if self.filter_group.numel() > 0 else torch.arange(filters)
+        self.subset_powers = 2.0 ** torch.arange(columns, dtype=torch.float)
+        kept = [(torch.bitwise_right_shift(code, column) & 1).nonzero().squeeze(1) for code in range(2 ** columns)]
+        kept[0] = torch.zeros(1, dtype=torch.long)
+        return kept
+
+    def subset_code(self, gate_logits: torch.Tensor) -> int:
+        """The subset code of the one sample's open gate columns."""
+        return int(torch.dot((gate_logits[0, self.gate_start : self.gate_end] > 0).float(), self.subset_powers))
+
+    def run_subset(self, x: torch.Tensor, code: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def emg_gates(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(BatchNorm-folded small-kernel response of every filter, per-sample EMG gates N x filters).
@@ -94,12 +141,25 @@ class StaticBlock(nn.Module):
     def post(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def channel_mask(self, gate_logits: torch.Tensor) -> torch.Tensor:
+        """N x filters: which filters a channel gate keeps for each sample (grouped gates: their group's)."""
+        mask = gate_logits[:, self.gate_start : self.gate_end] > 0
+        return mask.index_select(1, self.filter_group) if self.filter_group.numel() > 0 else mask
+
+    def gate_columns(self, filters: torch.Tensor) -> torch.Tensor:
+        """The gate-column decisions (last dim) that open the filters ``filters`` (bool, last dim one per filter)
+        open: with grouped gates, a group is on when any of its filters is."""
+        if self.filter_group.numel() == 0:
+            return filters
+        groups = filters.new_zeros(filters.shape[:-1] + (self.gate_end - self.gate_start,), dtype=torch.float)
+        return groups.index_add(-1, self.filter_group, filters.float()) > 0
+
     def decisions(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
         """Per-sample binary decisions of this block's gate (N x filters, N x 1, or N x 0)."""
         if self.gate_kind == "emg":
             return self.emg_gates(x)[1]
         if self.gate_kind == "channel":
-            return gate_logits[:, self.gate_start : self.gate_end] > 0
+            return self.channel_mask(gate_logits)
         route = self.route(x)
         if route is None:
             return torch.zeros(x.shape[0], 0, dtype=torch.bool, device=x.device)
@@ -127,7 +187,9 @@ class StaticBlock(nn.Module):
         if self.gate_kind == "none":
             return self.run(x, None)
         if self.gate_kind == "channel":
-            return self.run(x, gate_logits[:, self.gate_start : self.gate_end] > 0)
+            if x.shape[0] == 1 and self.subset_powers.numel() > 0:
+                return self.run_subset(x, self.subset_code(gate_logits))
+            return self.run(x, self.channel_mask(gate_logits))
         route = self.route(x)
         if route is not None and x.shape[0] == 1:  # one sample: one host sync, then only its option runs
             option = int(route[0])
@@ -178,8 +240,8 @@ class StaticBasicBlock(StaticBlock):
     def __init__(self, conv1: nn.Conv2d, bn1: nn.BatchNorm2d, conv2: nn.Conv2d, bn2: nn.BatchNorm2d,
                  shortcut: nn.Module, gate_kind: str = "none", gate_start: int = 0, gate_end: int = 0,
                  skip_gate: Optional[SkipGate] = None, emg_threshold: Optional[torch.Tensor] = None,
-                 dfs_gate: Optional[DFSGate] = None, int8_branch: Optional[Int8Branch] = None):
-        super().__init__(gate_kind, gate_start, gate_end, skip_gate, dfs_gate)
+                 dfs_gate: Optional[DFSGate] = None, int8_branch: Optional[Int8Branch] = None, gate_group: int = 1):
+        super().__init__(gate_kind, gate_start, gate_end, skip_gate, dfs_gate, conv1.out_channels, gate_group)
         self.conv1, self.bn1, self.conv2, self.bn2, self.shortcut = conv1, bn1, conv2, bn2, shortcut
         self.int8_branch = int8_branch
         # Plain ints: TorchScript does not expose a submodule's constants to its parent.
@@ -188,6 +250,11 @@ class StaticBasicBlock(StaticBlock):
             if gate_kind in ("channel", "emg"):
                 self.w1, self.b1 = fold_bn(conv1.weight, bn1)
                 self.w2, self.b2 = fold_bn(conv2.weight, bn2)
+            for code, keep in enumerate(self.subset_filters()):
+                self.subset_w1.append(self.w1.index_select(0, keep))
+                self.subset_b1.append(self.b1.index_select(0, keep))
+                w2 = self.w2.index_select(1, keep)
+                self.subset_w2.append(w2 if code > 0 else torch.zeros_like(w2))  # no filter open: bias only
             if emg_threshold is not None:
                 scale = bn_scale(bn1)
                 self.emg_threshold = scale * emg_threshold.detach() + self.b1
@@ -215,6 +282,10 @@ class StaticBasicBlock(StaticBlock):
         assert branch is not None
         return F.relu(self.shortcut(x) + branch(x))
 
+    def run_subset(self, x: torch.Tensor, code: int) -> torch.Tensor:
+        h = F.relu(F.conv2d(x, self.subset_w1[code], self.subset_b1[code], self.stride, self.padding))
+        return F.relu(self.shortcut(x) + F.conv2d(h, self.subset_w2[code], self.b2, 1, self.padding))
+
     def run(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.gate_kind == "emg":
             h = F.conv2d(F.relu(self.emg_conv1(x)), self.w2, self.b2, 1, self.padding)
@@ -236,8 +307,8 @@ class StaticMBConvBlock(StaticBlock):
     def __init__(self, expand: nn.Conv2d, bn1: nn.BatchNorm2d, dw: nn.Conv2d, bn2: nn.BatchNorm2d,
                  project: nn.Conv2d, bn3: nn.BatchNorm2d, act: nn.Module, residual: bool,
                  gate_kind: str = "none", gate_start: int = 0, gate_end: int = 0,
-                 skip_gate: Optional[SkipGate] = None):
-        super().__init__(gate_kind, gate_start, gate_end, skip_gate)
+                 skip_gate: Optional[SkipGate] = None, gate_group: int = 1):
+        super().__init__(gate_kind, gate_start, gate_end, skip_gate, None, expand.out_channels, gate_group)
         self.expand, self.bn1, self.dw, self.bn2 = expand, bn1, dw, bn2
         self.project, self.bn3, self.act, self.residual = project, bn3, act, residual
         self.stride, self.padding = dw.stride[0], dw.padding[0]
@@ -246,9 +317,23 @@ class StaticMBConvBlock(StaticBlock):
                 self.w1, self.b1 = fold_bn(expand.weight, bn1)
                 self.w2, self.b2 = fold_bn(dw.weight, bn2)
                 self.w3, self.b3 = fold_bn(project.weight, bn3)
+                for code, keep in enumerate(self.subset_filters()):
+                    self.subset_w1.append(self.w1.index_select(0, keep))
+                    self.subset_b1.append(self.b1.index_select(0, keep))
+                    self.subset_w2.append(self.w2.index_select(0, keep))
+                    self.subset_b2.append(self.b2.index_select(0, keep))
+                    w3 = self.w3.index_select(1, keep)
+                    self.subset_w3.append(w3 if code > 0 else torch.zeros_like(w3))  # no filter open: bias only
 
     def post(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def run_subset(self, x: torch.Tensor, code: int) -> torch.Tensor:
+        h = self.act(F.conv2d(x, self.subset_w1[code], self.subset_b1[code]))
+        w = self.subset_w2[code]
+        h = self.act(F.conv2d(h, w, self.subset_b2[code], self.stride, self.padding, 1, w.shape[0]))
+        h = F.conv2d(h, self.subset_w3[code], self.b3)
+        return h + x if self.residual else h
 
     def run(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if mask is None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supernet.dynamic.gates import GlobalGater
-from supernet.dynamic.heads import ExitHead, confidence
+from supernet.dynamic.heads import ExitHead, confidence, one_sample_leaves
 from supernet.static_blocks import StaticBlock
 
 
@@ -32,8 +32,15 @@ class Segment(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.head = head
-        self.threshold = threshold
+        self.set_threshold(threshold)
         self.final = final
+
+    @torch.jit.unused
+    def set_threshold(self, threshold: float) -> None:
+        """Set the exit's threshold (and its float32 rounding, ``threshold32``: a host-side comparison of a
+        float32 confidence with it decides exactly as the tensor comparison ``confidence(...) >= threshold``)."""
+        self.threshold = threshold
+        self.threshold32 = float(torch.tensor(threshold, dtype=torch.float32))
 
     def body(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
@@ -62,6 +69,9 @@ class SubNet(nn.Module):
         return x, torch.zeros(x.shape[0], 0, dtype=x.dtype, device=x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:  # batch 1: no exit-index tensor to build
+            x, gates = self._prepare(x)
+            return self._one_sample(x, gates)[0]
         return self.forward_with_exits(x)[0]
 
     @torch.jit.export
@@ -69,7 +79,8 @@ class SubNet(nn.Module):
         """(logits, index of the exit each sample left at; the final classifier is the last index)."""
         x, gates = self._prepare(x)
         if x.shape[0] == 1:
-            return self._one_sample(x, gates)
+            logits, left = self._one_sample(x, gates)
+            return logits, torch.full([1], left, dtype=torch.long, device=x.device)
         n = x.shape[0]
         out = torch.zeros(n, self.num_classes, dtype=x.dtype, device=x.device)
         exit_index = torch.full([n], -1, dtype=torch.long, device=x.device)
@@ -94,18 +105,20 @@ class SubNet(nn.Module):
                         idx, h, gates = idx.index_select(0, stay), h.index_select(0, stay), gates.index_select(0, stay)
         return out, exit_index
 
-    def _one_sample(self, x: torch.Tensor, gates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Batch 1: the sample runs until the first exit it passes, with no compaction bookkeeping."""
+    def _one_sample(self, x: torch.Tensor, gates: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """Batch 1: (logits, exit index) of the sample, run until the first exit it passes, with no compaction
+        bookkeeping and one host read per exit passed (:func:`~supernet.dynamic.heads.one_sample_leaves`)."""
         h = self.stem(x)
-        out = x.new_zeros(0)
+        out: Optional[torch.Tensor] = None
         left = -1
         for i, seg in enumerate(self.segments):
             if left < 0:
                 h = seg.body(h, gates)
                 logits = seg.head(h)
-                if seg.final or bool(confidence(logits, self.criterion)[0] >= seg.threshold):
+                if seg.final or one_sample_leaves(logits, self.criterion, seg.threshold32):
                     out, left = logits, i
-        return out, torch.full([1], left, dtype=torch.long, device=x.device)
+        assert out is not None  # the final segment always emits
+        return out, left
 
     @torch.jit.export
     def forward_all(self, x: torch.Tensor) -> List[torch.Tensor]:

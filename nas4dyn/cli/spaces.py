@@ -34,7 +34,9 @@ def describe(space: SearchSpace) -> str:
     )
     if space.uses_gater:
         g = space.gater
-        lines.append(f"  global gater (GaterNet): convs {list(g.channels)}, hidden {g.hidden}, binarizer {g.binarizer}")
+        grouping = f", filters gated in groups of {g.group}" if g.group > 1 else ""
+        lines.append(f"  global gater (GaterNet): convs {list(g.channels)}, hidden {g.hidden}, binarizer {g.binarizer}"
+                     f"{grouping}")
     lines.append("  gate kinds: channel = per-filter gates from the global gater; skip = per-block residual skip")
     lines.append(f"  subnets: {space.num_subnets(dynamic=False):,} static, {space.num_subnets():,} with exits and gates")
     return "\n".join(lines)

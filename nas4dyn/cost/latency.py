@@ -23,7 +23,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from scipy.optimize import nnls
 
-from nas4dyn.cost.paths import Part, SamplePaths, arch_layout, interpolate, path_contributions, trace_paths
+from nas4dyn.cost.paths import (Part, SamplePaths, arch_layout, gater_rows, interpolate, path_contributions,
+                                trace_paths)
 from nas4dyn.cost.timing import device_fingerprint, device_name  # noqa: F401  (device_name: benchlib)
 from nas4dyn.errors import ConfigError, SpaceError
 from nas4dyn.io import atomic_write_json
@@ -117,7 +118,7 @@ class LatencyTable:
         r = arch.resolution
         layout = arch_layout(self.space, arch)
         parts = []
-        rows = sum(slot.units for slot in layout if slot.gate == "channel")
+        rows = gater_rows(self.space, layout)
         if rows:
             parts.append(Part("gater", 0, ((0.0, float(interpolate(self._levels(("gater", r)), rows))),)))
         parts.append(Part("stem", 0, self._levels(("stem", r))))

@@ -129,6 +129,11 @@ def _block_levels(blk: nn.Module, h: torch.Tensor, kind: str, units: int) -> tup
     for on in gate.levels(blk, units):
         mask = torch.arange(units) < gate.macs_as(on)
         levels.append((float(on), float(count_ops(*_with_logits(blk, mask, h)))))
+    if kind == "channel" and len(levels) == 3 and levels[1][0] > 1:
+        # Grouped gates cannot be forced to one filter; the MACs are linear in the filters from one filter on
+        # (a shorter last group runs fewer than the first), so the state "one filter" is on the line.
+        (first, at_first), (last, at_last) = levels[1], levels[2]
+        levels.insert(1, (1.0, at_first - (first - 1) * (at_last - at_first) / (last - first)))
     return tuple(levels)
 
 

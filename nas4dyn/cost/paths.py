@@ -39,7 +39,7 @@ def _force_channel(blk: StaticBlock, mask: torch.Tensor, gater: Optional[GlobalG
     if gater is None:
         raise ConfigError("a channel-gated block is forced through its subnet's gater; none was given")
     gater.fc2.weight[blk.gate_start : blk.gate_end] = 0.0
-    gater.fc2.bias[blk.gate_start : blk.gate_end] = torch.where(mask, 1.0, -1.0).to(gater.fc2.bias)
+    gater.fc2.bias[blk.gate_start : blk.gate_end] = torch.where(blk.gate_columns(mask), 1.0, -1.0).to(gater.fc2.bias)
 
 
 def _force_option(decider: nn.Module, option: int) -> None:
@@ -100,7 +100,9 @@ class GateKind(NamedTuple):
 
 
 GATES: dict[str, GateKind] = {
-    "channel": GateKind(lambda hidden: hidden, _force_channel),
+    # Grouped channel gates open whole groups: the line through 0, the first group and all filters.
+    "channel": GateKind(lambda hidden: hidden, _force_channel,
+                        levels=lambda blk, units: sorted({0, int((blk.filter_group == 0).sum()) or 1, units})),
     "emg": GateKind(lambda hidden: hidden, _force_emg),
     "skip": GateKind(lambda hidden: 1, lambda blk, mask, gater: _force_option(blk.skip_gate, int(mask.sum())),
                      lambda blk: blk.skip_gate),
@@ -150,6 +152,13 @@ def arch_layout(space: SearchSpace, arch: Arch) -> list[BlockSlot]:
         slots.append(BlockSlot(f"{blk.stage}.{blk.block}", blk.stage, blk.block, segment, blk.gate, units,
                                arch.paths[blk.stage], options))
     return slots
+
+
+def gater_rows(space: SearchSpace, layout: list[BlockSlot]) -> int:
+    """Outputs of the extracted gater of an arch with this layout: one per group of ``space.gater.group``
+    filters of each channel-gated block (its cost grows with them)."""
+    group = space.gater.group
+    return sum(-(-slot.units // group) for slot in layout if slot.gate == "channel")
 
 
 def gated_slots(layout: list[BlockSlot]) -> list[BlockSlot]:
@@ -328,7 +337,7 @@ def forced_block(blk: nn.Module, mask: torch.Tensor, batch: int = 1) -> tuple[nn
     kind = block_gate(blk)
     if kind == "channel":
         logits = torch.zeros(batch, blk.gate_end, device=mask.device)
-        logits[:, blk.gate_start : blk.gate_end] = torch.where(mask, 1.0, -1.0)
+        logits[:, blk.gate_start : blk.gate_end] = torch.where(blk.gate_columns(mask), 1.0, -1.0)
         return blk, logits
     no_logits = torch.zeros(batch, 0, device=mask.device)
     if kind == "none" and not isinstance(blk, RoutedBlock):
@@ -349,7 +358,7 @@ def force_path(sub: SubNet, exit_index: int, masks: list[torch.Tensor]) -> SubNe
     for i, seg in enumerate(forced.segments):
         if not seg.final:
             # Confidence lies in [0, 1]: -1 always leaves, 2 never does.
-            seg.threshold = -1.0 if i == exit_index else 2.0
+            seg.set_threshold(-1.0 if i == exit_index else 2.0)
     blocks = [blk for seg in forced.segments for blk in seg.blocks]
     gated = [blk for blk in blocks if block_gate(blk) != "none"]
     if len(gated) != len(masks):

@@ -126,9 +126,13 @@ def _block_variants(net: Supernet, s: int, b: int, k: int, w: int, settings: Pro
     hidden = st.hidden_channels(w, space.block_in_channels(s, b))
     out = {}
     for gate in space.allowed_gates(s, b, k):
-        blk = net.block(s, b).extract(k, w, gate, 0, hidden if gate == "channel" else 0).eval()
+        group = space.gater.group if gate == "channel" else 1
+        columns = -(-hidden // group) if gate == "channel" else 0
+        blk = net.block(s, b).extract(k, w, gate, 0, columns, group).eval()
         units = gate_kind(gate).units(hidden) if gate != "none" else 0
         levels = _unit_levels(units, settings.channel_levels) if units else [0]
+        if group > 1:  # grouped channel gates open whole groups: measure the filter counts they can run
+            levels = sorted({min(units, -(-on // group) * group) for on in levels})
         if gate == "width":  # a width gate takes only its options' filter counts
             levels = gate_kind(gate).levels(blk, units)
         out[(gate, 1)] = {on: forced_block(blk, torch.arange(units, device=dev) < on, batch) for on in levels}

@@ -4,7 +4,8 @@ flow, not whatever a tracer keeps (:mod:`nas4dyn.export.onnx` assembles the whol
 
 - channel gates of residual (``basic``) blocks: the active filters are found with NonZero over the batch and
   the convs' weights are indexed with Gather, so the conv runs only the filters on for some sample (exactly
-  the sample's filters at batch 1); samples whose own gates are off are masked to zero, as in TorchScript;
+  the sample's filters at batch 1); samples whose own gates are off are masked to zero, as in TorchScript
+  (grouped gates: each filter's decision is its group's, gathered from the group columns);
 - skip gates: an ``If`` node runs the branch on the whole batch, on the gathered samples whose gate is on
   (scattered back into place), or on no sample;
 - CIGT routed blocks: the router's argmax picks a path per sample; each path runs (inside an ``If``) only on
@@ -197,6 +198,8 @@ class GraphBuilder:
             assert gates is not None
             mask = self.op("Slice", [gates, self.ints([blk.gate_start]), self.ints([blk.gate_end]), self.ints([1])])
             maskf = self.op("Cast", [self.op("Greater", [mask, self.const(0.0)])], to=TensorProto.FLOAT)
+            if blk.filter_group.numel() > 0:  # grouped gates: each filter takes its group's decision
+                maskf = self.op("Gather", [maskf, self.ints(blk.filter_group.tolist())], axis=1)
             return self.run(x, blk, maskf)
         if blk.skip_gate is not None:
             return self.skipped(x, blk)

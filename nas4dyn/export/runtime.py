@@ -71,7 +71,7 @@ class ExportedModel(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.subnet.forward_with_exits(self.normalise(x))[0]
+        return self.subnet(self.normalise(x))
 
     @torch.jit.export
     def forward_with_exits(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

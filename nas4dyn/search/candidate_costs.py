@@ -21,7 +21,7 @@ import numpy as np
 
 from nas4dyn.cost.latency import LatencyModel
 from nas4dyn.cost.macs import mac_parts
-from nas4dyn.cost.paths import BlockSlot, Part, arch_layout, full_cost
+from nas4dyn.cost.paths import BlockSlot, Part, arch_layout, full_cost, gater_rows
 from search_spaces.arch import Arch
 from supernet.network import Supernet
 
@@ -102,7 +102,7 @@ class CandidateCosts:
         """The MAC parts of ``arch`` from the memo, or None when some piece was never traced."""
         r = arch.resolution
         parts: list[Part] = []
-        rows = sum(slot.units for slot in layout if slot.gate == "channel")
+        rows = gater_rows(self.net.space, layout)
         if rows:
             macs = self._gater_macs(r, rows)
             if macs is None:
@@ -141,7 +141,7 @@ class CandidateCosts:
         for part in parts:
             prefix, _, where = part.name.partition(".")
             if prefix == "gater":
-                rows = sum(slot.units for slot in layout if slot.gate == "channel")
+                rows = gater_rows(self.net.space, layout)
                 self._gater.setdefault(r, {})[rows] = part.full
             elif prefix in ("stem", "classifier"):
                 self._fixed[(prefix, r)] = part.levels

@@ -11,7 +11,9 @@ class GlobalGater(nn.Module):
     """GaterNet's gater: a small CNN reads the input and emits one gate logit per filter of every gated block.
 
     ``fc2`` has one row per gateable filter of the supernet (at maximum widths); a subnet uses the rows of its
-    channel-gated blocks only, and :meth:`extract` keeps just those rows.
+    channel-gated blocks only, and :meth:`extract` keeps just those rows. Filters gated in groups (the space's
+    ``gater.group``) share one logit: the mean of their rows' logits, computed as one row holding the mean of
+    their weights (so the supernet and the extracted gater compute the same linear layer).
     """
 
     def __init__(self, in_ch: int, channels: tuple[int, ...], hidden: int, num_gates: int):
@@ -30,20 +32,34 @@ class GlobalGater(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)))
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Gate logits; ``rows`` selects which filters' gates to compute (all when None)."""
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-filter gate logits; ``rows`` selects which filters' gates to compute (all when None), ``groups``
+        (one group index per row, groups numbered 0.. in order) makes the filters of a group share its logit."""
         h = self.embed(x)
         if rows is None:
             return self.fc2(h)
-        return F.linear(h, self.fc2.weight[rows], self.fc2.bias[rows])
+        if groups is None:
+            return F.linear(h, self.fc2.weight[rows], self.fc2.bias[rows])
+        weight, bias = self.grouped_rows(rows, groups)
+        return F.linear(h, weight, bias).index_select(1, groups)
 
-    def extract(self, rows: torch.Tensor) -> "GlobalGater":
-        """A copy whose output holds only ``rows`` (in that order)."""
+    def grouped_rows(self, rows: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) with one row per group: the mean of its filters' rows."""
+        n = int(groups.max()) + 1
+        count = torch.bincount(groups, minlength=n).to(self.fc2.weight.dtype)
+        weight = self.fc2.weight.new_zeros(n, self.fc2.in_features).index_add(0, groups, self.fc2.weight[rows])
+        bias = self.fc2.bias.new_zeros(n).index_add(0, groups, self.fc2.bias[rows])
+        return weight / count[:, None], bias / count
+
+    def extract(self, rows: torch.Tensor, groups: torch.Tensor | None = None) -> "GlobalGater":
+        """A copy whose output holds only ``rows`` (in that order); with ``groups``, one output per group."""
+        weight, bias = (self.fc2.weight[rows], self.fc2.bias[rows]) if groups is None else self.grouped_rows(rows, groups)
         gater = copy.deepcopy(self)
-        gater.fc2 = nn.Linear(self.fc2.in_features, len(rows))
+        gater.fc2 = nn.Linear(self.fc2.in_features, len(bias))
         with torch.no_grad():
-            gater.fc2.weight.copy_(self.fc2.weight[rows])
-            gater.fc2.bias.copy_(self.fc2.bias[rows])
+            gater.fc2.weight.copy_(weight)
+            gater.fc2.bias.copy_(bias)
         return gater
 
     def permute_rows(self, start: int, order: torch.Tensor) -> None:

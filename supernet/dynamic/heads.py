@@ -42,3 +42,13 @@ def confidence(logits: torch.Tensor, criterion: str) -> torch.Tensor:
         return 1.0 - ent / math.log(logits.shape[1])
     return p.max(dim=1).values
 
+
+
+def one_sample_leaves(logits: torch.Tensor, criterion: str, threshold: float) -> bool:
+    """Whether the one sample of ``logits`` (1 x classes) leaves at an exit of ``threshold``:
+    ``confidence(logits, criterion)[0] >= threshold`` in fewer calls (max softmax: a softmax, a max over all
+    elements, one host read), for exported models at batch 1. ``threshold`` must be float32-representable (the
+    tensor comparison rounds it so; the host comparison here does not)."""
+    if criterion == "entropy":
+        return bool(confidence(logits, criterion)[0] >= threshold)
+    return float(torch.softmax(logits, 1).max().detach()) >= threshold

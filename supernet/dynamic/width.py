@@ -70,7 +70,7 @@ class WidthGatedBlock(OneOfBlock):
         return self.gate.logits(x).argmax(dim=1)
 
     def choose_one(self, x: torch.Tensor) -> int:
-        return int(self.gate.one_sample_logits(x).argmax(dim=1)[0])
+        return int(self.gate.one_sample_logits(x).argmax())  # 1 x options: the flat argmax is the row's
 
     def decisions(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
         return self.masks.index_select(0, self.choose(x))
