@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from nas4dyn.cost.paths import Part, SamplePaths, arch_layout, interpolate, path_contributions, trace_paths
-from nas4dyn.cost.timing import device_fingerprint, device_name  # noqa: F401  (device_name: benchlib)
+from nas4dyn.cost.timing import device_fingerprint, device_name, runtime_version  # noqa: F401  (device_name: benchlib)
 from nas4dyn.errors import ConfigError, SpaceError
 from nas4dyn.io import atomic_write_json
 from search_spaces.arch import Arch
@@ -34,9 +34,10 @@ from supernet.network import Supernet
 log = logging.getLogger(__name__)
 
 TABLE_FORMAT = "nas4dyn-latency/1"
-# What identifies the device and software a table describes; threads, batch size and dtype are settings the
-# table was measured with and that predictions assume.
-DEVICE_FIELDS = ("device", "device_name", "machine", "torch")
+# What identifies the device and software a table describes (with the version of the runtime's package: torch,
+# or onnxruntime); threads, batch size and dtype are settings the table was measured with and that predictions
+# assume.
+DEVICE_FIELDS = ("device", "device_name", "machine")
 # The fields that identify each kind of table entry; every entry also has a level (gate units on for a
 # block, gater rows for the gater, 0 otherwise) and the measured ms.
 KEY_FIELDS = {
@@ -205,8 +206,12 @@ class LatencyTable:
 
     def device_mismatch(self) -> list[str]:
         """How this machine differs from the table's device (empty when it matches)."""
-        here = device_fingerprint(self.fingerprint.get("device", "cpu"), 0, 0)
-        return [f"{f} {self.fingerprint.get(f)!r} vs here {here[f]!r}" for f in DEVICE_FIELDS
+        try:
+            here = device_fingerprint(self.fingerprint.get("device", "cpu"), 0, 0, runtime=self.runtime)
+        except ImportError:
+            return [f"{self.runtime} is not installed here"]
+        fields = DEVICE_FIELDS + tuple(runtime_version(self.runtime))
+        return [f"{f} {self.fingerprint.get(f)!r} vs here {here[f]!r}" for f in fields
                 if self.fingerprint.get(f) != here[f]]
 
 
