@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from nas4dyn.cli.flags import NON_NEGATIVE, POSITIVE
-from nas4dyn.export.pipeline import DEFAULT_FORMATS, FORMATS, ExportOptions, export_run, parse_formats
+from nas4dyn.export.pipeline import DEFAULT_FORMATS, FORMATS, ExportOptions, deployed_runtime, export_run, parse_formats
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated, from {','.join(FORMATS)} (model.ts is always written; export: "
                         "torch.export's model.pt2, static archs only)")
     p.add_argument("--latency-table", metavar="LUT.json", help="latency table from `nas4dyn profile`; fills "
-                   "latency_ms_predicted in the card")
+                   "latency_ms_predicted in the card and times the export in the table's runtime (an onnxruntime "
+                   "table: model.onnx; --format onnx alone needs one, --format torchscript a torchscript one)")
     p.add_argument("--data", help="data for the card's test figures (default: the run's dataset)")
     p.add_argument("--data-root", help="directory holding the dataset files")
     p.add_argument("--bn-images", type=NON_NEGATIVE, default=2000,
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(
         formats=parse_formats(args.format), data=args.data, data_root=args.data_root, bn_images=args.bn_images,
         batch_size=args.batch_size, latency_samples=args.latency_samples, latency_repeats=args.repeats,
-        latency_table=args.latency_table, threads=args.threads,
+        latency_table=args.latency_table, threads=args.threads, runtime=deployed_runtime(args.format),
     )
     card = export_run(args.run_dir, args.arch, args.out, options)
     rates = " ".join(f"{name}={rate:.2f}" for name, rate in zip(card["exits"], card.get("exit_rates", [])))
