@@ -47,6 +47,10 @@ KEY_FIELDS = {
     "exit": ("resolution", "stage"),
     "classifier": ("resolution",),
 }
+# onnxruntime tables: the parts after an early exit timed inside an If, as the exported graph runs them
+# (used for parts of segments > 0 where present), and the session call's own time ("call", taken off every
+# entry when the table is built).
+KEY_FIELDS.update({f"{kind}_nested": KEY_FIELDS[kind] for kind in ("block", "exit", "classifier")}, call=())
 
 
 def fit_correction(sums: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
@@ -92,6 +96,12 @@ class LatencyTable:
     source: str = "<table>"
 
     # ---- lookups --------------------------------------------------------------------------------------
+    def _in_segment(self, key: tuple, segment: int) -> tuple[tuple[float, float], ...]:
+        """The levels of ``key`` for a part of ``segment``: after an exit, its nested entry where the table has
+        one (an onnxruntime table: the exported graph runs those parts inside an If)."""
+        nested = (f"{key[0]}_nested", *key[1:])
+        return self._levels(nested if segment > 0 and nested in self.levels else key)
+
     def _levels(self, key: tuple) -> tuple[tuple[float, float], ...]:
         try:
             return self.levels[key]
@@ -116,11 +126,11 @@ class LatencyTable:
         for slot, blk in zip(layout, arch.blocks()):
             key = ("block", r, slot.stage, slot.block == 0, blk.kernel, blk.width, blk.gate, slot.paths)
             index = gate if blk.gate != "none" else None
-            parts.append(Part(f"block.{slot.name}", slot.segment, self._levels(key), index))
+            parts.append(Part(f"block.{slot.name}", slot.segment, self._in_segment(key, slot.segment), index))
             gate += blk.gate != "none"
         for i, e in enumerate(arch.exits):
-            parts.append(Part(f"exit.{e.stage}.{e.block}", i, self._levels(("exit", r, e.stage))))
-        parts.append(Part("classifier", len(arch.exits), self._levels(("classifier", r))))
+            parts.append(Part(f"exit.{e.stage}.{e.block}", i, self._in_segment(("exit", r, e.stage), i)))
+        parts.append(Part("classifier", len(arch.exits), self._in_segment(("classifier", r), len(arch.exits))))
         return parts
 
     # ---- JSON -----------------------------------------------------------------------------------------

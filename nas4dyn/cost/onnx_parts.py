@@ -42,11 +42,24 @@ from supernet.subnet import SubNet
 _NEVER_LEAVES = 2.0  # confidence lies in [0, 1]: no sample leaves at an exit with this threshold
 
 
+# Output (element type, rank) of each kind of piece.
+_FLOAT4, _FLOAT2, _INT1 = (TensorProto.FLOAT, 4), (TensorProto.FLOAT, 2), (TensorProto.INT64, 1)
+_OUTPUTS = {"stem": [_FLOAT4], "gater": [_FLOAT2], "block": [_FLOAT4], "exit": [_FLOAT2, _INT1, _FLOAT4],
+            "classifier": [_FLOAT2, _INT1], "call": [_FLOAT4]}
+
+
 class OnnxPieces:
     """Items as ``model.onnx`` runs them: ONNX models timed in onnxruntime sessions with ``threads`` intra-op
-    threads (one piece per module and input shapes; channel-gate levels share one and differ in the logits)."""
+    threads (one piece per module and input shapes; channel-gate levels share one and differ in the logits).
+
+    ``nested``: the parts that run after an early exit (blocks, exits, classifier) are also timed inside an
+    ``If``, as the exported graph runs them: onnxruntime runs a subgraph's convolutions markedly slower (a
+    block 1.3-1.8x at batch 1 in one measurement), so those get entries of their own (``block_nested``...).
+    ``call_item``: an empty piece, whose time (the session call's own) is taken off every entry.
+    """
 
     runtime = "onnxruntime"
+    nested = True
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
@@ -65,14 +78,18 @@ class OnnxPieces:
     def _item(self, piece: OnnxPiece, inputs: tuple[torch.Tensor, ...]) -> Item:
         return Item(piece, tuple(self._array(t) for t in inputs))
 
-    def part(self, kind: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Item:
-        """The item of a table entry of ``kind`` (stem, gater, block, exit, classifier)."""
-        key = (id(module), tuple(tuple(t.shape) for t in inputs))
+    def part(self, kind: str, module: Any, inputs: tuple[torch.Tensor, ...], nested: bool = False) -> Item:
+        """The item of a table entry of ``kind`` (stem, gater, block, exit, classifier; call: ``module`` is
+        ignored), inside an ``If`` when ``nested``."""
+        key = (id(module), tuple(tuple(t.shape) for t in inputs), nested)
         if key not in self._pieces:  # the module is kept with its piece, so its id stays its own
-            proto, used = getattr(self, f"_{kind}")(module, *inputs)
+            proto, used = self._piece(kind, module, inputs, nested)
             self._pieces[key] = (module, OnnxPiece(proto.SerializeToString(), self.threads), used)
         _, piece, used = self._pieces[key]
         return self._item(piece, inputs[:used])
+
+    def call_item(self, x: torch.Tensor) -> Item:
+        return self.part("call", None, (x,))
 
     def subnet(self, sub: SubNet, arch: Arch, x: torch.Tensor) -> Item:
         """A (static or forced) subnet as the whole ``model.onnx`` graph, taking ``x`` (identity normalisation)."""
@@ -80,50 +97,63 @@ class OnnxPieces:
         proto = build_onnx(ExportedModel(sub.eval(), [0.0] * c, [1.0] * c, arch, c), x.shape[-1])
         return self._item(OnnxPiece(proto.SerializeToString(), self.threads), (x,))
 
-    # ---- one graph per kind of table entry: (model, number of the inputs it takes) ------------------------
+    def _piece(self, kind: str, module: Any, inputs: tuple[torch.Tensor, ...], nested: bool) -> tuple[Any, int]:
+        """(ONNX model of the piece, how many of ``inputs`` it takes)."""
+        g = GraphBuilder({module: list(module(*inputs).shape[1:])} if isinstance(module, RoutedBlock) else {})
+        gated = kind == "block" and block_gate(module) == "channel"
+        names = ["x" if kind in ("stem", "gater", "call") else "h"] + (["gates"] if gated else [])
+        types = _OUTPUTS[kind]
+
+        def body() -> list[str]:
+            return getattr(self, f"_{kind}")(g, module, inputs, *names)
+
+        if nested:  # as the exported graph runs a part after an exit: inside an If on the samples still running
+            def nothing() -> list[str]:
+                return [g.const(np.zeros((1,) * rank), dtype=np.float32 if elem == TensorProto.FLOAT else np.int64)
+                        for elem, rank in types]
+
+            outs = g.if_(g.op("Greater", [g.op("Size", [names[0]]), g.ints(0)]), body, nothing, types)
+        else:
+            outs = body()
+        ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", *t.shape[1:]]) for n, t in zip(names, inputs)]
+        outs = [helper.make_tensor_value_info(g.output(o, f"out{i}"), elem, None)
+                for i, (o, (elem, _)) in enumerate(zip(outs, types))]
+        return make_model(g, ins, outs, "nas4dyn_profile_piece"), len(names)
+
+    # ---- the graph of each kind of piece (on the graph inputs named after ``inputs``): its output names ---
     @staticmethod
-    def _model(g: GraphBuilder, inputs: list[tuple[str, torch.Tensor]], outputs: list[tuple[str, int]]) -> Any:
-        ins = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *t.shape[1:]]) for name, t in inputs]
-        outs = [helper.make_tensor_value_info(g.output(name, f"out{i}"), elem, None)
-                for i, (name, elem) in enumerate(outputs)]
-        return make_model(g, ins, outs, "nas4dyn_profile_piece")
+    def _call(g: GraphBuilder, module: None, inputs: Any, x: str) -> list[str]:
+        return [g.op("Identity", [x])]
 
-    def _stem(self, module: ResizedStem, x: torch.Tensor) -> tuple[Any, int]:
-        g = GraphBuilder()
-        c = x.shape[1]
-        h = normalised_input(g, "x", np.zeros((1, c, 1, 1), np.float32), np.ones((1, c, 1, 1), np.float32),
-                             x.shape[-1], module.resolution)
-        return self._model(g, [("x", x)], [(g.sequential(h, module.stem), TensorProto.FLOAT)]), 1
+    @staticmethod
+    def _stem(g: GraphBuilder, module: ResizedStem, inputs: Any, x: str) -> list[str]:
+        _, c, _, size = inputs[0].shape
+        h = normalised_input(g, x, np.zeros((1, c, 1, 1), np.float32), np.ones((1, c, 1, 1), np.float32), size,
+                             module.resolution)
+        return [g.sequential(h, module.stem)]
 
-    def _gater(self, gater: torch.nn.Module, x: torch.Tensor) -> tuple[Any, int]:
-        g = GraphBuilder()
-        return self._model(g, [("x", x)], [(g.gater("x", gater), TensorProto.FLOAT)]), 1
+    @staticmethod
+    def _gater(g: GraphBuilder, gater: torch.nn.Module, inputs: Any, x: str) -> list[str]:
+        return [g.gater(x, gater)]
 
-    def _block(self, blk: torch.nn.Module, h: torch.Tensor, logits: torch.Tensor) -> tuple[Any, int]:
-        routed = {blk: list(blk(h, logits).shape[1:])} if isinstance(blk, RoutedBlock) else {}
-        g = GraphBuilder(routed)
-        gated = block_gate(blk) == "channel"
-        inputs = [("h", h)] + ([("gates", logits)] if gated else [])
-        out = g.block("h", blk, "gates" if gated else None)
-        return self._model(g, inputs, [(out, TensorProto.FLOAT)]), len(inputs)
+    @staticmethod
+    def _block(g: GraphBuilder, blk: torch.nn.Module, inputs: Any, h: str, gates: str | None = None) -> list[str]:
+        return [g.block(h, blk, gates)]
 
-    def _exit(self, probe: ExitProbe, h: torch.Tensor) -> tuple[Any, int]:
-        g = GraphBuilder()
-        logits = g.head("h", probe.head)
+    @staticmethod
+    def _exit(g: GraphBuilder, probe: ExitProbe, inputs: Any, h: str) -> list[str]:
+        logits = g.head(h, probe.head)
         here = g.batch_fill(logits, 0)
         conf = g.confidence(logits, probe.criterion, probe.head.fc.out_features)
         stay = g.rows(g.op("Less", [conf, g.const(np.float32(_NEVER_LEAVES))]))
 
         def later() -> list[str]:  # the rest of the network would run here, on the gathered samples
-            rest = [g.op("Gather", [v, stay], axis=0) for v in ("h", logits, here)]
+            rest = [g.op("Gather", [v, stay], axis=0) for v in (h, logits, here)]
             return [g.scatter_rows(logits, stay, rest[1]), g.scatter_rows(here, stay, rest[2]), rest[0]]
 
-        types = [(TensorProto.FLOAT, 2), (TensorProto.INT64, 1), (TensorProto.FLOAT, 4)]
-        outs = g.if_(g.nonempty(stay), later, lambda: [logits, here, "h"], types)
-        return self._model(g, [("h", h)], [(o, t) for o, (t, _) in zip(outs, types)]), 1
+        return g.if_(g.nonempty(stay), later, lambda: [logits, here, h], _OUTPUTS["exit"])
 
-    def _classifier(self, head: torch.nn.Module, h: torch.Tensor) -> tuple[Any, int]:
-        g = GraphBuilder()
-        logits = g.head("h", head)
-        outputs = [(logits, TensorProto.FLOAT), (g.batch_fill(logits, 0), TensorProto.INT64)]
-        return self._model(g, [("h", h)], outputs), 1
+    @staticmethod
+    def _classifier(g: GraphBuilder, head: torch.nn.Module, inputs: Any, h: str) -> list[str]:
+        logits = g.head(h, head)
+        return [logits, g.batch_fill(logits, 0)]

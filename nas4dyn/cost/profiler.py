@@ -27,7 +27,8 @@ from typing import Any, Optional
 
 import torch
 
-from nas4dyn.cost.latency import LatencyModel, LatencyTable, accuracy, device_fingerprint, fit_correction
+from nas4dyn.cost.latency import (KEY_FIELDS, LatencyModel, LatencyTable, accuracy, device_fingerprint,
+                                   fit_correction)
 from nas4dyn.cost.paths import arch_layout, force_path, forced_block, gate_kind, random_path
 from nas4dyn.cost.settings import ProfileSettings
 from nas4dyn.cost.timing import measure
@@ -86,6 +87,7 @@ class TorchScriptPieces:
     the inputs)."""
 
     runtime = "torchscript"
+    nested = False  # model.ts runs every part alike, after an exit or not
 
     def __init__(self) -> None:
         self._frozen: dict[int, tuple[torch.nn.Module, torch.jit.ScriptModule]] = {}
@@ -101,6 +103,9 @@ class TorchScriptPieces:
 
     def subnet(self, sub: SubNet, arch: Arch, x: torch.Tensor) -> Item:
         return Item(freeze_scripted(sub), (x,))
+
+    def call_item(self, x: torch.Tensor) -> Optional[Item]:
+        return None  # the call's own time stays in the entries (the correction has held it so far)
 
 
 def _sample(space: SearchSpace, rng: random.Random, dynamic: bool, pieces: Any) -> Arch:
@@ -202,22 +207,30 @@ def table_items(net: Supernet, x: torch.Tensor, settings: ProfileSettings,
         stage_pos = next(p for p in space.exits.positions if p[0] == s)
         head = net.exit_heads[f"{stage_pos[0]}_{stage_pos[1]}"]
         probes[s] = ExitProbe(head, space.exits.criterion).eval()
-    items = []
+    def entries(key: tuple, level: float, module: torch.nn.Module, inputs: tuple) -> list[tuple[tuple, float, Item]]:
+        out = [(key, level, pieces.part(key[0], module, inputs))]
+        if pieces.nested and f"{key[0]}_nested" in KEY_FIELDS:  # as run after an exit (see OnnxPieces)
+            out.append(((f"{key[0]}_nested", *key[1:]), level, pieces.part(key[0], module, inputs, nested=True)))
+        return out
+
+    call = pieces.call_item(x)
+    items = [(("call",), 0.0, call)] if call is not None else []
     for r in space.resolutions:
         xr = resize(x, r)
         sizes = _stage_sizes(space, r)
-        items.append((("stem", r), 0.0, pieces.part("stem", ResizedStem(net.stem, r).eval(), (x,))))
-        items += [(("gater", r), rows, pieces.part("gater", gater, (xr,))) for rows, gater in gaters.items()]
+        items += entries(("stem", r), 0.0, ResizedStem(net.stem, r).eval(), (x,))
+        for rows, gater in gaters.items():
+            items += entries(("gater", r), rows, gater, (xr,))
         for (s, first, k, w, gate, paths), (states, in_ch) in blocks.items():
             size = sizes[s] if first else sizes[s + 1]
             h = torch.randn(batch, in_ch, size, size, device=dev)
-            items += [(("block", r, s, first, k, w, gate, paths), float(on), pieces.part("block", module, (h, logits)))
-                      for on, (module, logits) in states.items()]
+            for on, (module, logits) in states.items():
+                items += entries(("block", r, s, first, k, w, gate, paths), float(on), module, (h, logits))
         for s, probe in probes.items():
             h = torch.randn(batch, space.stages[s].out_channels, sizes[s + 1], sizes[s + 1], device=dev)
-            items.append((("exit", r, s), 0.0, pieces.part("exit", probe, (h,))))
+            items += entries(("exit", r, s), 0.0, probe, (h,))
         h = torch.randn(batch, space.stages[-1].out_channels, sizes[-1], sizes[-1], device=dev)
-        items.append((("classifier", r), 0.0, pieces.part("classifier", net.classifier, (h,))))
+        items += entries(("classifier", r), 0.0, net.classifier, (h,))
     return items
 
 
@@ -295,8 +308,12 @@ def build_table(space: SearchSpace, input_size: int, entries: list[tuple[tuple, 
     levels: dict[tuple, list[tuple[float, float]]] = {}
     for (key, level), value in zip(entries, ms):
         levels.setdefault(key, []).append((level, value))
+    settings = dict(settings)
+    if ("call",) in levels:  # the session call's own time, once per whole model: off every part
+        settings["call_ms"] = call = levels.pop(("call",))[0][1]
+        levels = {k: [(level, max(value - call, 0.0)) for level, value in v] for k, v in levels.items()}
     table = LatencyTable(space=space, fingerprint=fingerprint, input_size=input_size,
-                         levels={k: tuple(sorted(v)) for k, v in levels.items()}, settings=dict(settings))
+                         levels={k: tuple(sorted(v)) for k, v in levels.items()}, settings=settings)
     model = LatencyModel(table)
     measured = ms[len(entries):]
     calib_ms, valid_ms = measured[: len(calibration)], measured[len(calibration):]
