@@ -83,7 +83,7 @@ def test_onnxruntime_table_of_the_tiny_space_is_sane(ort_table, tmp_path):
     gates = {(key[2], key[6]) for key in ort_table.levels if key[0] == "block"}
     assert (0, "channel") in gates and (1, "skip") in gates
     assert (1, "channel") not in gates  # MBConv channel gates do not export to ONNX: no entries
-    assert ort_table.settings["call_ms"] > 0
+    assert ort_table.settings["call_ms"] > 0 and ort_table.missing_gates() == ["stage 1: gate 'channel'"]
     for kind in ("static", "dynamic"):
         assert ort_table.validation[kind]["n"] > 0
     for record in ort_table.validation["records"]:

@@ -214,6 +214,14 @@ class LatencyTable:
             raise ConfigError(f"{flag}: the latency table {self.source} times {self.runtime}, but this deploys with "
                               f"{runtime}; profile with `nas4dyn profile --runtime {runtime}`")
 
+    def missing_gates(self) -> list[str]:
+        """"stage S: gate G" for every gate kind the space allows that the table has no block entry for (an
+        onnxruntime table has none for gate kinds without an ONNX translation)."""
+        have = {(key[2], key[6]) for key in self.levels if key[0] == "block"}
+        want = {(s, g) for s, st in enumerate(self.space.stages) for b in range(st.max_depth) for k in st.kernels
+                for g in self.space.allowed_gates(s, b, k)}
+        return [f"stage {s}: gate {g!r}" for s, g in sorted(want - have)]
+
     def device_mismatch(self) -> list[str]:
         """How this machine differs from the table's device (empty when it matches)."""
         try:

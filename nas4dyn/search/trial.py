@@ -149,6 +149,11 @@ def _load_latency(latency_table: Optional[str], net: Supernet, settings: SearchS
         raise ConfigError(f"--latency-table {latency_table}: profiled for space {model.table.space.name!r}, but the "
                           f"run's space is {net.space.name!r}; profile this space with `nas4dyn profile`")
     model.predict(net.space.max_arch())  # fails early (ConfigError) when the table lacks entries
+    missing = model.table.missing_gates()
+    if missing:  # a trial drawing one of these would fail mid-search
+        raise ConfigError(f"--latency-table {latency_table}: a {model.table.runtime} table with no entries for "
+                          f"{', '.join(missing)}; search a space without them (drop them from its gates) or "
+                          "with a table that has them (torchscript carries every gate kind)")
     return model
 
 
