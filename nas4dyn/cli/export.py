@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from nas4dyn.cli.flags import NON_NEGATIVE, POSITIVE
-from nas4dyn.export.pipeline import DEFAULT_FORMATS, FORMATS, ExportOptions, deployed_runtime, export_run, parse_formats
+from nas4dyn.export.pipeline import DEFAULT_FORMATS, FORMATS, ExportOptions, export_run, parse_formats
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +32,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=POSITIVE, help="torch threads while measuring (default: the latency table's, "
                    "else 1)")
     p.set_defaults(run=run)
+
+
+def deployed_runtime(text: str) -> Optional[str]:
+    """The runtime a ``--format`` list deploys with: onnxruntime when it names onnx without torchscript,
+    torchscript when it does not name onnx, None (the latency table's) when it names both."""
+    named = {f.strip().lower() for f in text.split(",")}
+    if "onnx" not in named:
+        return "torchscript"
+    return None if "torchscript" in named else "onnxruntime"
 
 
 def run(args: argparse.Namespace) -> int:

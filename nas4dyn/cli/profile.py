@@ -82,7 +82,7 @@ def _write_bundle(args: argparse.Namespace, settings: ProfileSettings) -> int:
                           "then `nas4dyn profile --import timings.json --out lut.json`")
     check_writable(args.bundle, "--bundle")
     manifest = write_bundle(load_space(args.space), settings, args.bundle, args.runtime)
-    print(f"wrote bundle {args.bundle} ({len(manifest['items'])} items, {len(manifest['modules'])} frozen pieces, "
+    print(f"wrote bundle {args.bundle} ({len(manifest['items'])} items, {len(manifest['modules'])} pieces, "
           f"runtime {manifest['runtime']})")
     print(f"on the device: python {Path(args.bundle) / RUN_FILE} --out timings.json --threads {args.threads}")
     print("back here:     nas4dyn profile --import timings.json --out lut.json")

@@ -184,9 +184,11 @@ def _block_variants(net: Supernet, s: int, b: int, k: int, w: int, settings: Pro
 
 
 def table_items(net: Supernet, x: torch.Tensor, settings: ProfileSettings,
-                pieces: Any) -> list[tuple[tuple, float, Item]]:
+                pieces: Any = None) -> list[tuple[tuple, float, Item]]:
     """The items to time for every table entry: (entry key, level, item), each part in the deployable form
-    ``pieces`` make of it (:class:`TorchScriptPieces`, :class:`~nas4dyn.cost.onnx_parts.OnnxPieces`)."""
+    ``pieces`` make of it (:class:`TorchScriptPieces`, the default, or
+    :class:`~nas4dyn.cost.onnx_parts.OnnxPieces`)."""
+    pieces = pieces or TorchScriptPieces()
     space, batch, dev = net.space, x.shape[0], x.device
     blocks = {}  # extracted once per configuration; the input resolution only changes the input
     for s, st in enumerate(space.stages):
@@ -234,9 +236,12 @@ def table_items(net: Supernet, x: torch.Tensor, settings: ProfileSettings,
     return items
 
 
-def subnet_samples(net: Supernet, x: torch.Tensor, count: int, rng: random.Random, pieces: Any) -> list[Subnet]:
+def subnet_samples(net: Supernet, x: torch.Tensor, count: int, rng: random.Random,
+                   pieces: Any = None) -> list[Subnet]:
     """``count`` random static subnets and ``count`` random dynamic paths (each of a fresh random dynamic
-    subnet, forced with :func:`~nas4dyn.cost.paths.force_path`), in the deployable form ``pieces`` make."""
+    subnet, forced with :func:`~nas4dyn.cost.paths.force_path`), in the deployable form ``pieces`` make
+    (default: frozen TorchScript)."""
+    pieces = pieces or TorchScriptPieces()
     space = net.space
     out = []
     for _ in range(count):

@@ -75,15 +75,6 @@ def resolve_arch(spec: str, space: SearchSpace) -> Arch:
         raise InvalidArchError(f"--arch {spec}: {exc}") from None
 
 
-def deployed_runtime(text: str) -> Optional[str]:
-    """The runtime a ``--format`` list deploys with: onnxruntime when it names onnx without torchscript,
-    torchscript when it does not name onnx, None (the latency table's) when it names both."""
-    named = {f.strip().lower() for f in text.split(",")}
-    if "onnx" not in named:
-        return "torchscript"
-    return None if "torchscript" in named else "onnxruntime"
-
-
 def parse_formats(text: str) -> tuple[str, ...]:
     """``"torchscript,onnx"`` -> ("torchscript", "onnx"); TorchScript is always written (``model.ts``)."""
     formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
