@@ -1,6 +1,8 @@
-"""Profiling bundles: bundle -> run.py on a "device" that cannot import nas4dyn -> import, against a direct profile."""
+"""Profiling bundles: bundle -> run.py on a "device" that cannot import nas4dyn (nor torch, for an onnxruntime
+bundle) -> import, against a direct profile."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -20,21 +22,29 @@ from nas4dyn.cost.settings import ProfileSettings
 
 FLAGS = ["--repeats", "6", "--calibrate", "3", "--validate", "3"]
 SETTINGS = ProfileSettings(repeats=6, calibrate=3, validate=3)
-# run.py as a device runs it: isolated mode (no PYTHONPATH, no cwd on sys.path) and the nas4dyn packages
-# blocked, since the venv's editable install would otherwise still resolve them.
+PROJECT = ("nas4dyn", "supernet", "search_spaces")
+# run.py as a device runs it: isolated mode (no PYTHONPATH, no cwd on sys.path) and the blocked packages (the
+# nas4dyn ones, which the venv's editable install would otherwise still resolve; torch for a device with only
+# onnxruntime) made unimportable: a None in sys.modules fails every import of the name and its submodules.
 DEVICE_PYTHON = ("import runpy, sys\n"
-                 "for name in ('nas4dyn', 'supernet', 'search_spaces'):\n"
+                 "blocked = sys.argv[1].split(',')\n"
+                 "for name in blocked:\n"
                  "    sys.modules[name] = None\n"
-                 "sys.argv = ['run.py'] + sys.argv[1:]\n"
-                 "runpy.run_path('run.py', run_name='__main__')\n")
+                 "sys.argv = ['run.py'] + sys.argv[2:]\n"
+                 "try:\n"
+                 "    runpy.run_path('run.py', run_name='__main__')\n"
+                 "finally:  # nothing of a blocked package got loaded by another way\n"
+                 "    loaded = [m for m in sys.modules if m.split('.')[0] in blocked and sys.modules[m] is not None]\n"
+                 "    assert not loaded, loaded\n")
 
 
-def run_on_device(bundle: Path, device_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    """Copy ``bundle`` outside the repo and run its run.py there, unable to import nas4dyn."""
+def run_on_device(bundle: Path, device_dir: Path, *args: str, blocked: tuple[str, ...] = PROJECT
+                  ) -> subprocess.CompletedProcess:
+    """Copy ``bundle`` outside the repo and run its run.py there, unable to import the ``blocked`` packages."""
     copy = device_dir / "bundle"
     shutil.copytree(bundle, copy)
-    return subprocess.run([sys.executable, "-I", "-c", DEVICE_PYTHON, *args], cwd=copy, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-I", "-c", DEVICE_PYTHON, ",".join(blocked), *args], cwd=copy,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +59,12 @@ def bundle_run(tmp_path_factory):
     return bundle, root / "timings.json"
 
 
-def test_the_device_cannot_import_nas4dyn(tmp_path):
+@pytest.mark.parametrize("module", ["nas4dyn", "torch", "torch.nn"])
+def test_the_device_cannot_import_nas4dyn_or_torch(tmp_path, module):
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "run.py").write_text("import nas4dyn\n")
+    (tmp_path / "b" / "run.py").write_text(f"import {module}\n")
     (tmp_path / "device").mkdir()
-    proc = run_on_device(tmp_path / "b", tmp_path / "device")
+    proc = run_on_device(tmp_path / "b", tmp_path / "device", blocked=PROJECT + ("torch",))
     assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr
 
 
@@ -121,13 +132,65 @@ def test_run_py_refuses_a_bundle_of_another_runtime(bundle_run, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(bundle, other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["runtime"] = "onnxruntime"
+    manifest["runtime"] = "tensorrt"
     (other / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "device").mkdir()
     proc = run_on_device(other, tmp_path / "device", "--out", str(tmp_path / "t.json"))
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(lines) == 1 and "runtime 'onnxruntime'" in lines[0]
+    assert proc.returncode != 0 and len(lines) == 1 and "runtime 'tensorrt'" in lines[0]
     assert not (tmp_path / "t.json").exists()
+
+
+def test_a_torchscript_bundle_on_a_device_without_torch_says_so(bundle_run, tmp_path):
+    bundle, _ = bundle_run
+    (tmp_path / "device").mkdir()
+    proc = run_on_device(bundle, tmp_path / "device", "--out", str(tmp_path / "t.json"), blocked=PROJECT + ("torch",))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "needs torch" in lines[0], proc.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
+# ---- onnxruntime bundles: run.py needs only onnxruntime, numpy and the standard library ----------------------
+@pytest.fixture(scope="module")
+def ort_bundle_run(tmp_path_factory):
+    """(bundle dir, timings.json) of an onnxruntime bundle of the tiny space, run where torch cannot load."""
+    root = tmp_path_factory.mktemp("ort_bundle")
+    bundle = root / "b"
+    assert main(["profile", "--space", "tiny", "--bundle", str(bundle), "--runtime", "onnxruntime", *FLAGS]) == 0
+    proc = run_on_device(bundle, tmp_path_factory.mktemp("device"), "--out", str(root / "timings.json"),
+                         "--no-progress", blocked=PROJECT + ("torch",))
+    assert proc.returncode == 0, proc.stderr
+    return bundle, root / "timings.json"
+
+
+def test_onnxruntime_bundle_runs_without_torch_and_imports_like_a_direct_profile(ort_bundle_run, tmp_path):
+    bundle, timings = ort_bundle_run
+    assert (bundle / "inputs.npz").is_file() and not (bundle / "inputs.pt").exists()
+    assert {p.suffix for p in (bundle / "pieces").iterdir()} == {".onnx"}
+    out = tmp_path / "lut.json"
+    assert main(["profile", "--import", str(timings), "--out", str(out), "--space", "tiny", "--bundle", str(bundle),
+                 "--runtime", "onnxruntime"]) == 0
+    imported = LatencyTable.load(out)
+    torch.set_num_threads(1)
+    direct = profile_space(nas4dyn.load_space("tiny"), dataclasses.replace(SETTINGS, runtime="onnxruntime"),
+                           progress=False)
+    assert imported.runtime == "onnxruntime" and imported.fingerprint == direct.fingerprint
+    assert imported.levels.keys() == direct.levels.keys()
+    paths = [[(r["exit_index"], r["units"]) for r in t.validation["records"]] for t in (imported, direct)]
+    assert paths[0] == paths[1]
+    arch = direct.space.max_arch()
+    assert 0.5 < LatencyModel(imported).predict(arch) / LatencyModel(direct).predict(arch) < 2.0
+
+
+def test_timings_of_another_runtime_are_refused(ort_bundle_run, bundle_run, tmp_path, capsys):
+    _, ort_timings = ort_bundle_run
+    _, ts_timings = bundle_run
+    out = str(tmp_path / "l.json")
+    assert "not 'torchscript'" in _bad_import(["profile", "--import", str(ort_timings), "--out", out, "--runtime",
+                                               "torchscript"], capsys)
+    assert "not 'onnxruntime'" in _bad_import(["profile", "--import", str(ts_timings), "--out", out, "--runtime",
+                                               "onnxruntime"], capsys)
+    assert not (tmp_path / "l.json").exists()
 
 
 def test_bundle_into_a_foreign_directory_is_refused(tmp_path, capsys):

@@ -337,7 +337,8 @@ def test_export_warns_when_prediction_and_measurement_disagree(run_dir, caplog):
 
 @pytest.mark.parametrize("edit, extra, words", [
     (lambda lut: lut, ("--threads", "2"), "--threads 2"),
-    (lambda lut: lut["fingerprint"].update(runtime="onnxruntime"), (), "times onnxruntime"),
+    (lambda lut: lut["fingerprint"].update(runtime="onnxruntime"), ("--format", "torchscript"), "times onnxruntime"),
+    (lambda lut: lut, ("--format", "onnx"), "times torchscript"),  # the deployment is model.onnx
     (lambda lut: lut["fingerprint"].update(batch_size=8), (), "batch 8"),
 ])
 def test_export_refuses_a_table_of_another_kind(run_dir, edit, extra, words, capsys):
@@ -349,6 +350,25 @@ def test_export_refuses_a_table_of_another_kind(run_dir, edit, extra, words, cap
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and words in lines[0]
     assert not (run_dir / "bad").exists()
+
+
+def test_export_times_model_onnx_with_an_onnxruntime_table(run_dir):
+    import onnxruntime
+
+    # The torchscript table's figures under an onnxruntime fingerprint: what is tested is which file the card
+    # times (profiling onnxruntime tables: tests/test_onnx_profile.py).
+    data = json.loads((run_dir / "lut.json").read_text())
+    data["fingerprint"] = {**{k: v for k, v in data["fingerprint"].items() if k != "torch"}, "runtime": "onnxruntime",
+                           "onnxruntime": onnxruntime.__version__}
+    lut = run_dir / "ort_lut.json"
+    lut.write_text(json.dumps(data))
+    out = run_dir / "exp_ort"
+    assert main(["export", "--run", str(run_dir / "run"), "--arch", f"{run_dir / 'pareto.json'}#0", "--out", str(out),
+                 "--format", "onnx", "--bn-images", "0", "--latency-samples", "8", "--repeats", "1",
+                 "--latency-table", str(lut)]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["latency"]["runtime"] == card["latency_predicted_table"]["runtime"] == "onnxruntime"
+    assert card["latency_ms"] > 0 and card["latency_ms_predicted"] > 0 and "model.onnx" in card["files"]
 
 
 def test_cli_exports_a_static_arch_with_torch_export_too(run_dir):

@@ -335,6 +335,27 @@ def test_a_table_of_another_version_of_the_space_is_refused(run_dir, lut, tmp_pa
     assert not (out / "study.db").exists()
 
 
+def test_search_takes_a_table_of_either_runtime_with_every_gate_kind(run_dir, lut, tmp_path, capsys):
+    data = json.loads(lut.read_text())
+    import onnxruntime
+
+    # search only predicts: the runtime does not matter to it
+    data["fingerprint"] = {**{k: v for k, v in data["fingerprint"].items() if k != "torch"}, "runtime": "onnxruntime",
+                           "onnxruntime": onnxruntime.__version__}
+    (tmp_path / "ort.json").write_text(json.dumps(data))
+    settings = SearchSettings(parse_objectives("accuracy:max,latency_ms:min"), bn_images=0)
+    assert load_context(run_dir, settings, latency_table=str(tmp_path / "ort.json")).latency.table.runtime == "onnxruntime"
+    # As an onnxruntime profile of tiny makes it: no MBConv channel-gate entries (no ONNX translation).
+    data["entries"] = [e for e in data["entries"] if not (e["part"] == "block" and e["stage"] == 1
+                                                         and e["gate"] == "channel")]
+    (tmp_path / "ort_partial.json").write_text(json.dumps(data))
+    assert main(["search", "--run", str(run_dir), "--out", str(tmp_path / "s"), "--trials", "3", "--latency-table",
+                 str(tmp_path / "ort_partial.json"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no entries for stage 1: gate 'channel'" in err, err
+    assert not (tmp_path / "s" / "study.db").exists()
+
+
 def test_bad_input_is_one_line_exit_2_before_any_trial(run_dir, tmp_path, capsys):
     cases = [
         (["--constraint", "macs_expected<=1000"], "no subnet can meet it"),

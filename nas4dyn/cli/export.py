@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from nas4dyn.cli.flags import NON_NEGATIVE, POSITIVE
 from nas4dyn.export.pipeline import DEFAULT_FORMATS, FORMATS, ExportOptions, export_run, parse_formats
@@ -18,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"torch.export's model.pt2, static archs only; default: {','.join(DEFAULT_FORMATS)}, "
                         "leaving ONNX out with a warning when a gate of the arch has no ONNX form)")
     p.add_argument("--latency-table", metavar="LUT.json", help="latency table from `nas4dyn profile`; fills "
-                   "latency_ms_predicted in the card")
+                   "latency_ms_predicted in the card and times the export in the table's runtime (an onnxruntime "
+                   "table: model.onnx; --format onnx alone needs one, --format torchscript a torchscript one)")
     p.add_argument("--data", help="data for the card's test figures (default: the run's dataset)")
     p.add_argument("--data-root", help="directory holding the dataset files")
     p.add_argument("--bn-images", type=NON_NEGATIVE, default=2000,
@@ -32,11 +34,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def deployed_runtime(text: str) -> Optional[str]:
+    """The runtime a ``--format`` list deploys with: onnxruntime when it names onnx without torchscript,
+    torchscript when it does not name onnx, None (the latency table's) when it names both."""
+    named = {f.strip().lower() for f in text.split(",")}
+    if "onnx" not in named:
+        return "torchscript"
+    return None if "torchscript" in named else "onnxruntime"
+
+
 def run(args: argparse.Namespace) -> int:
     options = ExportOptions(
         formats=parse_formats(args.format) if args.format else None, data=args.data, data_root=args.data_root, bn_images=args.bn_images,
         batch_size=args.batch_size, latency_samples=args.latency_samples, latency_repeats=args.repeats,
-        latency_table=args.latency_table, threads=args.threads,
+        latency_table=args.latency_table, threads=args.threads, runtime=deployed_runtime(args.format),
     )
     card = export_run(args.run_dir, args.arch, args.out, options)
     rates = " ".join(f"{name}={rate:.2f}" for name, rate in zip(card["exits"], card.get("exit_rates", [])))

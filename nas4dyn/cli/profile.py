@@ -1,7 +1,8 @@
 """`nas4dyn profile` — measure a space's latency table on this machine and validate its predictor.
 
 Remote targets (a phone, a Jetson, another server): run `nas4dyn profile` on that device if nas4dyn installs
-there; otherwise write a profiling bundle (`--bundle DIR`), run its `run.py` on the device (only torch needed),
+there; otherwise write a profiling bundle (`--bundle DIR`), run its `run.py` on the device (only torch needed,
+or for `--runtime onnxruntime` only onnxruntime and numpy),
 and import the timings (`--import timings.json --out lut.json`). Copy the table to the machine that searches
 (`nas4dyn search --latency-table lut.json`); loading a table measured elsewhere warns that the device
 fingerprint differs, which is expected then.
@@ -17,10 +18,12 @@ from nas4dyn.io import check_writable
 from search_spaces.space import load_space
 
 EPILOG = """\
-The table records the device fingerprint (CPU model or GPU name, torch version, threads, batch size, dtype).
+The table records the device fingerprint (CPU model or GPU name, runtime and its version, threads, batch size,
+dtype). --runtime onnxruntime times the ONNX pieces of `export --format onnx`'s model.onnx with onnxruntime's
+CPU provider (--threads intra-op threads, one inter-op thread, sequential execution).
 Remote targets: run `nas4dyn profile` on the target device itself, or, where nas4dyn does not install:
   nas4dyn profile --space NAME --bundle DIR     (here; copy DIR to the device)
-  python DIR/run.py --out timings.json          (on the device; needs only torch)
+  python DIR/run.py --out timings.json          (on the device; needs only torch, or onnxruntime + numpy)
   nas4dyn profile --import timings.json --out lut.json   (here)
 and copy the JSON to the machine that searches; using a table on another device warns, which is expected.
 On a dedicated device the defaults (wall clock, median) are right. On a machine shared with other jobs the
@@ -35,7 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "profile",
         help="measure a latency table on this device (and validate the predictor)",
         description="Time every distinct block configuration, gate state, exit head, gater and stem of a space "
-        "on this machine; fit a correction on random subnets timed end to end as exported (TorchScript, frozen); "
+        "on this machine; fit a correction on random subnets timed end to end as exported (TorchScript, frozen, or "
+        "ONNX in onnxruntime); "
         "optionally validate it.",
         epilog=EPILOG,
         formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=110),
@@ -44,8 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "the timings' space)")
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="device to time on")
     p.add_argument("--out", help="latency table JSON to write")
-    p.add_argument("--runtime", default=RUNTIMES[0], choices=RUNTIMES,
-                   help="runtime the table times (the model format deployed)")
+    p.add_argument("--runtime", choices=RUNTIMES, help=f"runtime the table times (the model format deployed: "
+                   f"model.ts or model.onnx); default {RUNTIMES[0]} (with --import: check the timings are of it)")
     p.add_argument("--bundle", metavar="DIR", help="write a profiling bundle for a device without nas4dyn instead "
                    "of timing here (with --import: check the timings are of this bundle)")
     p.add_argument("--import", dest="import_timings", metavar="TIMINGS.json",
@@ -78,7 +82,7 @@ def _write_bundle(args: argparse.Namespace, settings: ProfileSettings) -> int:
                           "then `nas4dyn profile --import timings.json --out lut.json`")
     check_writable(args.bundle, "--bundle")
     manifest = write_bundle(load_space(args.space), settings, args.bundle, args.runtime)
-    print(f"wrote bundle {args.bundle} ({len(manifest['items'])} items, {len(manifest['modules'])} frozen pieces, "
+    print(f"wrote bundle {args.bundle} ({len(manifest['items'])} items, {len(manifest['modules'])} pieces, "
           f"runtime {manifest['runtime']})")
     print(f"on the device: python {Path(args.bundle) / RUN_FILE} --out timings.json --threads {args.threads}")
     print("back here:     nas4dyn profile --import timings.json --out lut.json")
@@ -97,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--space NAME is required (the space to profile)")
     settings = ProfileSettings(device=args.device, threads=args.threads, batch_size=args.batch_size,
                                repeats=args.repeats, calibrate=args.calibrate, validate=args.validate,
-                               statistic=args.statistic, clock=args.clock, seed=args.seed)
+                               statistic=args.statistic, clock=args.clock, seed=args.seed,
+                               runtime=args.runtime or RUNTIMES[0])
     if args.bundle and not args.import_timings:
         return _write_bundle(args, settings)
     out = Path(args.out)
@@ -114,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
     table.save(out)
     fp = table.fingerprint
     a, b = table.correction
-    print(f"{verb} {table.space.name} on {fp['device_name']} ({fp['device']}, {fp.get('runtime', 'torchscript')}, "
-          f"{fp['threads']} threads, batch {fp['batch_size']}, torch {fp['torch']}) "
+    package = "torch" if table.runtime == "torchscript" else "onnxruntime"
+    print(f"{verb} {table.space.name} on {fp['device_name']} ({fp['device']}, {table.runtime}, "
+          f"{fp['threads']} threads, batch {fp['batch_size']}, {package} {fp.get(package)}) "
           f"in {table.settings['seconds']:.0f} s")
     print(f"{sum(len(v) for v in table.levels.values())} table entries; correction: ms = {a:.3f} * sum + {b:.3f}, "
           f"exit tests x{table.exit_scale:.2f}")

@@ -1,14 +1,17 @@
 """Profiling bundles: a latency table for a device that cannot install nas4dyn.
 
-``nas4dyn profile --space NAME --bundle DIR`` writes everything a profile times — the frozen TorchScript
-pieces (table entries, calibration and validation subnets), their inputs, a manifest, and ``run.py`` (a copy
-of :mod:`nas4dyn.cost.timing`, needing only ``torch`` and the standard library). On the device,
+``nas4dyn profile --space NAME --bundle DIR [--runtime R]`` writes everything a profile times — the frozen
+TorchScript pieces (table entries, calibration and validation subnets) and their inputs (``inputs.pt``), or
+with ``--runtime onnxruntime`` the ONNX pieces and their inputs as numpy arrays (``inputs.npz``) — a manifest,
+and ``run.py`` (a copy of :mod:`nas4dyn.cost.timing`, needing only the standard library and ``torch``, or
+``onnxruntime`` and ``numpy``). On the device,
 ``python run.py --out timings.json [--threads T]`` times them with the profiler's own loop; back home,
 ``nas4dyn profile --import timings.json --out lut.json`` builds the same table ``nas4dyn profile`` would have
 measured there: the device's fingerprint, the correction fitted on its calibration subnets, its validation.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import shutil
@@ -17,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from nas4dyn.cost import timing
@@ -57,16 +61,34 @@ def _manifest(plan: ProfilePlan, modules: list[str], items: list[dict[str, Any]]
     }
 
 
+def _save_piece(piece: Any, path: Path) -> None:
+    if isinstance(piece, timing.OnnxPiece):
+        path.write_bytes(piece.model)
+    else:
+        with quiet_jit_deprecation():
+            torch.jit.save(piece, str(path))
+
+
+def _save_inputs(inputs: list[Any], directory: Path, runtime: str) -> None:
+    if runtime == "onnxruntime":  # read back with allow_pickle=False on the device
+        np.savez(directory / timing.ONNX_INPUTS_FILE, **{f"t{i:05d}": a for i, a in enumerate(inputs)})
+    else:
+        torch.save([t.detach().cpu() for t in inputs], directory / timing.INPUTS_FILE)
+
+
 def write_bundle(space: SearchSpace, settings: ProfileSettings, out_dir: str | Path,
-                 runtime: str = "torchscript") -> dict[str, Any]:
+                 runtime: Optional[str] = None) -> dict[str, Any]:
     """Write the profiling bundle of ``space`` to ``out_dir`` (complete or not at all); returns its manifest.
+    ``runtime`` (default: ``settings.runtime``) is what the pieces are for.
 
     Raises:
         ConfigError: a bad setting, an unknown runtime, or ``out_dir`` is a file or a non-empty directory
             that is not a bundle.
     """
+    runtime = runtime or settings.runtime
     if runtime not in RUNTIMES:
         raise ConfigError(f"--runtime {runtime!r}: bundles support {', '.join(RUNTIMES)}")
+    settings = dataclasses.replace(settings, runtime=runtime)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / timing.MANIFEST_FILE).exists())):
         raise ConfigError(f"--bundle {out}: exists and is not a profiling bundle; pick a new or empty directory")
@@ -78,19 +100,19 @@ def write_bundle(space: SearchSpace, settings: ProfileSettings, out_dir: str | P
         module_index: dict[int, int] = {}
         tensor_index: dict[int, int] = {}
         modules, tensors, items = [], [], []
+        suffix = ".onnx" if runtime == "onnxruntime" else ".pt"
         for item in plan.items():
             if id(item.module) not in module_index:
                 module_index[id(item.module)] = len(modules)
-                modules.append(f"pieces/{len(modules):05d}.pt")
-                with quiet_jit_deprecation():
-                    torch.jit.save(item.module, str(tmp / modules[-1]))
+                modules.append(f"pieces/{len(modules):05d}{suffix}")
+                _save_piece(item.module, tmp / modules[-1])
             for t in item.inputs:
                 if id(t) not in tensor_index:
                     tensor_index[id(t)] = len(tensors)
-                    tensors.append(t.detach().cpu())
+                    tensors.append(t)
             items.append({"module": module_index[id(item.module)],
                           "inputs": [tensor_index[id(t)] for t in item.inputs]})
-        torch.save(tensors, tmp / timing.INPUTS_FILE)
+        _save_inputs(tensors, tmp, runtime)
         manifest = _manifest(plan, modules, items, runtime)
         atomic_write_json(tmp / timing.MANIFEST_FILE, manifest)
         shutil.copyfile(timing.__file__, tmp / RUN_FILE)

@@ -25,7 +25,7 @@ from scipy.optimize import nnls
 
 from nas4dyn.cost.paths import (Part, SamplePaths, arch_layout, gater_rows, interpolate, path_contributions,
                                 trace_paths)
-from nas4dyn.cost.timing import device_fingerprint, device_name  # noqa: F401  (device_name: benchlib)
+from nas4dyn.cost.timing import device_fingerprint, device_name, runtime_version  # noqa: F401  (device_name: benchlib)
 from nas4dyn.errors import ConfigError, SpaceError
 from nas4dyn.io import atomic_write_json
 from search_spaces.arch import Arch
@@ -35,9 +35,10 @@ from supernet.network import Supernet
 log = logging.getLogger(__name__)
 
 TABLE_FORMAT = "nas4dyn-latency/1"
-# What identifies the device and software a table describes; threads, batch size and dtype are settings the
-# table was measured with and that predictions assume.
-DEVICE_FIELDS = ("device", "device_name", "machine", "torch")
+# What identifies the device and software a table describes (with the version of the runtime's package: torch,
+# or onnxruntime); threads, batch size and dtype are settings the table was measured with and that predictions
+# assume.
+DEVICE_FIELDS = ("device", "device_name", "machine")
 # The fields that identify each kind of table entry; every entry also has a level (gate units on for a
 # block, gater rows for the gater, 0 otherwise) and the measured ms.
 KEY_FIELDS = {
@@ -47,6 +48,10 @@ KEY_FIELDS = {
     "exit": ("resolution", "stage"),
     "classifier": ("resolution",),
 }
+# onnxruntime tables: the parts after an early exit timed inside an If, as the exported graph runs them
+# (used for parts of segments > 0 where present), and the session call's own time ("call", taken off every
+# entry when the table is built).
+KEY_FIELDS.update({f"{kind}_nested": KEY_FIELDS[kind] for kind in ("block", "exit", "classifier")}, call=())
 
 
 def fit_correction(sums: Sequence[float], measured: Sequence[float],
@@ -54,9 +59,9 @@ def fit_correction(sums: Sequence[float], measured: Sequence[float],
     """``(a, b, exit_scale)`` of ``measured ≈ a * (sums + (exit_scale - 1) * exit_sums) + b``, least squares on
     the relative error (what validation scores), all three >= 0: an unconstrained fit to a few noisy subnets can
     take a negative intercept and then predict a negative latency for a path shorter than those it was fitted
-    on. ``exit_sums`` are the parts of ``sums`` that are exit tests (None: exit_scale stays 1) — an exit test
-    inside a whole model costs more than the same test timed alone (measured on fmnist, AMD EPYC: about 2.6x
-    for five exits), so the fit scales them on their own."""
+    on. ``exit_sums`` are the parts of ``sums`` that are exit tests (None: exit_scale stays 1): inside a whole
+    model an exit test need not cost what the same test costs timed alone (fmnist on an AMD EPYC: 0.6x fitted
+    over random paths, 2.6x on one searched subnet passing five exits), so the fit scales them on their own."""
     s, y = np.asarray(sums, dtype=float), np.asarray(measured, dtype=float)
     if len(s) < 2:
         raise ConfigError(f"fitting the latency correction needs at least 2 measured subnets, got {len(s)}")
@@ -86,8 +91,9 @@ class LatencyTable:
 
     ``levels`` maps an entry key (``("block", resolution, stage, first, kernel, width, gate, paths)`` and the like,
     see ``KEY_FIELDS``) to ``(level, ms)`` pairs, sorted by level. ``correction`` is ``(a, b)`` of the fitted
-    ``a * table_sum + b``, where the table sum counts every exit test ``exit_scale`` times its measured ms (an
-    exit test costs more inside a whole model than timed alone); ``calibration`` and ``validation`` describe its end-to-end accuracy.
+    ``a * table_sum + b``, where the table sum counts every exit test ``exit_scale`` times its measured ms (inside
+    a whole model an exit test need not cost what it costs timed alone); ``calibration`` and ``validation``
+    describe its end-to-end accuracy.
     """
 
     space: SearchSpace
@@ -102,6 +108,12 @@ class LatencyTable:
     source: str = "<table>"
 
     # ---- lookups --------------------------------------------------------------------------------------
+    def _in_segment(self, key: tuple, segment: int) -> tuple[tuple[float, float], ...]:
+        """The levels of ``key`` for a part of ``segment``: after an exit, its nested entry where the table has
+        one (an onnxruntime table: the exported graph runs those parts inside an If)."""
+        nested = (f"{key[0]}_nested", *key[1:])
+        return self._levels(nested if segment > 0 and nested in self.levels else key)
+
     def _levels(self, key: tuple) -> tuple[tuple[float, float], ...]:
         try:
             return self.levels[key]
@@ -126,12 +138,13 @@ class LatencyTable:
         for slot, blk in zip(layout, arch.blocks()):
             key = ("block", r, slot.stage, slot.block == 0, blk.kernel, blk.width, blk.gate, slot.paths)
             index = gate if blk.gate != "none" else None
-            parts.append(Part(f"block.{slot.name}", slot.segment, self._levels(key), index))
+            parts.append(Part(f"block.{slot.name}", slot.segment, self._in_segment(key, slot.segment), index))
             gate += blk.gate != "none"
         for i, e in enumerate(arch.exits):
-            levels = tuple((level, self.exit_scale * ms) for level, ms in self._levels(("exit", r, e.stage)))
+            measured = self._in_segment(("exit", r, e.stage), i)
+            levels = tuple((level, self.exit_scale * ms) for level, ms in measured)
             parts.append(Part(f"exit.{e.stage}.{e.block}", i, levels))
-        parts.append(Part("classifier", len(arch.exits), self._levels(("classifier", r))))
+        parts.append(Part("classifier", len(arch.exits), self._in_segment(("classifier", r), len(arch.exits))))
         return parts
 
     # ---- JSON -----------------------------------------------------------------------------------------
@@ -216,10 +229,22 @@ class LatencyTable:
             raise ConfigError(f"{flag}: the latency table {self.source} times {self.runtime}, but this deploys with "
                               f"{runtime}; profile with `nas4dyn profile --runtime {runtime}`")
 
+    def missing_gates(self) -> list[str]:
+        """"stage S: gate G" for every gate kind the space allows that the table has no block entry for (an
+        onnxruntime table has none for gate kinds without an ONNX translation)."""
+        have = {(key[2], key[6]) for key in self.levels if key[0] == "block"}
+        want = {(s, g) for s, st in enumerate(self.space.stages) for b in range(st.max_depth) for k in st.kernels
+                for g in self.space.allowed_gates(s, b, k)}
+        return [f"stage {s}: gate {g!r}" for s, g in sorted(want - have)]
+
     def device_mismatch(self) -> list[str]:
         """How this machine differs from the table's device (empty when it matches)."""
-        here = device_fingerprint(self.fingerprint.get("device", "cpu"), 0, 0)
-        return [f"{f} {self.fingerprint.get(f)!r} vs here {here[f]!r}" for f in DEVICE_FIELDS
+        try:
+            here = device_fingerprint(self.fingerprint.get("device", "cpu"), 0, 0, runtime=self.runtime)
+        except ImportError:
+            return [f"{self.runtime} is not installed here"]
+        fields = DEVICE_FIELDS + tuple(runtime_version(self.runtime))
+        return [f"{f} {self.fingerprint.get(f)!r} vs here {here[f]!r}" for f in fields
                 if self.fingerprint.get(f) != here[f]]
 
 

@@ -6,11 +6,13 @@ width, input resolution, CIGT paths) in each gate state — a per-filter gate (c
 active-filter levels, interpolated in between; a skip gate on and off; each DFS option — plus stem, gater,
 exit heads and classifier. Then random subnets are timed end to end, static ones and forced dynamic paths:
 some fit the linear correction of the table sum, held-out ones validate the predictor. Everything is timed in
-the form ``nas4dyn export`` ships (TorchScript, frozen: :mod:`supernet.scripting`), so predictions are of the
-exported model; freezing folds BatchNorms into ungated convs and saves calls, which speeds the parts unevenly.
+the form ``nas4dyn export`` ships, so predictions are of the exported model: TorchScript, frozen
+(:class:`TorchScriptPieces`; freezing folds BatchNorms into ungated convs and saves calls, which speeds the
+parts unevenly), or with ``runtime="onnxruntime"`` the ONNX pieces of model.onnx run by onnxruntime
+(:mod:`nas4dyn.cost.onnx_parts`).
 
 Timing (:mod:`nas4dyn.cost.timing`): inputs at the largest resolution of the space (the data's), the thread
-count pinned, items in shuffled interleaved rounds. Every item is a frozen module and its inputs
+count pinned, items in shuffled interleaved rounds. Every item is a deployable piece and its inputs
 (:class:`Item`), so a plan can also be written as a profiling bundle for another device
 (:mod:`nas4dyn.cost.bundle`) and its timings imported into the same table.
 """
@@ -26,27 +28,30 @@ from typing import Any, Optional
 
 import torch
 
-from nas4dyn.cost.latency import LatencyModel, LatencyTable, accuracy, device_fingerprint, fit_correction
+from nas4dyn.cost.latency import (KEY_FIELDS, LatencyModel, LatencyTable, accuracy, device_fingerprint,
+                                   fit_correction)
 from nas4dyn.cost.paths import arch_layout, force_path, forced_block, gate_kind, random_path
 from nas4dyn.cost.settings import ProfileSettings
 from nas4dyn.cost.timing import measure
+from nas4dyn.errors import ConfigError
 from search_spaces.arch import Arch, ExitChoice
 from search_spaces.space import SearchSpace
 from supernet.dynamic.cigt import RoutedBlock
 from supernet.dynamic.heads import confidence
 from supernet.network import Supernet
 from supernet.scripting import freeze_scripted
-from supernet.subnet import resize
+from supernet.subnet import SubNet, resize
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Item:
-    """One timed call: a frozen module and the inputs it is called with."""
+    """One timed call: a deployable piece (a frozen TorchScript module, or an ONNX model run by onnxruntime)
+    and the inputs it is called with (tensors, or numpy arrays)."""
 
-    module: torch.jit.ScriptModule
-    inputs: tuple[torch.Tensor, ...]
+    module: Any
+    inputs: tuple[Any, ...]
 
     def __call__(self) -> Any:
         return self.module(*self.inputs)
@@ -76,6 +81,46 @@ class ProfilePlan:
 
     def items(self) -> list[Item]:
         return [item for _, _, item in self.entries] + [s.item for s in self.calibration + self.validation]
+
+
+class TorchScriptPieces:
+    """Items in the form of model.ts: every module scripted and frozen (once: the input shape only changes
+    the inputs)."""
+
+    runtime = "torchscript"
+    nested = False  # model.ts runs every part alike, after an exit or not
+
+    def __init__(self) -> None:
+        self._frozen: dict[int, tuple[torch.nn.Module, torch.jit.ScriptModule]] = {}
+
+    def supports(self, gate: str, block_type: str) -> bool:
+        return True  # model.ts carries every gate kind
+
+    def part(self, kind: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Item:
+        """The item of a table entry of ``kind`` (stem, gater, block, exit, classifier)."""
+        if id(module) not in self._frozen:  # the module is kept with its frozen form, so its id stays its own
+            self._frozen[id(module)] = (module, freeze_scripted(module))
+        return Item(self._frozen[id(module)][1], inputs)
+
+    def subnet(self, sub: SubNet, arch: Arch, x: torch.Tensor) -> Item:
+        return Item(freeze_scripted(sub), (x,))
+
+    def call_item(self, x: torch.Tensor) -> Optional[Item]:
+        return None  # the call's own time stays in the entries (the correction has held it so far)
+
+
+def _sample(space: SearchSpace, rng: random.Random, dynamic: bool, pieces: Any) -> Arch:
+    """A random arch whose every block the runtime's pieces can carry (any arch for TorchScript).
+
+    Raises:
+        ConfigError: no such arch turns up (the space's gates have no translation for this runtime).
+    """
+    for _ in range(1000):
+        arch = space.sample(rng, dynamic=dynamic)
+        if all(pieces.supports(b.gate, space.stages[b.stage].block) for b in arch.blocks()):
+            return arch
+    raise ConfigError(f"--runtime {pieces.runtime}: no random subnet of space {space.name!r} exports to it in 1000 "
+                      "draws; remove the gate kinds it lacks from the space")
 
 
 class ResizedStem(torch.nn.Module):
@@ -119,13 +164,13 @@ class ExitProbe(torch.nn.Module):
 
 
 def _block_variants(net: Supernet, s: int, b: int, k: int, w: int, settings: ProfileSettings, batch: int,
-                    dev: torch.device) -> dict[tuple[str, int], dict[int, tuple[torch.nn.Module, torch.Tensor]]]:
-    """Every way to run block (s, b) with kernel ``k`` and width ``w``: (gate kind, CIGT paths) -> gate state
-    -> (extracted module forced into that state, gate logits to call it with)."""
+                    dev: torch.device, pieces: Any) -> dict[tuple[str, int], dict[int, tuple[torch.nn.Module, torch.Tensor]]]:
+    """Every way to run block (s, b) with kernel ``k`` and width ``w`` that ``pieces`` carry: (gate kind, CIGT
+    paths) -> gate state -> (extracted module forced into that state, gate logits to call it with)."""
     space, st = net.space, net.space.stages[s]
     hidden = st.hidden_channels(w, space.block_in_channels(s, b))
     out = {}
-    for gate in space.allowed_gates(s, b, k):
+    for gate in (g for g in space.allowed_gates(s, b, k) if pieces.supports(g, st.block)):
         group = space.gater.group if gate == "channel" else 1
         columns = -(-hidden // group) if gate == "channel" else 0
         blk = net.block(s, b).extract(k, w, gate, 0, columns, group).eval()
@@ -143,61 +188,71 @@ def _block_variants(net: Supernet, s: int, b: int, k: int, w: int, settings: Pro
     return out
 
 
-def table_items(net: Supernet, x: torch.Tensor, settings: ProfileSettings) -> list[tuple[tuple, float, Item]]:
-    """The items to time for every table entry: (entry key, level, item). Every module is scripted and frozen
-    as ``nas4dyn export`` ships it: freezing folds BatchNorms and saves calls, unevenly across parts."""
+def table_items(net: Supernet, x: torch.Tensor, settings: ProfileSettings,
+                pieces: Any = None) -> list[tuple[tuple, float, Item]]:
+    """The items to time for every table entry: (entry key, level, item), each part in the deployable form
+    ``pieces`` make of it (:class:`TorchScriptPieces`, the default, or
+    :class:`~nas4dyn.cost.onnx_parts.OnnxPieces`)."""
+    pieces = pieces or TorchScriptPieces()
     space, batch, dev = net.space, x.shape[0], x.device
     blocks = {}  # extracted once per configuration; the input resolution only changes the input
     for s, st in enumerate(space.stages):
         for b in range(min(2, st.max_depth)):  # later positions of a stage share one configuration
             for k in st.kernels:
                 for w in st.widths:
-                    for (gate, paths), states in _block_variants(net, s, b, k, w, settings, batch, dev).items():
-                        frozen = {id(m): freeze_scripted(m) for m, _ in states.values()}  # channel levels share one
-                        states = {on: (frozen[id(m)], logits) for on, (m, logits) in states.items()}
+                    for (gate, paths), states in _block_variants(net, s, b, k, w, settings, batch, dev,
+                                                                 pieces).items():
                         blocks[(s, b == 0, k, w, gate, paths)] = (states, space.block_in_channels(s, b))
-    # Frozen once; the input resolution only changes the input.
-    classifier = freeze_scripted(net.classifier)
     gaters = {}
     if net.gater is not None:
         hidden = [st.hidden_channels(w, space.block_in_channels(s, b)) for s, st in enumerate(space.stages)
                   for b in range(st.max_depth) for w in st.widths if "channel" in space.allowed_gates(s, b)]
-        gaters = {float(rows): freeze_scripted(net.gater.extract(torch.arange(rows)).to(dev))
+        gaters = {float(rows): net.gater.extract(torch.arange(rows)).to(dev).eval()
                   for rows in sorted({min(hidden), net.gater.fc2.out_features})}
     probes = {}
     for s in sorted({p[0] for p in space.exits.positions}):
         stage_pos = next(p for p in space.exits.positions if p[0] == s)
         head = net.exit_heads[f"{stage_pos[0]}_{stage_pos[1]}"]
-        probes[s] = freeze_scripted(ExitProbe(head, space.exits.criterion))
-    items = []
+        probes[s] = ExitProbe(head, space.exits.criterion).eval()
+    def entries(key: tuple, level: float, module: torch.nn.Module, inputs: tuple) -> list[tuple[tuple, float, Item]]:
+        out = [(key, level, pieces.part(key[0], module, inputs))]
+        if pieces.nested and f"{key[0]}_nested" in KEY_FIELDS:  # as run after an exit (see OnnxPieces)
+            out.append(((f"{key[0]}_nested", *key[1:]), level, pieces.part(key[0], module, inputs, nested=True)))
+        return out
+
+    call = pieces.call_item(x)
+    items = [(("call",), 0.0, call)] if call is not None else []
     for r in space.resolutions:
         xr = resize(x, r)
         sizes = _stage_sizes(space, r)
-        items.append((("stem", r), 0.0, Item(freeze_scripted(ResizedStem(net.stem, r)), (x,))))
-        items += [(("gater", r), rows, Item(gater, (xr,))) for rows, gater in gaters.items()]
+        items += entries(("stem", r), 0.0, ResizedStem(net.stem, r).eval(), (x,))
+        for rows, gater in gaters.items():
+            items += entries(("gater", r), rows, gater, (xr,))
         for (s, first, k, w, gate, paths), (states, in_ch) in blocks.items():
             size = sizes[s] if first else sizes[s + 1]
             h = torch.randn(batch, in_ch, size, size, device=dev)
-            items += [(("block", r, s, first, k, w, gate, paths), float(on), Item(module, (h, logits)))
-                      for on, (module, logits) in states.items()]
+            for on, (module, logits) in states.items():
+                items += entries(("block", r, s, first, k, w, gate, paths), float(on), module, (h, logits))
         for s, probe in probes.items():
             h = torch.randn(batch, space.stages[s].out_channels, sizes[s + 1], sizes[s + 1], device=dev)
-            items.append((("exit", r, s), 0.0, Item(probe, (h,))))
+            items += entries(("exit", r, s), 0.0, probe, (h,))
         h = torch.randn(batch, space.stages[-1].out_channels, sizes[-1], sizes[-1], device=dev)
-        items.append((("classifier", r), 0.0, Item(classifier, (h,))))
+        items += entries(("classifier", r), 0.0, net.classifier, (h,))
     return items
 
 
-def subnet_samples(net: Supernet, x: torch.Tensor, count: int, rng: random.Random) -> list[Subnet]:
+def subnet_samples(net: Supernet, x: torch.Tensor, count: int, rng: random.Random,
+                   pieces: Any = None) -> list[Subnet]:
     """``count`` random static subnets and ``count`` random dynamic paths (each of a fresh random dynamic
     subnet, half of them with every exit position its depths allow, forced with
-    :func:`~nas4dyn.cost.paths.force_path`), scripted and frozen as exported."""
+    :func:`~nas4dyn.cost.paths.force_path`), in the deployable form ``pieces`` make (default: frozen TorchScript)."""
+    pieces = pieces or TorchScriptPieces()
     space = net.space
     out = []
     for _ in range(count):
-        arch = space.sample(rng, dynamic=False)
-        out.append(Subnet(arch, None, [], Item(freeze_scripted(net.extract(arch)), (x,))))
-        arch = space.sample(rng, dynamic=True)
+        arch = _sample(space, rng, False, pieces)
+        out.append(Subnet(arch, None, [], pieces.subnet(net.extract(arch), arch, x)))
+        arch = _sample(space, rng, True, pieces)
         if rng.random() < 0.5:  # every exit its depths allow: searched subnets often pass several exits
             exits = tuple(ExitChoice(st, b, 0.5) for st, b in space.exits.positions if b < arch.depths[st])
             arch = dataclasses.replace(arch, exits=exits)
@@ -205,8 +260,8 @@ def subnet_samples(net: Supernet, x: torch.Tensor, count: int, rng: random.Rando
             continue  # a dynamic sample without exits or gates is a static subnet again
         layout = arch_layout(space, arch)
         exit_index, masks = random_path(layout, len(arch.exits), rng)
-        forced = freeze_scripted(force_path(net.extract(arch).eval(), exit_index, masks))
-        out.append(Subnet(arch, exit_index, [float(m.sum()) for m in masks], Item(forced, (x,))))
+        forced = force_path(net.extract(arch).eval(), exit_index, masks)
+        out.append(Subnet(arch, exit_index, [float(m.sum()) for m in masks], pieces.subnet(forced, arch, x)))
     return out
 
 
@@ -234,8 +289,8 @@ def _predict(model: LatencyModel, sample: Subnet) -> float:
 
 @torch.inference_mode()
 def plan_profile(space: SearchSpace, settings: ProfileSettings) -> ProfilePlan:
-    """Build (script and freeze) everything a profile of ``space`` times; random weights: they do not change
-    timing. The same settings give the same plan (subnets, paths, input shapes).
+    """Build everything a profile of ``space`` times, in the form of ``settings.runtime``; random weights: they
+    do not change timing. The same settings give the same plan (subnets, paths, input shapes).
 
     Raises:
         ConfigError: a bad setting (named).
@@ -245,10 +300,16 @@ def plan_profile(space: SearchSpace, settings: ProfileSettings) -> ProfilePlan:
     net = Supernet(space).eval().to(settings.device)
     input_size = max(space.resolutions)
     x = torch.randn(settings.batch_size, space.input_channels, input_size, input_size, device=settings.device)
+    if settings.runtime == "onnxruntime":
+        from nas4dyn.cost.onnx_parts import OnnxPieces
+
+        pieces: Any = OnnxPieces(settings.threads)
+    else:
+        pieces = TorchScriptPieces()
     return ProfilePlan(
-        space=space, settings=settings, input_size=input_size, entries=table_items(net, x, settings),
-        calibration=subnet_samples(net, x, settings.calibrate, random.Random(settings.seed)),
-        validation=subnet_samples(net, x, settings.validate, random.Random(settings.seed + 1)),
+        space=space, settings=settings, input_size=input_size, entries=table_items(net, x, settings, pieces),
+        calibration=subnet_samples(net, x, settings.calibrate, random.Random(settings.seed), pieces),
+        validation=subnet_samples(net, x, settings.validate, random.Random(settings.seed + 1), pieces),
     )
 
 
@@ -260,8 +321,12 @@ def build_table(space: SearchSpace, input_size: int, entries: list[tuple[tuple, 
     levels: dict[tuple, list[tuple[float, float]]] = {}
     for (key, level), value in zip(entries, ms):
         levels.setdefault(key, []).append((level, value))
+    settings = dict(settings)
+    if ("call",) in levels:  # the session call's own time, once per whole model: off every part
+        settings["call_ms"] = call = levels.pop(("call",))[0][1]
+        levels = {k: [(level, max(value - call, 0.0)) for level, value in v] for k, v in levels.items()}
     table = LatencyTable(space=space, fingerprint=fingerprint, input_size=input_size,
-                         levels={k: tuple(sorted(v)) for k, v in levels.items()}, settings=dict(settings))
+                         levels={k: tuple(sorted(v)) for k, v in levels.items()}, settings=settings)
     model = LatencyModel(table)
     measured = ms[len(entries):]
     calib_ms, valid_ms = measured[: len(calibration)], measured[len(calibration):]
@@ -281,8 +346,8 @@ def build_table(space: SearchSpace, input_size: int, entries: list[tuple[tuple, 
 
 
 def table_settings(settings: ProfileSettings) -> dict[str, Any]:
-    """The settings a table records (device, threads and batch size are in its fingerprint)."""
-    return {k: v for k, v in vars(settings).items() if k not in ("device", "threads", "batch_size")}
+    """The settings a table records (device, threads, batch size and runtime are in its fingerprint)."""
+    return {k: v for k, v in vars(settings).items() if k not in ("device", "threads", "batch_size", "runtime")}
 
 
 @torch.inference_mode()
@@ -305,7 +370,8 @@ def profile_space(space: SearchSpace, settings: ProfileSettings, progress: bool 
     finally:
         torch.set_num_threads(threads_before)
     table = build_table(space, plan.input_size, [(key, level) for key, level, _ in plan.entries], plan.calibration,
-                        plan.validation, ms, device_fingerprint(settings.device, settings.threads, settings.batch_size),
+                        plan.validation, ms, device_fingerprint(settings.device, settings.threads, settings.batch_size,
+                                                                runtime=settings.runtime),
                         table_settings(settings))
     table.settings["seconds"] = round(time.perf_counter() - started, 1)
     return table

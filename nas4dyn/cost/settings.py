@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nas4dyn.cost.timing import CLOCKS, STATISTICS  # noqa: F401  (re-exported: the CLI lists their keys)
+# re-exported: the CLI lists their keys. RUNTIMES: what a table times — the frozen TorchScript pieces of
+# `nas4dyn export`'s model.ts, or the ONNX pieces of its model.onnx run by onnxruntime.
+from nas4dyn.cost.timing import CLOCKS, RUNTIMES, STATISTICS  # noqa: F401
 from nas4dyn.errors import ConfigError
-
-# What a table times: the frozen TorchScript pieces `nas4dyn export` writes as model.ts.
-RUNTIMES = ("torchscript",)
 
 
 @dataclass
@@ -17,7 +16,8 @@ class ProfileSettings:
     ``repeats``: timed calls per item; ``burst``: timed calls per item per round; ``channel_levels``:
     active-filter levels measured per channel-gated block (0 .. all, evenly spaced); ``calibrate``: random
     subnets (each timed static and on one dynamic path) that fit the correction; ``validate``: held-out
-    random subnets, likewise; ``statistic``: a key of ``STATISTICS``; ``clock``: a key of ``CLOCKS``.
+    random subnets, likewise; ``statistic``: a key of ``STATISTICS``; ``clock``: a key of ``CLOCKS``;
+    ``runtime``: a key of ``RUNTIMES``.
     """
 
     device: str = "cpu"
@@ -31,6 +31,7 @@ class ProfileSettings:
     statistic: str = "median"
     clock: str = "wall"
     seed: int = 0
+    runtime: str = "torchscript"
 
     def check(self) -> None:
         """Raises ConfigError naming the first bad setting and its allowed values."""
@@ -45,6 +46,15 @@ class ProfileSettings:
         if self.clock == "cpu" and (self.device != "cpu" or self.threads != 1):
             raise ConfigError("--clock cpu: measures the calling thread only, so it needs --device cpu --threads 1; "
                               "use --clock wall otherwise")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"--runtime {self.runtime!r}: use one of {', '.join(RUNTIMES)}")
+        if self.runtime == "onnxruntime":
+            if self.device != "cpu":
+                raise ConfigError("--runtime onnxruntime: tables time onnxruntime's CPU provider; use --device cpu")
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                raise ConfigError("--runtime onnxruntime: onnxruntime is not installed; pip install onnxruntime") from None
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible here; use --device cpu")
         for name, minimum in (("threads", 1), ("batch_size", 1), ("repeats", 1), ("burst", 1),

@@ -1,20 +1,23 @@
 """Timing loop of the latency profiler, and the device side of a profiling bundle.
 
-This file needs only the Python standard library and ``torch`` (``tqdm`` if installed): ``nas4dyn profile
+This file needs only the Python standard library and the bundle's runtime — ``torch`` for a TorchScript
+bundle, ``onnxruntime`` and ``numpy`` for an ONNX Runtime one (``tqdm`` if installed): ``nas4dyn profile
 --bundle DIR`` copies it as ``DIR/run.py``, so a device that cannot install nas4dyn (an ARM board, a Jetson)
-times the bundle's frozen pieces with exactly the loop ``nas4dyn profile`` uses here::
+times the bundle's pieces with exactly the loop ``nas4dyn profile`` uses here::
 
     python run.py --out timings.json [--threads T]
 
-Timing: the thread count pinned, ``torch.inference_mode``, CUDA synchronised around every call. The machine
-may be shared, so items are timed in rounds, interleaved in shuffled order: a slow spell of other load then
-spreads over all items instead of biasing the ones measured during it. In each round an item gets one untimed
-call (its warm-up after the switch) and ``burst`` timed calls; its figure is the median (or, with
+Timing: the thread count pinned (torch threads, or an onnxruntime session's intra-op threads with one
+inter-op thread and sequential execution), ``torch.inference_mode``, CUDA synchronised around every call. The
+machine may be shared, so items are timed in rounds, interleaved in shuffled order: a slow spell of other load
+then spreads over all items instead of biasing the ones measured during it. In each round an item gets one
+untimed call (its warm-up after the switch) and ``burst`` timed calls; its figure is the median (or, with
 ``statistic="min"``, the minimum) of all its timed calls.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -41,13 +44,21 @@ BUNDLE_FORMAT = "nas4dyn-bundle/1"
 TIMINGS_FORMAT = "nas4dyn-timings/1"
 MANIFEST_FILE = "manifest.json"
 INPUTS_FILE = "inputs.pt"
+ONNX_INPUTS_FILE = "inputs.npz"  # an ONNX Runtime bundle's inputs: arrays t00000, t00001, ... (no pickles)
+RUNTIMES = ("torchscript", "onnxruntime")
+
+
+def runtime_version(runtime: str) -> dict[str, str]:
+    """The version of the package that runs the pieces, keyed by its name (torch or onnxruntime)."""
+    module = __import__("torch" if runtime == "torchscript" else "onnxruntime")
+    return {module.__name__: module.__version__}
 
 
 def device_name(device: str) -> str:
     """The CPU model (from /proc/cpuinfo) or the GPU name."""
-    import torch
-
     if device == "cuda":
+        import torch
+
         return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -60,14 +71,13 @@ def device_name(device: str) -> str:
 
 def device_fingerprint(device: str, threads: int, batch_size: int, dtype: str = "float32",
                        runtime: str = "torchscript") -> dict[str, Any]:
-    """What a latency table was measured on and with."""
-    import torch
-
+    """What a latency table was measured on and with (the version of the runtime's package: torch, or
+    onnxruntime for an ONNX Runtime table, which needs no torch on the device)."""
     return {
         "device": device,
         "device_name": device_name(device),
         "machine": platform.machine(),
-        "torch": torch.__version__,
+        **runtime_version(runtime),
         "runtime": runtime,
         "threads": threads,
         "batch_size": batch_size,
@@ -86,9 +96,7 @@ def _progress(iterable: range, enabled: bool) -> Any:
 def measure(calls: Sequence[Callable[[], Any]], repeats: int, burst: int, statistic: str, clock: str, seed: int,
             device: str = "cpu", progress: bool = True) -> list[float]:
     """ms of each call (the ``statistic`` of its timed calls), timed in interleaved rounds (module docstring)."""
-    import torch
-
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = __import__("torch").cuda.synchronize if device == "cuda" else (lambda: None)
     read_clock = CLOCKS[clock]
     times: list[list[float]] = [[] for _ in calls]
     order = list(range(len(calls)))
@@ -112,18 +120,32 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def run_bundle(bundle: Path, threads: int, progress: bool = True) -> dict[str, Any]:
-    """Time every item of the bundle in ``bundle``; the timings document ``nas4dyn profile --import`` reads."""
+class OnnxPiece:
+    """One ONNX model run by an onnxruntime session on the CPU provider with ``threads`` intra-op threads, one
+    inter-op thread and sequential execution; the session is made at the first call (an untimed warm-up)."""
+
+    def __init__(self, model: bytes | str, threads: int):
+        self.model, self.threads = model, threads
+        self._session: Any = None
+        self._names: list[str] = []
+
+    def __call__(self, *arrays: Any) -> Any:
+        if self._session is None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            self._session = ort.InferenceSession(self.model, opts, providers=["CPUExecutionProvider"])
+            self._names = [i.name for i in self._session.get_inputs()]
+        return self._session.run(None, dict(zip(self._names, arrays)))
+
+
+def _torchscript_calls(bundle: Path, manifest: dict[str, Any], threads: int) -> list[Callable[[], Any]]:
     import torch
 
-    raw = (bundle / MANIFEST_FILE).read_bytes()
-    manifest = json.loads(raw)
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise SystemExit(f"run.py: {bundle / MANIFEST_FILE} is not a nas4dyn profiling bundle ({BUNDLE_FORMAT})")
-    if manifest["runtime"] != "torchscript":
-        raise SystemExit(f"run.py: this bundle is for runtime {manifest['runtime']!r}; this run.py times torchscript")
-    settings = manifest["settings"]
-    device = settings["device"]
+    device = manifest["settings"]["device"]
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("run.py: the bundle was made for --device cuda but no CUDA device is visible here")
     torch.set_num_threads(threads)
@@ -131,18 +153,48 @@ def run_bundle(bundle: Path, threads: int, progress: bool = True) -> dict[str, A
         warnings.simplefilter("ignore", FutureWarning)
         modules = [torch.jit.load(str(bundle / path), map_location=device) for path in manifest["modules"]]
     tensors = [t.to(device) for t in torch.load(bundle / INPUTS_FILE, map_location="cpu", weights_only=True)]
-    calls = [(lambda m=modules[item["module"]], args=tuple(tensors[i] for i in item["inputs"]): m(*args))
-             for item in manifest["items"]]
+    return [(lambda m=modules[item["module"]], args=tuple(tensors[i] for i in item["inputs"]): m(*args))
+            for item in manifest["items"]]
+
+
+def _onnxruntime_calls(bundle: Path, manifest: dict[str, Any], threads: int) -> list[Callable[[], Any]]:
+    import numpy as np
+
+    pieces = [OnnxPiece(str(bundle / path), threads) for path in manifest["modules"]]
+    with np.load(bundle / ONNX_INPUTS_FILE, allow_pickle=False) as data:
+        arrays = [data[f"t{i:05d}"] for i in range(len(data.files))]
+    return [(lambda m=pieces[item["module"]], args=tuple(arrays[i] for i in item["inputs"]): m(*args))
+            for item in manifest["items"]]
+
+
+def run_bundle(bundle: Path, threads: int, progress: bool = True) -> dict[str, Any]:
+    """Time every item of the bundle in ``bundle``; the timings document ``nas4dyn profile --import`` reads."""
+    raw = (bundle / MANIFEST_FILE).read_bytes()
+    manifest = json.loads(raw)
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise SystemExit(f"run.py: {bundle / MANIFEST_FILE} is not a nas4dyn profiling bundle ({BUNDLE_FORMAT})")
+    runtime = manifest.get("runtime")
+    if runtime not in RUNTIMES:
+        raise SystemExit(f"run.py: this bundle is for runtime {runtime!r}; this run.py times {' or '.join(RUNTIMES)}")
+    needs = "torch" if runtime == "torchscript" else "onnxruntime and numpy"
+    try:
+        calls = (_torchscript_calls if runtime == "torchscript" else _onnxruntime_calls)(bundle, manifest, threads)
+    except ImportError as exc:
+        raise SystemExit(f"run.py: this bundle times {runtime}, which needs {needs} here ({exc}); "
+                         f"pip install {needs.replace(' and ', ' ')}") from None
+    settings = manifest["settings"]
     started = time.perf_counter()
-    with torch.inference_mode():
+    with contextlib.ExitStack() as stack:
+        if runtime == "torchscript":
+            stack.enter_context(__import__("torch").inference_mode())
         ms = measure(calls, settings["repeats"], settings["burst"], settings["statistic"], settings["clock"],
-                     settings["seed"], device, progress)
+                     settings["seed"], settings["device"], progress)
     return {
         "format": TIMINGS_FORMAT,
         "bundle_id": manifest["bundle_id"],
         "manifest_sha256": digest(raw),
         "manifest": manifest,
-        "fingerprint": device_fingerprint(device, threads, settings["batch_size"], runtime=manifest["runtime"]),
+        "fingerprint": device_fingerprint(settings["device"], threads, settings["batch_size"], runtime=runtime),
         "seconds": round(time.perf_counter() - started, 1),
         "ms": ms,
     }
@@ -152,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Time this nas4dyn profiling bundle on this device; bring the "
                                  "output back and run `nas4dyn profile --import timings.json --out lut.json`.")
     ap.add_argument("--out", required=True, help="timings JSON to write")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads, pinned while timing")
+    ap.add_argument("--threads", type=int, default=1, help="threads, pinned while timing (torch threads, or onnxruntime intra-op threads)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.threads < 1:

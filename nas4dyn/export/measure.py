@@ -134,7 +134,8 @@ class Latency:
     calling thread); each call's ``statistic`` (median or min) over the repeats, averaged over the calls, is
     ``ms_per_batch`` (per sample: ``ms_per_sample``) — the latency profiler's statistic per call, then the
     expectation over the data, as ``LatencyModel.predict_expected`` predicts it. ``repeats_ms_per_sample``:
-    the mean per-sample time of each repeat (to judge the noise)."""
+    the mean per-sample time of each repeat (to judge the noise); ``runtime``: what ran the model (torchscript:
+    model.ts, or onnxruntime: model.onnx)."""
 
     batch_size: int
     samples: int
@@ -144,6 +145,7 @@ class Latency:
     threads: int
     statistic: str = "median"
     clock: str = "wall"
+    runtime: str = "torchscript"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,12 +153,14 @@ class Latency:
 
 @torch.no_grad()
 def measure_latency(model: Any, images: torch.Tensor, batch_size: int = 1, repeats: int = 5,
-                    warmup: int = 1, statistic: str = "median", clock: str = "wall") -> Latency:
+                    warmup: int = 1, statistic: str = "median", clock: str = "wall",
+                    runtime: str = "torchscript") -> Latency:
     """Run ``model`` over ``images`` in batches of ``batch_size``, ``warmup`` + ``repeats`` times, timing each
     call. Dynamic models take a different time per sample, so every pass covers the same images. ``statistic``
     and ``clock`` are those of the latency profiler (:mod:`nas4dyn.cost.timing`), so a card can state a
     measurement of the same kind as the table's prediction (on a loaded CPU the min of whole passes would
-    not be: it averages the disturbed calls in)."""
+    not be: it averages the disturbed calls in). ``images``: a tensor, or a numpy array for a ``runtime``
+    onnxruntime model."""
     if len(images) == 0:
         raise DataError("no images to time")
     summarize, read_clock = STATISTICS[statistic], CLOCKS[clock]
@@ -171,4 +175,4 @@ def measure_latency(model: Any, images: torch.Tensor, batch_size: int = 1, repea
     ms_per_batch = 1e3 * sum(summarize(t) for t in per_call) / len(batches)
     per_pass = [1e3 * sum(t[r] for t in per_call) / len(images) for r in range(repeats)]
     return Latency(batch_size, len(images), ms_per_batch * len(batches) / len(images), ms_per_batch, per_pass,
-                   torch.get_num_threads(), statistic, clock)
+                   torch.get_num_threads(), statistic, clock, runtime)

@@ -97,20 +97,34 @@ def build_onnx(model: ExportedModel, input_resolution: Optional[int] = None) -> 
     res = int(input_resolution or model.resolution)
     g = GraphBuilder(_routed_shapes(model))
     c = model.channels
-    x = g.op("Div", [g.op("Sub", ["x", g.const(model.mean.numpy())]), g.const(model.std.numpy())])
-    if res != sub.resolution:
-        batch_chan = g.op("Slice", [g.op("Shape", [x]), g.ints([0]), g.ints([2])])
-        sizes = g.op("Concat", [batch_chan, g.ints([sub.resolution] * 2)], axis=0)
-        x = g.op("Resize", [x, "", "", sizes], mode="linear", coordinate_transformation_mode="pytorch_half_pixel")
+    x = normalised_input(g, "x", model.mean.numpy(), model.std.numpy(), res, sub.resolution)
     gates = g.gater(x, sub.gater) if sub.gater is not None else None
     logits, exit_index = _levels(g, model, 0, g.sequential(x, sub.stem), gates)
     outputs = [helper.make_tensor_value_info(g.output(logits, "logits"), TensorProto.FLOAT, ["N", sub.num_classes]),
                helper.make_tensor_value_info(g.output(exit_index, "exit_index"), TensorProto.INT64, ["N"])]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, res, res])]
-    graph = helper.make_graph(g.nodes, "nas4dyn_dynamic_subnet", inputs, outputs, g.initializers)
+    proto = make_model(g, inputs, outputs, "nas4dyn_dynamic_subnet")
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def normalised_input(g: GraphBuilder, x: str, mean: np.ndarray, std: np.ndarray, input_resolution: int,
+                     resolution: int) -> str:
+    """The graph's images ``x`` (side ``input_resolution``) normalised and resized to the arch's ``resolution``."""
+    x = g.op("Div", [g.op("Sub", [x, g.const(mean)]), g.const(std)])
+    if input_resolution != resolution:
+        batch_chan = g.op("Slice", [g.op("Shape", [x]), g.ints([0]), g.ints([2])])
+        sizes = g.op("Concat", [batch_chan, g.ints([resolution] * 2)], axis=0)
+        x = g.op("Resize", [x, "", "", sizes], mode="linear", coordinate_transformation_mode="pytorch_half_pixel")
+    return x
+
+
+def make_model(g: GraphBuilder, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
+               name: str) -> onnx.ModelProto:
+    """The model of ``g``'s nodes and initializers (the opset and IR version every nas4dyn graph uses)."""
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="nas4dyn")
     proto.ir_version = 8
-    onnx.checker.check_model(proto, full_check=True)
     return proto
 
 

@@ -144,6 +144,9 @@ class ExportOptions:
     latency_repeats: int = 5
     latency_table: Optional[str] = None
     threads: Optional[int] = None
+    # What the deployment runs: "torchscript" (model.ts) or "onnxruntime" (model.onnx); None: whichever the
+    # latency table times (both files are written). The card's latency is measured in this runtime.
+    runtime: Optional[str] = None
 
 
 @torch.no_grad()
@@ -180,9 +183,10 @@ def verify_export(net: Supernet, arch: Arch, export_dir: Path, images01: torch.T
     return results
 
 
-def _latency_table(path: str, net: Supernet, threads: Optional[int]) -> tuple[Any, int]:
-    """The latency model of ``--latency-table`` and the thread count to time model.ts with: the table's, so the
-    card's predicted and measured latencies are of the same kind (checked before any work).
+def _latency_table(path: str, net: Supernet, threads: Optional[int], runtime: Optional[str]) -> tuple[Any, int, str]:
+    """The latency model of ``--latency-table``, the thread count and the runtime to time the export with: the
+    table's, so the card's predicted and measured latencies are of the same kind (checked before any work).
+    ``runtime``: the one the deployment uses (None: the table's).
 
     Raises:
         ConfigError: missing table, another space, another runtime, thread count or batch size.
@@ -194,7 +198,8 @@ def _latency_table(path: str, net: Supernet, threads: Optional[int]) -> tuple[An
                           f"`nas4dyn profile --space {net.space.name} --out {path}`")
     model = LatencyModel.load(path)
     model.check_space(net.space)
-    model.table.check_runtime("torchscript", "--latency-table")  # the card times model.ts
+    runtime = runtime or model.table.runtime
+    model.table.check_runtime(runtime, "--latency-table")  # the card times model.ts or model.onnx in it
     fp = model.table.fingerprint
     if fp["batch_size"] != 1:
         raise ConfigError(f"--latency-table {path}: measured at batch {fp['batch_size']}, but the card times batch 1; "
@@ -202,7 +207,7 @@ def _latency_table(path: str, net: Supernet, threads: Optional[int]) -> tuple[An
     if threads and threads != fp["threads"]:
         raise ConfigError(f"--threads {threads}: the latency table {path} was measured with {fp['threads']} "
                           f"thread(s); drop --threads (the table's count is used) or profile with --threads {threads}")
-    return model, int(fp["threads"])
+    return model, int(fp["threads"]), runtime
 
 
 def _compare_latency(card: dict[str, Any], table: Any, path: str) -> None:
@@ -280,8 +285,10 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
         check_onnx_exportable(net.space, arch)
     if "export" in options.formats:
         check_exportable(arch)
-    latency_model, threads = (_latency_table(options.latency_table, net, options.threads) if options.latency_table
-                              else (None, options.threads or 1))
+    latency_model, threads, runtime = (_latency_table(options.latency_table, net, options.threads, options.runtime)
+                                       if options.latency_table else (None, options.threads or 1, "torchscript"))
+    if runtime == "onnxruntime" and "onnx" not in options.formats:
+        raise ConfigError("--latency-table: the table times onnxruntime, which runs model.onnx; add --format onnx")
     torch.set_num_threads(threads)
     source = options.data or info.get("dataset")
     if not source:
@@ -318,9 +325,11 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
                                desc="test accuracy", total=len(test_loader))
         timed, _ = collect(unnormalised(test_loader, bundle.info.mean, bundle.info.std), options.latency_samples)
         table = latency_model.table if latency_model else None
-        latency = measure_latency(scripted, timed, 1, options.latency_repeats,
+        deployed, inputs = ((OnnxDynamicModel(tmp, threads), timed.numpy()) if runtime == "onnxruntime"
+                            else (scripted, timed))
+        latency = measure_latency(deployed, inputs, 1, options.latency_repeats,
                                   statistic=table.settings.get("statistic", "median") if table else "median",
-                                  clock=table.settings.get("clock", "wall") if table else "wall")
+                                  clock=table.settings.get("clock", "wall") if table else "wall", runtime=runtime)
         cost = _cost(net, arch, test_loader)
         # Predicted over the very images timed: the same paths on both sides.
         normalised = [((timed - model.mean) / model.std, None)]

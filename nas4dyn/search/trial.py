@@ -150,6 +150,11 @@ def _load_latency(latency_table: Optional[str], net: Supernet, settings: SearchS
                           f"run's space is {net.space.name!r}; profile this space with `nas4dyn profile`")
     model.check_space(net.space)  # an edited space can keep the entry keys but change the shapes timed
     model.predict(net.space.max_arch())  # fails early (ConfigError) when the table lacks entries
+    missing = model.table.missing_gates()
+    if missing:  # a trial drawing one of these would fail mid-search
+        raise ConfigError(f"--latency-table {latency_table}: a {model.table.runtime} table with no entries for "
+                          f"{', '.join(missing)}; search a space without them (drop them from its gates) or "
+                          "with a table that has them (torchscript carries every gate kind)")
     return model
 
 
