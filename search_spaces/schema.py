@@ -107,10 +107,12 @@ class SpaceSpec:
             return True
         return st.stride == 1 and self.stage_in_channels(stage) == st.out_channels
 
-    def allowed_gates(self, stage: int, block: int, kernel: int | None = None) -> tuple[str, ...]:
+    def allowed_gates(self, stage: int, block: int, kernel: int | None = None,
+                      width: int | None = None) -> tuple[str, ...]:
         """Gate kinds allowed on a block: skip and DFS gates need an identity shortcut (skipping leaves the
         input); EMG and DFS gates need a basic block, EMG also a kernel of at least 5 (with ``kernel`` None:
-        some kernel choice of the stage); width gates need a stage with more than one width choice."""
+        some kernel choice of the stage); width gates need two width options, i.e. a stage with more than one
+        width choice and (with ``width``) a block wider than the narrowest (else the gate could pick nothing)."""
         st = self.stages[stage]
         banned = set()
         if not self.has_identity_shortcut(stage, block):
@@ -119,7 +121,7 @@ class SpaceSpec:
             banned |= {"emg", "dfs"}
         if (max(st.kernels) if kernel is None else kernel) < EMG_MIN_KERNEL:
             banned.add("emg")
-        if len(st.widths) < 2:
+        if len(st.widths) < 2 or (width is not None and len(st.width_options(width)) < 2):
             banned.add("width")
         kinds = tuple(k for k in st.gates if k not in banned)
         return kinds if "none" in kinds else ("none",) + kinds

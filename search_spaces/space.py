@@ -30,7 +30,8 @@ class SearchSpace(SpaceSpec):
             return Arch(self.name, rng.choice(self.resolutions), depths, kernels, widths,
                         tuple(("none",) * d for d in depths))
         gates = tuple(
-            tuple(rng.choice(self.allowed_gates(s, b, kernels[s][b])) for b in range(d)) for s, d in enumerate(depths)
+            tuple(rng.choice(self.allowed_gates(s, b, kernels[s][b], widths[s][b])) for b in range(d))
+            for s, d in enumerate(depths)
         )
         exits = tuple(
             ExitChoice(s, b, rng.choice(self.exits.thresholds))
@@ -90,7 +91,7 @@ class SearchSpace(SpaceSpec):
                 problems.append(f"arch.kernels ({where}): {blk.kernel} is not one of {list(st.kernels)}")
             if blk.width not in st.widths:
                 problems.append(f"arch.widths ({where}): {blk.width} is not one of {list(st.widths)}")
-            allowed = self.allowed_gates(blk.stage, blk.block, blk.kernel)
+            allowed = self.allowed_gates(blk.stage, blk.block, blk.kernel, blk.width)
             if blk.gate not in allowed:
                 problems.append(
                     f"arch.gates ({where}, kernel {blk.kernel}): {blk.gate!r} is not one of {list(allowed)}"

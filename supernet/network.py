@@ -165,7 +165,13 @@ class Supernet(nn.Module):
         gater = self.gater.extract(rows, groups) if self.gater is not None and len(rows) else None
         sub = SubNet(arch.resolution, copy.deepcopy(self.stem), gater, segments, self.space.exits.criterion,
                      self.space.num_classes)
-        return sub.train(self.training)
+        # Some extracted parts (sliced gaters, width-gate masks) are built on the CPU: follow the supernet.
+        return sub.to(self.device).train(self.training)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the supernet's weights are on."""
+        return next(self.stem.parameters()).device
 
     # ---- forward passes --------------------------------------------------------------------------------
     def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:

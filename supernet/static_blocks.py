@@ -40,7 +40,7 @@ def fold_bn(weight: torch.Tensor, bn: nn.BatchNorm2d, bias: Optional[torch.Tenso
     (computed in float64, stored contiguous in float32)."""
     assert bn.running_mean is not None and bn.running_var is not None
     w = weight.detach().double()
-    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
+    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.detach().double()
     scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
     folded_bias = (b - bn.running_mean.detach().double()) * scale + bn.bias.detach().double()
     return (w * scale[:, None, None, None]).float().contiguous(), folded_bias.float()

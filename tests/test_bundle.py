@@ -141,6 +141,20 @@ def test_run_py_refuses_a_bundle_of_another_runtime(bundle_run, tmp_path):
     assert not (tmp_path / "t.json").exists()
 
 
+def test_run_py_refuses_threads_with_the_cpu_clock(bundle_run, tmp_path):
+    bundle, _ = bundle_run
+    other = tmp_path / "cpu_clock"
+    shutil.copytree(bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["settings"]["clock"] = "cpu"  # the CPU clock sees the calling thread only
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "device").mkdir()
+    proc = run_on_device(other, tmp_path / "device", "--out", str(tmp_path / "t.json"), "--threads", "2")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "--threads 2" in lines[0] and "--threads 1" in lines[0]
+    assert not (tmp_path / "t.json").exists()
+
+
 def test_a_torchscript_bundle_on_a_device_without_torch_says_so(bundle_run, tmp_path):
     bundle, _ = bundle_run
     (tmp_path / "device").mkdir()

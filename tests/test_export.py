@@ -390,7 +390,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("arch, extra, words", [
     ("missing.json", (), "no such file"),
     ("pareto.json#7", (), "out of range"),
-    ("pareto.json#2", (), "MBConv channel gates cannot skip in ONNX"),
+    ("pareto.json#2", ("--format", "torchscript,onnx"), "MBConv channel gates cannot skip in ONNX"),
     ("pareto.json#x", (), "not an integer"),
     ("pareto.json", (), "pick one"),
     ("other_space.json", (), "arch.space"),

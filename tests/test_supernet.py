@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import nas4dyn
 from search_spaces import Arch, builtin_spaces
+from supernet.static_blocks import fold_bn
 from tests.conftest import make_decisive
 
 SPACES = builtin_spaces()
@@ -155,3 +156,10 @@ def test_training_mode_gates_are_differentiable(tiny_space, tiny_net):
     sum(o.sum() for o in outs).backward()
     assert tiny_net.gater.fc2.weight.grad is not None
     assert tiny_net.gater.fc2.weight.grad.abs().sum() > 0
+
+
+def test_bn_folding_stays_on_the_weights_device():
+    # Extraction from a CUDA supernet folds BatchNorms there; the meta device stands in for it here.
+    bn = torch.nn.BatchNorm2d(4).to("meta").eval()
+    weight, bias = fold_bn(torch.empty(4, 3, 3, 3, device="meta"), bn)
+    assert weight.device.type == "meta" and bias.device.type == "meta"

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import nas4dyn
 from nas4dyn.cost.static_path import block_decisions, path_model
+from nas4dyn.errors import InvalidArchError
 from nas4dyn.train.losses import gated_mac_rate
 from nas4dyn.train.sampling import gated
 from search_spaces import Arch
@@ -74,6 +75,16 @@ def test_width_gates_are_allowed_only_where_a_stage_has_widths_to_choose(space):
     one_width = dataclasses.replace(space, stages=(dataclasses.replace(space.stages[0], widths=(8,)),) + space.stages[1:])
     assert "width" not in one_width.allowed_gates(0, 1)
     assert space.stages[0].width_options(8) == (4, 8) and space.stages[0].width_options(4) == (4,)
+    # At the stage's narrowest width a width gate would have one option: a static block in disguise.
+    narrowest = min(space.stages[1].widths)
+    assert "width" in space.allowed_gates(1, 1, width=max(space.stages[1].widths))
+    assert "width" not in space.allowed_gates(1, 1, width=narrowest)
+    depths = space.max_arch().depths
+    narrow = dataclasses.replace(space.max_arch(),
+                                 widths=tuple((min(st.widths),) * d for st, d in zip(space.stages, depths)))
+    assert all(blk.gate != "width" for blk in gated(space, narrow, "width").blocks())
+    with pytest.raises(InvalidArchError, match="'width' is not one of"):
+        space.validate(dataclasses.replace(narrow, gates=gated(space, space.max_arch(), "width").gates))
     wide = dataclasses.replace(space.stages[0], widths=(2, 3, 4, 5, 6, 7))
     assert wide.width_options(6) == (3, 4, 5, 6)  # at most four, the widest up to the block's
 

@@ -34,9 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def deployed_runtime(text: str) -> Optional[str]:
+def deployed_runtime(text: Optional[str]) -> Optional[str]:
     """The runtime a ``--format`` list deploys with: onnxruntime when it names onnx without torchscript,
-    torchscript when it does not name onnx, None (the latency table's) when it names both."""
+    torchscript when it does not name onnx, None (the latency table's) when it names both or is not given."""
+    if text is None:
+        return None
     named = {f.strip().lower() for f in text.split(",")}
     if "onnx" not in named:
         return "torchscript"
@@ -45,7 +47,8 @@ def deployed_runtime(text: str) -> Optional[str]:
 
 def run(args: argparse.Namespace) -> int:
     options = ExportOptions(
-        formats=parse_formats(args.format) if args.format else None, data=args.data, data_root=args.data_root, bn_images=args.bn_images,
+        formats=parse_formats(args.format) if args.format else None, data=args.data, data_root=args.data_root,
+        bn_images=args.bn_images,
         batch_size=args.batch_size, latency_samples=args.latency_samples, latency_repeats=args.repeats,
         latency_table=args.latency_table, threads=args.threads, runtime=deployed_runtime(args.format),
     )

@@ -170,7 +170,7 @@ def _block_variants(net: Supernet, s: int, b: int, k: int, w: int, settings: Pro
     space, st = net.space, net.space.stages[s]
     hidden = st.hidden_channels(w, space.block_in_channels(s, b))
     out = {}
-    for gate in (g for g in space.allowed_gates(s, b, k) if pieces.supports(g, st.block)):
+    for gate in (g for g in space.allowed_gates(s, b, k, w) if pieces.supports(g, st.block)):
         group = space.gater.group if gate == "channel" else 1
         columns = -(-hidden // group) if gate == "channel" else 0
         blk = net.block(s, b).extract(k, w, gate, 0, columns, group).eval()

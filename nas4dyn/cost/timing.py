@@ -176,6 +176,9 @@ def run_bundle(bundle: Path, threads: int, progress: bool = True) -> dict[str, A
     runtime = manifest.get("runtime")
     if runtime not in RUNTIMES:
         raise SystemExit(f"run.py: this bundle is for runtime {runtime!r}; this run.py times {' or '.join(RUNTIMES)}")
+    if manifest["settings"]["clock"] == "cpu" and threads != 1:
+        raise SystemExit(f"run.py: --threads {threads}: this bundle times with the CPU clock, which sees the calling "
+                         "thread only; run it with --threads 1, or make a bundle with `--clock wall`")
     needs = "torch" if runtime == "torchscript" else "onnxruntime and numpy"
     try:
         calls = (_torchscript_calls if runtime == "torchscript" else _onnxruntime_calls)(bundle, manifest, threads)

@@ -70,7 +70,8 @@ def decode(space: SearchSpace, params: dict[str, Any]) -> Arch:
         widths.append(tuple(int(params[f"width.{s}.{b}"]) for b in range(d)))
         # A routed stage takes no gates.
         chosen = [str(params.get(f"gate.{s}.{b}", "none")) if paths[s] == 1 else "none" for b in range(d)]
-        gates.append(tuple(g if g in space.allowed_gates(s, b, k) else "none" for b, (g, k) in enumerate(zip(chosen, ks))))
+        gates.append(tuple(g if g in space.allowed_gates(s, b, k, w) else "none"
+                           for b, (g, k, w) in enumerate(zip(chosen, ks, widths[-1]))))
     exits = tuple(
         ExitChoice(s, b, UNCALIBRATED)
         for s, b in space.exits.positions

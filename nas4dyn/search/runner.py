@@ -116,6 +116,9 @@ def _check(config: SearchConfig) -> None:
         for name, low in (("warmup", MIN_TRIALS), ("round_size", 1), ("candidates", 1)):
             if getattr(config, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be {low} or more")
+        if config.trials <= config.warmup:
+            log.warning(f"--strategy predictor with --trials {config.trials} <= --warmup {config.warmup}: every "
+                        "trial is a random warm-up trial and no predictor is fitted; raise --trials or lower --warmup")
     if config.trials < 1:
         raise ConfigError(f"--trials {config.trials}: must be 1 or more (the study holds that many completed trials "
                           "when the command ends)")

@@ -250,7 +250,7 @@ def _cheap_candidates(ctx: TrialContext) -> list[Arch]:
     candidates = []
     for kind in kinds:
         gates = tuple(
-            tuple(kind if kind in space.allowed_gates(blk.stage, blk.block, blk.kernel) else "none"
+            tuple(kind if kind in space.allowed_gates(blk.stage, blk.block, blk.kernel, blk.width) else "none"
                   for blk in smallest.blocks() if blk.stage == s)
             for s in range(len(space.stages))
         )

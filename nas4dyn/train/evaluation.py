@@ -60,7 +60,7 @@ def probe_archs(space: SearchSpace, elastic: list[str], threshold: float) -> dic
                 arch = all_exits(space, arch, threshold)
             archs[name] = gated(space, arch) if "gates" in elastic else arch
     if "gates" in elastic:
-        kinds = {k for blk in top.blocks() for k in space.allowed_gates(blk.stage, blk.block, blk.kernel)}
+        kinds = {k for blk in top.blocks() for k in space.allowed_gates(blk.stage, blk.block, blk.kernel, blk.width)}
         for kind in sorted(kinds - {"none", "channel"}):
             archs[f"max_{kind}"] = gated(space, top, kind)
     if "paths" in elastic and any(len(st.paths) > 1 for st in space.stages):

@@ -56,8 +56,8 @@ def all_exits(space: SearchSpace, arch: Arch, threshold: float) -> Arch:
 def gated(space: SearchSpace, arch: Arch, kind: str = "channel") -> Arch:
     """``arch`` with a ``kind`` gate on every block that allows one (the others keep theirs)."""
     gates = tuple(
-        tuple(kind if kind in space.allowed_gates(s, b, k) else g for b, (g, k) in enumerate(zip(gs, ks)))
-        for s, (gs, ks) in enumerate(zip(arch.gates, arch.kernels))
+        tuple(kind if kind in space.allowed_gates(s, b, k, w) else g for b, (g, k, w) in enumerate(zip(gs, ks, ws)))
+        for s, (gs, ks, ws) in enumerate(zip(arch.gates, arch.kernels, arch.widths))
     )
     return Arch(space.name, arch.resolution, arch.depths, arch.kernels, arch.widths, gates, arch.exits)
 
