@@ -222,9 +222,10 @@ def _compare_latency(card: dict[str, Any], table: Any, path: str) -> None:
     card["latency_relative_error"] = error
     if abs(error) > LATENCY_WARN:
         log.warning("predicted latency %.3f ms is %+.0f%% off the %.3f ms measured here (same statistic, %d "
-                    "thread(s)): the table was measured on another machine or this CPU is loaded now — re-profile "
-                    "here, or measure on an idle CPU", card["latency_ms_predicted"], 100 * error, card["latency_ms"],
-                    fp["threads"])
+                    "thread(s)): the table was measured on another machine, this CPU is loaded now — re-profile "
+                    "here, or measure on an idle CPU — or, under-predicted, early exits cost more inside this model "
+                    "than their table entries (a known limit of the cost model, docs/BENCHMARKS.md 'Cost model')",
+                    card["latency_ms_predicted"], 100 * error, card["latency_ms"], fp["threads"])
 
 
 def _cost(net: Supernet, arch: Arch, loader: Any) -> Optional[dict[str, Any]]:
@@ -288,7 +289,8 @@ def export_run(run_dir: str | Path, arch_spec: str, out_dir: str | Path, options
     latency_model, threads, runtime = (_latency_table(options.latency_table, net, options.threads, options.runtime)
                                        if options.latency_table else (None, options.threads or 1, "torchscript"))
     if runtime == "onnxruntime" and "onnx" not in options.formats:
-        raise ConfigError("--latency-table: the table times onnxruntime, which runs model.onnx; add --format onnx")
+        raise ConfigError("--latency-table: the table times onnxruntime, which runs model.onnx; add --format onnx "
+                          "(for an arch with an ONNX form) or use a torchscript table")
     torch.set_num_threads(threads)
     source = options.data or info.get("dataset")
     if not source:
