@@ -5,7 +5,7 @@ import argparse
 from typing import Any
 
 from nas4dyn.cli.flags import POSITIVE
-from nas4dyn.export.pipeline import evaluate_export
+from nas4dyn.export.evaluation import evaluate_export
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
