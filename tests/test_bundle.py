@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -45,6 +46,15 @@ def run_on_device(bundle: Path, device_dir: Path, *args: str, blocked: tuple[str
     shutil.copytree(bundle, copy)
     return subprocess.run([sys.executable, "-I", "-c", DEVICE_PYTHON, ",".join(blocked), *args], cwd=copy,
                           capture_output=True, text=True, timeout=300)
+
+
+def edited_copy(bundle: Path, dest: Path, edit: Callable[[dict], Any]) -> Path:
+    """A copy of ``bundle`` at ``dest`` whose manifest ``edit`` changed in place."""
+    shutil.copytree(bundle, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    edit(manifest)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +125,7 @@ def test_timings_of_another_space_or_bundle_are_refused(bundle_run, tmp_path, ca
     out = str(tmp_path / "l.json")
     argv = ["profile", "--import", str(timings), "--out", out, "--space", "fmnist"]
     assert "not 'fmnist'" in _bad_import(argv, capsys)
-    other = tmp_path / "other"
-    shutil.copytree(bundle, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["bundle_id"] = "0" * 32
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    other = edited_copy(bundle, tmp_path / "other", lambda manifest: manifest.update(bundle_id="0" * 32))
     assert "another bundle" in _bad_import(["profile", "--import", str(timings), "--out", out, "--bundle", str(other)],
                                            capsys)
     with pytest.raises(nas4dyn.ConfigError, match="runtime 'torchscript', not 'onnxruntime'"):
@@ -127,32 +133,27 @@ def test_timings_of_another_space_or_bundle_are_refused(bundle_run, tmp_path, ca
     assert not (tmp_path / "l.json").exists()
 
 
-def test_run_py_refuses_a_bundle_of_another_runtime(bundle_run, tmp_path):
-    bundle, _ = bundle_run
-    other = tmp_path / "other"
-    shutil.copytree(bundle, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["runtime"] = "tensorrt"
-    (other / "manifest.json").write_text(json.dumps(manifest))
+def run_py_refusal(bundle: Path, tmp_path: Path, *args: str) -> str:
+    """The one line run.py fails with on ``bundle`` (checking that it wrote no timings)."""
     (tmp_path / "device").mkdir()
-    proc = run_on_device(other, tmp_path / "device", "--out", str(tmp_path / "t.json"))
+    proc = run_on_device(bundle, tmp_path / "device", "--out", str(tmp_path / "t.json"), *args)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(lines) == 1 and "runtime 'tensorrt'" in lines[0]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
     assert not (tmp_path / "t.json").exists()
+    return lines[0]
+
+
+def test_run_py_refuses_a_bundle_of_another_runtime(bundle_run, tmp_path):
+    other = edited_copy(bundle_run[0], tmp_path / "other", lambda manifest: manifest.update(runtime="tensorrt"))
+    assert "runtime 'tensorrt'" in run_py_refusal(other, tmp_path)
 
 
 def test_run_py_refuses_threads_with_the_cpu_clock(bundle_run, tmp_path):
-    bundle, _ = bundle_run
-    other = tmp_path / "cpu_clock"
-    shutil.copytree(bundle, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["settings"]["clock"] = "cpu"  # the CPU clock sees the calling thread only
-    (other / "manifest.json").write_text(json.dumps(manifest))
-    (tmp_path / "device").mkdir()
-    proc = run_on_device(other, tmp_path / "device", "--out", str(tmp_path / "t.json"), "--threads", "2")
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(lines) == 1 and "--threads 2" in lines[0] and "--threads 1" in lines[0]
-    assert not (tmp_path / "t.json").exists()
+    # The CPU clock sees the calling thread only.
+    other = edited_copy(bundle_run[0], tmp_path / "cpu_clock",
+                        lambda manifest: manifest["settings"].update(clock="cpu"))
+    line = run_py_refusal(other, tmp_path, "--threads", "2")
+    assert "--threads 2" in line and "--threads 1" in line
 
 
 def test_a_torchscript_bundle_on_a_device_without_torch_says_so(bundle_run, tmp_path):
