@@ -276,7 +276,7 @@ def trace_paths(net: Supernet, arch: Arch, loader: Iterable) -> SamplePaths:
         ConfigError: the loader yields no samples.
     """
     gated = gated_slots(arch_layout(net.space, arch))
-    device = next(net.parameters()).device
+    device = net.device
     previous, was_training = net.active, net.training
     net.eval()
     net.set_active(arch)
