@@ -9,6 +9,8 @@ import torch
 import yaml
 
 import nas4dyn
+from nas4dyn.cost.profiler import profile_space
+from nas4dyn.cost.settings import ProfileSettings
 from search_spaces.space import BUILTIN_DIR, SearchSpace, space_from_dict
 from supernet.dynamic.gates import SkipGate
 
@@ -45,6 +47,14 @@ def all_space() -> SearchSpace:
     data["stages"][2]["gates"] = ["none", "channel", "skip", "dfs"]
     data["stages"][2]["paths"] = [1, 2, 3]
     return space_from_dict(data)
+
+
+@pytest.fixture(scope="session")
+def tiny_table():
+    """A latency table of :func:`all_space`, measured with settings small enough for a test and large enough
+    that every code path of the profiler runs."""
+    quick = ProfileSettings(repeats=2, burst=1, channel_levels=3, calibrate=3, validate=2)
+    return profile_space(all_space(), quick, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,8 @@ def test_imported_table_equals_a_direct_profile_within_noise(bundle_run, tmp_pat
     # The same plan: the same calibration and validation subnets on the same paths.
     paths = [[(r["exit_index"], r["units"]) for r in t.validation["records"]] for t in (imported, direct)]
     assert paths[0] == paths[1]
-    ratios = np.array([lv_i[1] / lv_d[1] for key in direct.levels
+    # Exit entries are differences of two subnets' times (timed in context), which noise can take to 0 here.
+    ratios = np.array([lv_i[1] / lv_d[1] for key in direct.levels if key[0] != "exit"
                        for lv_i, lv_d in zip(imported.levels[key], direct.levels[key])])
     assert 0.67 < np.median(ratios) < 1.5, np.median(ratios)
     arch = direct.space.max_arch()

@@ -27,14 +27,10 @@ from nas4dyn.cost.paths import (
     path_contributions,
     random_path,
 )
-from nas4dyn.cost.profiler import profile_space
-from nas4dyn.cost.settings import ProfileSettings
 from search_spaces import Arch
 from supernet.scripting import freeze_scripted
 from tests.conftest import all_space, make_decisive
 
-# Small enough for a test, large enough that every code path runs.
-QUICK = ProfileSettings(repeats=2, burst=1, channel_levels=3, calibrate=3, validate=2)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -250,11 +246,6 @@ def test_empty_loader_is_a_config_error(nets):
 
 
 # ---- latency ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_table():
-    return profile_space(all_space(), QUICK, progress=False)
-
-
 def test_table_covers_every_configuration_and_predicts(tiny_table):
     space = tiny_table.space
     model = LatencyModel(tiny_table)

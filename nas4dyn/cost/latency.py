@@ -47,6 +47,9 @@ KEY_FIELDS = {
     "block": ("resolution", "stage", "first", "kernel", "width", "gate", "paths"),
     "exit": ("resolution", "stage"),
     "classifier": ("resolution",),
+    # A TorchScript profile times an exit in context: a small subnet without it (level 0) and with it (level 1);
+    # the table keeps their difference as the exit's entry.
+    "exit_context": ("resolution", "stage"),
 }
 # onnxruntime tables: the parts after an early exit timed inside an If, as the exported graph runs them
 # (used for parts of segments > 0 where present), and the session call's own time ("call", taken off every

@@ -6,6 +6,7 @@ normalised batches of :mod:`nas4dyn.data` loaders back into such images.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -161,18 +162,37 @@ def measure_latency(model: Any, images: torch.Tensor, batch_size: int = 1, repea
     measurement of the same kind as the table's prediction (on a loaded CPU the min of whole passes would
     not be: it averages the disturbed calls in). ``images``: a tensor, or a numpy array for a ``runtime``
     onnxruntime model."""
+    return measure_latencies([model], images, batch_size, repeats, warmup, statistic, clock, runtime)[0]
+
+
+@torch.no_grad()
+def measure_latencies(models: Sequence[Any], images: torch.Tensor, batch_size: int = 1, repeats: int = 5,
+                      warmup: int = 1, statistic: str = "median", clock: str = "wall",
+                      runtime: str = "torchscript", seed: int = 0) -> list[Latency]:
+    """:func:`measure_latency` of several models, interleaved: in each of the ``warmup`` + ``repeats`` rounds
+    every model makes one pass over ``images``, the models in a shuffled order. The machine's speed drifts
+    over seconds (other jobs, a shared host), so a model timed in one stretch carries that stretch's speed;
+    in rounds, every model sees all of them and the models compare with each other."""
     if len(images) == 0:
         raise DataError("no images to time")
     summarize, read_clock = STATISTICS[statistic], CLOCKS[clock]
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    per_call: list[list[float]] = [[] for _ in batches]
+    per_call = [[[] for _ in batches] for _ in models]  # model -> batch -> timed calls
+    order = list(range(len(models)))
+    shuffle = random.Random(seed)
     for r in range(warmup + repeats):
-        for i, x in enumerate(batches):
-            start = read_clock()
-            model(x)
-            if r >= warmup:
-                per_call[i].append(read_clock() - start)
-    ms_per_batch = 1e3 * sum(summarize(t) for t in per_call) / len(batches)
-    per_pass = [1e3 * sum(t[r] for t in per_call) / len(images) for r in range(repeats)]
-    return Latency(batch_size, len(images), ms_per_batch * len(batches) / len(images), ms_per_batch, per_pass,
-                   torch.get_num_threads(), statistic, clock, runtime)
+        shuffle.shuffle(order)
+        for m in order:
+            model = models[m]
+            for i, x in enumerate(batches):
+                start = read_clock()
+                model(x)
+                if r >= warmup:
+                    per_call[m][i].append(read_clock() - start)
+    results = []
+    for calls in per_call:
+        ms_per_batch = 1e3 * sum(summarize(t) for t in calls) / len(batches)
+        per_pass = [1e3 * sum(t[r] for t in calls) / len(images) for r in range(repeats)]
+        results.append(Latency(batch_size, len(images), ms_per_batch * len(batches) / len(images), ms_per_batch,
+                               per_pass, torch.get_num_threads(), statistic, clock, runtime))
+    return results
