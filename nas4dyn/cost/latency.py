@@ -62,9 +62,9 @@ def fit_correction(sums: Sequence[float], measured: Sequence[float],
     """``(a, b, exit_scale)`` of ``measured ≈ a * (sums + (exit_scale - 1) * exit_sums) + b``, least squares on
     the relative error (what validation scores), all three >= 0: an unconstrained fit to a few noisy subnets can
     take a negative intercept and then predict a negative latency for a path shorter than those it was fitted
-    on. ``exit_sums`` are the parts of ``sums`` that are exit tests (None: exit_scale stays 1): inside a whole
-    model an exit test need not cost what the same test costs timed alone (fmnist on an AMD EPYC: 0.6x fitted
-    over random paths, 2.6x on one searched subnet passing five exits), so the fit scales them on their own."""
+    on. ``exit_sums`` are the parts of ``sums`` that are exit tests timed alone (an onnxruntime table's; None:
+    exit_scale stays 1, as for TorchScript tables, which time exits inside a subnet): inside a whole model an
+    exit test need not cost what the same test costs alone, so the fit scales them on their own."""
     s, y = np.asarray(sums, dtype=float), np.asarray(measured, dtype=float)
     if len(s) < 2:
         raise ConfigError(f"fitting the latency correction needs at least 2 measured subnets, got {len(s)}")

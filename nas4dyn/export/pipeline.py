@@ -221,8 +221,8 @@ def _compare_latency(card: dict[str, Any], table: Any, path: str) -> None:
     if abs(error) > LATENCY_WARN:
         log.warning("predicted latency %.3f ms is %+.0f%% off the %.3f ms measured here (same statistic, %d "
                     "thread(s)): the table was measured on another machine, this CPU is loaded now — re-profile "
-                    "here, or measure on an idle CPU — or, under-predicted, early exits cost more inside this model "
-                    "than their table entries (a known limit of the cost model, docs/BENCHMARKS.md 'Cost model')",
+                    "here, or measure on an idle CPU — or an older nas4dyn made the table, timing exits alone, which "
+                    "under-predicts models with early exits: re-profile",
                     card["latency_ms_predicted"], 100 * error, card["latency_ms"], fp["threads"])
 
 
