@@ -72,6 +72,7 @@ def all_mechanisms(space: SearchSpace) -> SearchSpace:
 @torch.no_grad()
 def supernet(space_name: str, run: str | None) -> tuple[Supernet, dict | None, str]:
     """(supernet of the all-mechanisms space in eval mode, the run's normalisation or None, weights described)."""
+    torch.manual_seed(0)  # the modules a run lacks start the same in every run of this script
     if run:
         from nas4dyn.api import load_supernet_file
 
@@ -83,7 +84,6 @@ def supernet(space_name: str, run: str | None) -> tuple[Supernet, dict | None, s
         kinds = sorted({k.split(".")[0] if k.startswith(("path_copies", "routers")) else k.split(".")[-2]
                         for k in missing})
         return net.eval(), info, f"trained run {run}; new modules ({', '.join(kinds)}) as described above"
-    torch.manual_seed(0)
     net = Supernet(all_mechanisms(nas4dyn.load_space(space_name)))
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
