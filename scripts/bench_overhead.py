@@ -130,6 +130,18 @@ def twin_tolerance(name: str) -> float:
     return 1e-3 if name == "dfs gates" else 1e-4
 
 
+def calibrated(space_name: str, run: str | None, n_val: int, n_test: int
+               ) -> tuple[Supernet, dict[str, Arch], torch.Tensor, list[float], list[float], str, str]:
+    """(supernet, calibrated variants, test images in [0, 1], mean, std, weights described, image source):
+    :func:`supernet` calibrated on ``n_val`` validation images (:func:`variants_of`)."""
+    net, info, weights = supernet(space_name, run)
+    val, test, mean, std, source = load_images(net.space, n_val, n_test)
+    if info:
+        mean, std = list(info["mean"]), list(info["std"])
+    norm = (val - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    return net, variants_of(net, norm), test, mean, std, weights, source
+
+
 def _timed(model: nn.Module, x: torch.Tensor) -> float:
     start = time.perf_counter()
     model(x)
@@ -159,12 +171,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the per-rep figures here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    net, info, weights = supernet(args.space, args.run)
-    val, test, mean, std, source = load_images(net.space, 1000, args.path_samples)
-    if info:
-        mean, std = list(info["mean"]), list(info["std"])
-    norm = (val - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    variants = variants_of(net, norm)
+    net, variants, test, mean, std, weights, source = calibrated(args.space, args.run, 1000, args.path_samples)
     models, twins = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, arch in {"static": backbone(net.space), **variants}.items():

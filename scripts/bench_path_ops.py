@@ -21,9 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nas4dyn  # noqa: E402
 from bench_before_after import grouped  # noqa: E402
-from bench_export import load_images  # noqa: E402
 from benchlib import timing_cpu  # noqa: E402
-from bench_overhead import supernet, twin_tolerance, variants_of  # noqa: E402
+from bench_overhead import calibrated, twin_tolerance  # noqa: E402
 from nas4dyn.export.torchscript import load_exported, save_torchscript  # noqa: E402
 from path_overhead import check_twins, path_twins  # noqa: E402
 
@@ -51,13 +50,9 @@ def main() -> None:
     ap.add_argument("--timing-cpu", type=int, help="the CPU to pin the profiling to")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    net, info, _ = supernet(args.space, args.run)
-    val, test, mean, std, _ = load_images(net.space, 300, args.images)
-    if info:
-        mean, std = list(info["mean"]), list(info["std"])
-    norm = (val - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    net, variants, test, mean, std, _, _ = calibrated(args.space, args.run, 300, args.images)
     kinds = {k if k in ("exits", "routing") else f"{k} gates" for k in args.kinds.split(",")}
-    variants = {name: arch for name, arch in variants_of(net, norm).items() if name in kinds}
+    variants = {name: arch for name, arch in variants.items() if name in kinds}
     if args.gate_group > 1:
         net = grouped(net, args.gate_group)
     built = {}
