@@ -2,14 +2,15 @@
 CPU ms) per image of each gated variant of bench_export's backbone, beside the same for the frozen static twins of
 the images' paths (scripts/path_overhead.py). Op counts are robust to machine load; the ms are not.
 
-Usage: python scripts/bench_path_ops.py [--space fmnist] [--run DIR] [--images 24] [--kinds channel,skip,width,exits]
-       [--top 16] [--gate-group 1]
-``exits``: bench_export's two exits (thresholds calibrated so that 40% of the samples reaching each leave).
+Usage: python scripts/bench_path_ops.py [--space fmnist] [--run DIR] [--images 24]
+       [--kinds channel,skip,width,emg,dfs,routing,exits] [--top 16] [--gate-group 1]
+       [--lock /work/out/core1.lock --timing-cpu 1]
+The supernet, its weights and the calibrated variants are scripts/bench_overhead.py's (every mechanism on every
+space; ``exits``: bench_export's two exits, 40% of the samples reaching each leave).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -20,10 +21,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nas4dyn  # noqa: E402
 from bench_before_after import grouped  # noqa: E402
-from bench_export import backbone, calibrate_exits, calibrate_gates, net_and_images  # noqa: E402
+from benchlib import timing_cpu  # noqa: E402
+from bench_overhead import calibrated, twin_tolerance  # noqa: E402
 from nas4dyn.export.torchscript import load_exported, save_torchscript  # noqa: E402
-from nas4dyn.train.sampling import gated  # noqa: E402
-from search_spaces.arch import ExitChoice  # noqa: E402
 from path_overhead import check_twins, path_twins  # noqa: E402
 
 
@@ -44,29 +44,27 @@ def main() -> None:
     ap.add_argument("--run", help="a trained run directory (default: an untrained supernet of --space)")
     ap.add_argument("--gate-group", type=int, default=1, help="channel gates in groups of this many filters")
     ap.add_argument("--images", type=int, default=24)
-    ap.add_argument("--kinds", default="channel,skip,width", help="gate kinds, comma-separated")
+    ap.add_argument("--kinds", default="channel,skip,width,emg,dfs,routing,exits", help="mechanisms, comma-separated")
     ap.add_argument("--top", type=int, default=16, help="ops listed per kind (by the dynamic model's self time)")
+    ap.add_argument("--lock", help="a lock file to hold (flock) while profiling")
+    ap.add_argument("--timing-cpu", type=int, help="the CPU to pin the profiling to")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    net, val, test, mean, std, _ = net_and_images(args.space, args.run, 300, args.images)
-    space = net.space
-    base = backbone(space)
-    kinds = args.kinds.split(",")
-    variants = {f"{k} gates": gated(space, base, k) for k in kinds if k != "exits"}
-    norm = (val - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    calibrate_gates(net, variants, norm)
+    net, variants, test, mean, std, _, _ = calibrated(args.space, args.run, 300, args.images)
+    kinds = {k if k in ("exits", "routing") else f"{k} gates" for k in args.kinds.split(",")}
+    variants = {name: arch for name, arch in variants.items() if name in kinds}
     if args.gate_group > 1:
         net = grouped(net, args.gate_group)
-    if "exits" in kinds:
-        exits = tuple(ExitChoice(s, b, 1.0) for s, b in space.exits.positions if b == 1)[:2]
-        variants["exits"] = calibrate_exits(net, dataclasses.replace(base, exits=exits), norm, 0.4)
+    built = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, arch in variants.items():
             save_torchscript(nas4dyn.export_subnet(net, arch, {"mean": mean, "std": std}), Path(tmp) / "m.ts")
             dynamic = load_exported(Path(tmp) / "m.ts")
             index, twins = path_twins(net, arch, mean, std, test)
-            check_twins(dynamic, index, twins, test)
+            check_twins(dynamic, index, twins, test, twin_tolerance(name))
+            built[name] = dynamic, index, twins
+    with timing_cpu(args.lock, args.timing_cpu):
+        for name, (dynamic, index, twins) in built.items():
             for _ in range(3):  # warm-up: TorchScript optimises after its first calls
                 for i in range(len(test)):
                     dynamic(test[i : i + 1])
@@ -78,7 +76,6 @@ def main() -> None:
             for op in sorted(ops["dynamic"], key=lambda k: -ops["dynamic"][k][1])[: args.top]:
                 (dc, dm), (tc, tm) = ops["dynamic"][op], ops["twins"].get(op, (0.0, 0.0))
                 print(f"{op:40s} calls/img {dc:5.1f} vs {tc:5.1f}   ms/img {dm:.3f} vs {tm:.3f}")
-
 
 if __name__ == "__main__":
     main()

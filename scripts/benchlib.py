@@ -1,10 +1,13 @@
 """Helpers shared by the benchmark scripts: a machine description and section-wise BENCHMARKS.md updates."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -24,3 +27,19 @@ def replace_section(path: Path, title: str, body: str) -> None:
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: block + "\n", text, count=1) if pattern.search(text) else text.rstrip() + "\n\n" + block
     atomic_write_text(path, text)
+
+
+@contextlib.contextmanager
+def timing_cpu(lock: str | None, cpu: int | None) -> Iterator[None]:
+    """Hold ``lock`` (an flock on that file; None: no lock) and run the calling thread on ``cpu`` (None: where
+    it ran) for the duration: the set-up runs elsewhere, only the timing occupies the shared measurement core."""
+    before = os.sched_getaffinity(0)
+    with open(lock, "a") if lock else contextlib.nullcontext() as held:
+        if held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, before)

@@ -79,8 +79,9 @@ def _timed(fn, *args) -> float:
 
 @torch.no_grad()
 def path_overhead(dynamic: nn.Module, index: list[int], twins: list[nn.Module], images: torch.Tensor,
-                  repeats: int, batch: int = 1) -> PathOverhead:
-    """Path-equivalent overhead of ``dynamic`` on ``images`` at ``batch`` (see the module docstring)."""
+                  repeats: int, batch: int = 1, warmup: int = 3) -> PathOverhead:
+    """Path-equivalent overhead of ``dynamic`` on ``images`` at ``batch`` (see the module docstring); every
+    model first runs each of its inputs ``warmup`` times (0 when the caller warmed them up already)."""
     order = random.Random(0)
     batches = []  # (images, {twin: rows of the batch taking its path})
     for start in range(0, len(images), batch):
@@ -91,7 +92,7 @@ def path_overhead(dynamic: nn.Module, index: list[int], twins: list[nn.Module], 
     # Warm-up: TorchScript's profiling executor optimises a graph after its first calls, so every model runs
     # each of its inputs a few times before the timing (a twin seen once would be timed unoptimised).
     for x, groups in batches:
-        for _ in range(3):
+        for _ in range(warmup):
             dynamic(x)
             for t, rows in groups.items():
                 twins[t](x[rows])

@@ -190,12 +190,13 @@ class StaticBlock(nn.Module):
             if x.shape[0] == 1 and self.subset_powers.numel() > 0:
                 return self.run_subset(x, self.subset_code(gate_logits))
             return self.run(x, self.channel_mask(gate_logits))
-        route = self.route(x)
-        if route is not None and x.shape[0] == 1:  # one sample: one host sync, then only its option runs
-            option = int(route[0])
+        dfs_gate = self.dfs_gate
+        if dfs_gate is not None and x.shape[0] == 1:  # one sample: one host read, then only its option runs
+            option = int(dfs_gate.one_sample_logits(x).argmax())
             if option == 2:
                 return self.run(x, None)
             return self.run_int8(x) if option == 1 else self.post(x)
+        route = self.route(x)
         if route is None or bool((route == 2).all()):
             return self.run(x, None)
         if bool((route == 1).all()):

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import nas4dyn
 from nas4dyn.errors import InvalidArchError
 from search_spaces import Arch
+from supernet.dynamic.dfs import DFSGate
 from supernet.static_blocks import StaticBasicBlock
 from tests.conftest import all_space, make_decisive
 
@@ -249,3 +250,23 @@ def test_routers_learn_in_training(net, space):
     net.eval()
     assert len(net.route_trace) == 2
     assert net.routers["2_0"].fc2.weight.grad.abs().sum() > 0
+
+
+def test_dfs_single_sample_decision_is_the_batched_argmax():
+    """The exported DFS block's batch-1 path (``one_sample_logits``, one host read) picks the option that the
+    batched route (``logits(x).argmax``) picks, scripted too, for inputs spread over all three options."""
+    torch.manual_seed(0)
+    gate = DFSGate(8).eval()
+    xs = 2 * torch.randn(300, 1, 8, 1, 1) + torch.randn(300, 1, 8, 5, 7)  # pooled inputs that differ per sample
+    with torch.no_grad():
+        gate.fc2.weight.mul_(10)
+        gate.fc2.bias -= torch.cat([gate.logits(x) for x in xs]).mean(0)  # every option wins for some inputs
+        scripted = torch.jit.script(gate)
+        logits = torch.cat([gate.logits(x) for x in xs])
+        top2 = logits.topk(2, dim=1).values
+        clear = top2[:, 0] - top2[:, 1] > 1e-5  # a closer race may round either way
+        assert logits.argmax(1).bincount(minlength=3).min() >= 30 and int(clear.sum()) > 290
+        for x, row, decided in zip(xs, logits, clear):
+            if decided:
+                assert int(gate.one_sample_logits(x).argmax()) == int(scripted.one_sample_logits(x).argmax()) \
+                    == int(row.argmax())

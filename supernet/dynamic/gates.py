@@ -91,8 +91,8 @@ class SkipGate(nn.Module):
         """:meth:`logits` of the one sample ``x`` (1 x C x H x W) in fewer calls, for exported models at batch 1,
         where each call's fixed cost outweighs this MLP's arithmetic (the pooling's division rides in the first
         matmul's ``alpha``). Detached: it only decides."""
-        total = torch.flatten(x, 2).sum(2)
-        h = torch.relu(torch.addmm(self.fc1.bias, total, self.fc1.weight.t(), alpha=1.0 / (x.shape[2] * x.shape[3])))
+        pixels = x.shape[2] * x.shape[3]
+        h = torch.relu(torch.addmm(self.fc1.bias, x.sum([2, 3]), self.fc1.weight.t(), alpha=1.0 / pixels))
         return torch.addmm(self.fc2.bias, h, self.fc2.weight.t()).detach()
 
     @torch.jit.export
