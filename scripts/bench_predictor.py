@@ -16,15 +16,20 @@ contains NAME (e.g. the predictor strategy's own proposals: the search picks can
 studies measured them (BN recalibrated on the same ``--bn-images``), on two disjoint sets of ``--val-images``
 validation images; Kendall τ between the two measurements is the labels' own test-retest agreement.
 
+``--precise N`` scores the predictor against precise labels on N held-out subnets measured on the whole
+validation split (scripts/predictor_holdout.py; resumable, its files under ``--precise-out``).
+
 Usage: python scripts/bench_predictor.py --run /work/runs/default --studies OUT/*/study.db [--folds 5]
        [--repeats 3] [--seed 0] [--only random] [--held-out predictor] [--retest 40 --val-images 2000
-       --bn-images 1000] [--json FILE]
+       --bn-images 1000] [--precise 72 --precise-out DIR] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -35,11 +40,15 @@ import torch
 from scipy.stats import kendalltau
 
 from nas4dyn.api import load_supernet_file
+from nas4dyn.errors import Nas4dynError
 from nas4dyn.search.candidate_costs import CandidateCosts
 from nas4dyn.search.encoding import budget, decode
 from nas4dyn.search.outputs import completed
 from nas4dyn.search.predictor import GBM_PARAMS, Featurizer, Samples, SubnetPredictor, rates_of
 from nas4dyn.search.predictor_features import FEATURE_SETS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from predictor_holdout import precise_table, run_precise  # noqa: E402
 
 
 @dataclass
@@ -229,9 +238,16 @@ def main() -> None:
     ap.add_argument("--retest", type=int, default=0, help="measure this many trials again on two disjoint subsets")
     ap.add_argument("--val-images", type=int, default=2000, help="--retest: validation images per subset")
     ap.add_argument("--bn-images", type=int, default=1000, help="--retest: BN recalibration images (as the studies)")
-    ap.add_argument("--skip-kfold", action="store_true", help="only --retest")
+    ap.add_argument("--precise", type=int, default=0, help="score on this many held-out subnets measured on the "
+                    "whole validation split (half random, half as the predictor strategy proposes)")
+    ap.add_argument("--precise-out", help="--precise: directory of its plan and measurements (resumable)")
+    ap.add_argument("--precise-no-measure", action="store_true", help="--precise: score what is measured so far")
+    ap.add_argument("--candidates", type=int, default=10_000, help="--precise: predictor queries for the proposals")
+    ap.add_argument("--skip-kfold", action="store_true", help="only --retest / --precise")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
+    if args.precise and not args.precise_out:
+        ap.error("--precise needs --precise-out DIR (its measurements are kept there, and reused on a restart)")
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     net, _ = load_supernet_file(f"{args.run}/supernet.pt")
@@ -248,6 +264,17 @@ def main() -> None:
         print(f"## retest: {r['subnets']} subnets on two disjoint {r['val_images']}-image validation subsets: "
               f"Kendall tau {r['tau']:.3f}, RMS difference {100 * r['rmse_between']:.2f} points; tau against the "
               f"studies' measurement {r['tau_vs_study'][0]:.3f} / {r['tau_vs_study'][1]:.3f}\n", flush=True)
+    if args.precise:
+        studies = [optuna.load_study(study_name=None, storage=f"sqlite:///{p}") for p in args.studies]
+        try:
+            out["precise"] = run_precise(args, trials, studies)
+        except Nas4dynError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"## {out['precise']['subnets_measured']} held-out subnets, predictors fitted on the studies' "
+              f"{len(trials)} trials, against "
+              f"labels on the whole {out['precise']['val_images']}-image validation split\n\n"
+              f"{precise_table(out['precise'])}\n", flush=True)
     if not args.skip_kfold:
         out["kfold"] = evaluate(pool, featurizers, args.folds, args.repeats, args.seed)
         print(f"## {len(pool)} trials, {args.repeats}x {args.folds}-fold\n\n{table(out['kfold'])}\n", flush=True)
