@@ -242,6 +242,7 @@ def main() -> None:
                     "whole validation split (half random, half as the predictor strategy proposes)")
     ap.add_argument("--precise-out", help="--precise: directory of its plan and measurements (resumable)")
     ap.add_argument("--precise-no-measure", action="store_true", help="--precise: score what is measured so far")
+    ap.add_argument("--precise-curve", action="store_true", help="--precise: also τ of fits on fewer trials")
     ap.add_argument("--candidates", type=int, default=10_000, help="--precise: predictor queries for the proposals")
     ap.add_argument("--skip-kfold", action="store_true", help="only --retest / --precise")
     ap.add_argument("--json", help="write the figures here")

@@ -33,7 +33,7 @@ from nas4dyn.io import atomic_write_json
 from nas4dyn.search.candidate_costs import CandidateCosts
 from nas4dyn.search.encoding import budget, decode, suggest
 from nas4dyn.search.objectives import budget_metric, parse_objectives
-from nas4dyn.search.predictor import Featurizer, SubnetPredictor
+from nas4dyn.search.predictor import MIN_TRIALS, Featurizer, SubnetPredictor
 from nas4dyn.search.predictor_strategy import PredictorSettings, _key, query_candidates, select
 from nas4dyn.search.trial import SearchSettings, TrialContext, evaluate_arch_subsets, load_context
 
@@ -126,7 +126,59 @@ def score(ctx: TrialContext, trials: list, measured: list[dict[str, Any]], seed:
         for target in ("all", "rest"):
             label = np.asarray([measured[i][target]["accuracy"] for i in rows])
             out[group][target] = {name: _tau_rmse(p[rows], label) for name, p in predicted.items()}
+        out[group]["noise"] = label_noise([measured[i] for i in rows])
     return out
+
+
+def learning_curve(ctx: TrialContext, trials: list, measured: list[dict[str, Any]], seed: int,
+                   repeats: int = 3) -> list[dict[str, Any]]:
+    """τ against the whole-split labels of each model fitted on a random quarter, half, three quarters and all
+    of ``trials`` (``repeats`` draws each, all of them once): does the predictor still gain from more trials?"""
+    featurizer = Featurizer(ctx.net.space, CandidateCosts(ctx.net, ctx.latency), budget_metric(ctx.settings.objectives))
+    data = featurizer.samples(trials)
+    archs = [decode(ctx.net.space, m["params"]) for m in measured]
+    budgets = [budget(m["params"]) for m in measured]
+    label = np.asarray([m["all"]["accuracy"] for m in measured])
+    rng = np.random.default_rng(seed)
+    curve = []
+    for size in sorted({n for f in (0.25, 0.5, 0.75, 1.0) if (n := round(f * len(trials))) >= MIN_TRIALS}):
+        taus: dict[str, list[float]] = {kind: [] for kind in MODELS}
+        for _ in range(repeats if size < len(trials) else 1):
+            rows = np.sort(rng.choice(len(trials), size, replace=False))
+            model = SubnetPredictor("gbm", seed=seed)
+            model._fit(data.subset(rows), "gbm")
+            for kind in MODELS:
+                model.chosen = kind
+                taus[kind].append(_tau_rmse(model.predict(featurizer, archs, budgets).accuracy, label)["tau"])
+        curve.append({"trials": int(size), **{k: float(np.mean(v)) for k, v in taus.items()},
+                      **{f"{k}_sd": float(np.std(v)) for k, v in taus.items()}})
+    return curve
+
+
+def label_noise(measured: list[dict[str, Any]], draws: int = 200, seed: int = 0) -> dict[str, float]:
+    """The precise labels' own noise, from the disjoint ``study`` and ``rest`` subsets (a label on n images
+    carries noise of variance c / n, independent between subsets; c from the spread of their differences), and
+    what it lets any predictor show, by simulation on these labels (the subnets bunch within a point or two, so
+    the ranks, not a Gaussian formula, decide):
+
+    - ``tau_ceiling``: Kendall τ between the whole-split labels and the same plus that noise once more — an exact
+      predictor of the true accuracy against the labels (slightly low: the labels' spread holds their noise);
+    - ``tau_split_model`` beside ``tau_split``: the τ the model expects between the two subsets' labels, and
+      the τ measured (the check that the model fits)."""
+    n_study, n_rest = measured[0]["study"]["samples"], measured[0]["rest"]["samples"]
+    study, rest, whole = (np.asarray([m[k]["accuracy"] for m in measured]) for k in ("study", "rest", "all"))
+    c = float(np.var(study - rest, ddof=1)) / (1 / n_study + 1 / n_rest)  # noise variance times images
+    rng = np.random.default_rng(seed)
+
+    def noisy(n: int) -> np.ndarray:
+        return whole + rng.standard_normal(len(whole)) * np.sqrt(c / n)
+
+    ceiling = [kendalltau(whole, noisy(n_study + n_rest)).statistic for _ in range(draws)]
+    split = [kendalltau(noisy(n_study), noisy(n_rest)).statistic for _ in range(draws)]
+    return {"sd_whole_split": float(np.sqrt(c / (n_study + n_rest))), "sd_study_subset": float(np.sqrt(c / n_study)),
+            "sd_subnets": float(np.std(whole, ddof=1)), "study_minus_rest": float(np.mean(study - rest)),
+            "tau_ceiling": float(np.mean(ceiling)), "tau_split_model": float(np.mean(split)),
+            "tau_split": float(kendalltau(study, rest).statistic)}
 
 
 def run_precise(args: Any, trials: list, studies: list[optuna.Study]) -> dict[str, Any]:
@@ -155,9 +207,12 @@ def run_precise(args: Any, trials: list, studies: list[optuna.Study]) -> dict[st
         plan = plan_subnets(ctx, trials, args.precise, reference, args.seed, args.candidates)
         atomic_write_json(plan_path, plan)
     measured = measure(ctx, plan, subsets, out / "measured.json", more=not args.precise_no_measure)
-    return {"subnets_planned": len(plan), "subnets_measured": len(measured), "val_images": total,
-            "study_val_images": found["val_images"], "bn_images": found["bn_images"],
-            "scores": score(ctx, trials, measured, args.seed)}
+    result = {"subnets_planned": len(plan), "subnets_measured": len(measured), "val_images": total,
+              "study_val_images": found["val_images"], "bn_images": found["bn_images"],
+              "scores": score(ctx, trials, measured, args.seed)}
+    if getattr(args, "precise_curve", False) and len(measured) >= 3:
+        result["curve"] = learning_curve(ctx, trials, measured, args.seed)
+    return result
 
 
 def precise_table(result: dict[str, Any]) -> str:
@@ -169,4 +224,17 @@ def precise_table(result: dict[str, Any]) -> str:
             a, b = r["all"][name], r["rest"][name]
             lines.append(f"| {group} ({r['subnets']}) | {name} | {a['tau']:.3f} | {100 * a['rmse']:.2f} | "
                          f"{100 * a['bias']:+.2f} | {b['tau']:.3f} | {100 * b['rmse']:.2f} |")
+    if result.get("curve"):
+        lines += ["", "| trials fitted on | " + " | ".join(f"τ {k}" for k in MODELS) + " |", "|---|---|---|---|"]
+        lines += [f"| {c['trials']} | " + " | ".join(f"{c[k]:.3f} ± {c[k + '_sd']:.3f}" for k in MODELS) + " |"
+                  for c in result["curve"]]
+    lines += ["", "| group | label noise SD, whole split / studies' subset (points) | subnets' SD (points) | "
+              "studies' subset − rest (points) | τ subset vs rest: noise model / measured | τ an exact predictor "
+              "would reach against the whole-split labels |", "|---|---|---|---|---|---|"]
+    for group, r in result["scores"].items():
+        n = r["noise"]
+        lines.append(f"| {group} ({r['subnets']}) | {100 * n['sd_whole_split']:.2f} / "
+                     f"{100 * n['sd_study_subset']:.2f} | {100 * n['sd_subnets']:.2f} | "
+                     f"{100 * n['study_minus_rest']:+.2f} | {n['tau_split_model']:.3f} / {n['tau_split']:.3f} | "
+                     f"{n['tau_ceiling']:.3f} |")
     return "\n".join(lines)

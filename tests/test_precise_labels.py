@@ -80,6 +80,7 @@ def test_held_out_plan_is_new_subnets_and_a_stopped_measurement_resumes(run_dir,
     assert len(first) == 2
     calls.clear()
     monkeypatch.setattr(predictor_holdout, "evaluate_arch_subsets", measure_subsets)
+    args.precise_curve = True
     result = predictor_holdout.run_precise(args, trials, [study])
     measured = json.loads((tmp_path / "p" / "measured.json").read_text())
     assert result["subnets_measured"] == 4 and measured[:2] == first  # the first two kept, not measured again
@@ -87,9 +88,38 @@ def test_held_out_plan_is_new_subnets_and_a_stopped_measurement_resumes(run_dir,
     scores = result["scores"]["all"]
     assert scores["subnets"] == 4 and set(scores["all"]) == {"mlp", "gbm", "ensemble", "own subset label"}
     assert all(np.isfinite(s["rmse"]) for s in scores["rest"].values())
+    noise = scores["noise"]
+    assert -1 <= noise["tau_ceiling"] <= 1 and -1 <= noise["tau_split_model"] <= 1
+    assert noise["sd_whole_split"] == pytest.approx(noise["sd_study_subset"] / np.sqrt(2))  # 60 vs 30 images
+    assert [c["trials"] for c in result["curve"]] == [8, 10]  # a quarter or half of 10 is below the 8 a fit needs
+    assert result["curve"][-1]["ensemble"] == pytest.approx(scores["all"]["ensemble"]["tau"])  # the same fit
     assert "| all (4) | gbm |" in predictor_holdout.precise_table(result)
 
     args.precise = 5  # another plan's size: refused, nothing overwritten
     with pytest.raises(ConfigError, match="--precise 4"):
         predictor_holdout.run_precise(args, trials, [study])
     assert json.loads((tmp_path / "p" / "plan.json").read_text()) == plan
+
+
+def test_label_noise_recovers_the_noise_and_the_true_spread_of_synthetic_labels():
+    rng = np.random.default_rng(0)
+    true = 0.9 + 0.01 * rng.standard_normal(2000)  # subnets' accuracies, SD 1 point
+    c = 0.005 ** 2 * 2000  # noise SD 0.5 points on 2000 images
+
+    measured = []
+    for t in true:
+        study, rest = t + rng.standard_normal() * np.sqrt(c / 2000), t + rng.standard_normal() * np.sqrt(c / 4000)
+        measured.append({"study": {"accuracy": study, "samples": 2000}, "rest": {"accuracy": rest, "samples": 4000},
+                         "all": {"accuracy": (study + 2 * rest) / 3, "samples": 6000}})
+    noise = predictor_holdout.label_noise(measured)
+    assert noise["sd_study_subset"] == pytest.approx(0.005, rel=0.05)
+    assert noise["sd_whole_split"] == pytest.approx(0.005 / np.sqrt(3), rel=0.05)
+    # Gaussian accuracies: Kendall τ = (2/π) arcsin(correlation); the labels on 6000 images against those
+    # plus the noise once more, and the two subsets against each other
+    whole = 0.01 ** 2 + c / 6000
+    assert noise["tau_ceiling"] == pytest.approx(2 / np.pi * np.arcsin(whole / np.sqrt(whole * (whole + c / 6000))),
+                                                 abs=0.02)
+    split = whole / np.sqrt((whole + c / 2000) * (whole + c / 4000))  # the labels' own noise counted twice
+    assert noise["tau_split_model"] == pytest.approx(2 / np.pi * np.arcsin(split), abs=0.02)
+    measured_split = 0.01 ** 2 / np.sqrt((0.01 ** 2 + c / 2000) * (0.01 ** 2 + c / 4000))
+    assert noise["tau_split"] == pytest.approx(2 / np.pi * np.arcsin(measured_split), abs=0.03)
