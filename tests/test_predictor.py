@@ -178,3 +178,23 @@ def test_negative_predictor_caution_is_refused_before_any_trial(run_dir, tmp_pat
     code = main(["search", "--run", str(run_dir), "--out", str(tmp_path / "s"), "--trials", "12", *PREDICTOR,
                  "--predictor-caution", "-1"])
     assert code == 2 and "--predictor-caution -1" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_cautious_search_records_the_lower_rating_and_bench_refits_it(run_dir, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_predictor
+
+    run_search(SearchConfig(run_dir=str(run_dir), out_dir=str(tmp_path), trials=12, strategy="predictor", warmup=8,
+                            round_size=4, candidates=200, predictor="ensemble", predictor_caution=1.0, seed=0,
+                            bn_images=64, progress=False))
+    ctx = load_context(run_dir, SearchSettings(parse_objectives("accuracy:max,macs_expected:min"), bn_images=64))
+    featurizer = Featurizer(ctx.net.space, CandidateCosts(ctx.net))
+    result = bench_predictor.optimism(featurizer, str(tmp_path / "study.db"), cautions=(0.0, 1.0))
+    assert result["proposals"] == 4 and result["rounds"] == 1
+    # The refit reproduces the search's fit: its ensemble at caution 1 (the lower of the two models) is what the
+    # search recorded for each proposal.
+    assert result["ensemble"][1]["bias"] == pytest.approx(result["recorded_bias"], abs=1e-9)
+    assert result["ensemble"][1]["bias"] <= result["ensemble"][0]["bias"]
