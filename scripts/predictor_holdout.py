@@ -13,8 +13,10 @@ measured precisely:
    thresholds calibrated per subset of it: ``all`` (the whole split: the precise label), ``study`` (the studies'
    own 2000-image subset: the label a search trial would have given it) and ``rest`` (the split without that
    subset: a precise label sharing no image with the training labels).
-3. Score: the predictor fitted on the studies' trials (mlp, gbm, ensemble), τ and RMSE against ``all`` and
-   ``rest``, beside the τ of the subnets' own 2000-image labels against them (the ceiling their noise sets).
+3. Score: the predictor fitted on the studies' trials (mlp, gbm, ensemble), τ, RMSE and bias against ``all``
+   and ``rest``, beside the subnets' own 2000-image labels against them; the precise labels' own noise and the τ
+   an exact predictor could show against them (:func:`label_noise`); with ``--precise-curve``, τ of fits on a
+   quarter, half and three quarters of the trials.
 """
 from __future__ import annotations
 
@@ -55,11 +57,16 @@ def study_settings(studies: list[optuna.Study]) -> dict[str, Any]:
     return found[0]
 
 
+def measured_keys(space: Any, trials: list) -> set:
+    """The identities (arch, exit budget to 0.05) of the studies' trials: a held-out subnet is none of them."""
+    return {_key(decode(space, t.params), t.params) for t in trials}
+
+
 def plan_subnets(ctx: TrialContext, trials: list, n: int, reference: dict[str, float], seed: int,
                  candidates: int) -> list[dict[str, Any]]:
     """``n`` held-out parameter vectors: ``n - n // 2`` random, ``n // 2`` proposed by the predictor strategy."""
     space, static = ctx.net.space, ctx.settings.static
-    seen = {_key(decode(space, t.params), t.params) for t in trials}
+    seen = measured_keys(space, trials)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed + 7919))
     plan: list[dict[str, Any]] = []
     while len(plan) < n - n // 2:
@@ -202,7 +209,12 @@ def run_precise(args: Any, trials: list, studies: list[optuna.Study]) -> dict[st
     if plan is not None and len(plan) != args.precise:
         raise ConfigError(f"--precise-out {out}: holds a plan of {len(plan)} subnets; pass --precise {len(plan)} to "
                           "resume it, or another --precise-out")
-    if plan is None:
+    if plan is not None:
+        seen = measured_keys(ctx.net.space, trials)
+        if any(_key(decode(ctx.net.space, p["params"]), p["params"]) in seen for p in plan):
+            raise ConfigError(f"--precise-out {out}: its plan holds subnets these --studies measured (a plan made "
+                              "for other studies); pass another --precise-out")
+    else:
         reference = studies[0].user_attrs[REFERENCE_ATTR]
         plan = plan_subnets(ctx, trials, args.precise, reference, args.seed, args.candidates)
         atomic_write_json(plan_path, plan)
