@@ -307,11 +307,15 @@ def load_data(source: str, data_root: Optional[str] = None, val_fraction: float 
     raise DataError(f"unknown data source {source!r}: use fashion-mnist, synthetic, or an ImageFolder directory")
 
 
+def subset_indices(total: int, limit: int, seed: int) -> list[int]:
+    """The sorted indices of the fixed-seed random subset of ``limit`` of ``total`` items that make_loader keeps."""
+    return sorted(random.Random(seed).sample(range(total), limit))
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
                 limit: Optional[int] = None) -> DataLoader:
     """A single-process DataLoader (both cores go to compute); ``limit`` keeps a fixed-seed random subset."""
     if limit is not None and limit < len(dataset):
-        idx = random.Random(seed).sample(range(len(dataset)), limit)
-        dataset = Subset(dataset, sorted(idx))
+        dataset = Subset(dataset, subset_indices(len(dataset), limit, seed))
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator)

@@ -16,15 +16,20 @@ contains NAME (e.g. the predictor strategy's own proposals: the search picks can
 studies measured them (BN recalibrated on the same ``--bn-images``), on two disjoint sets of ``--val-images``
 validation images; Kendall τ between the two measurements is the labels' own test-retest agreement.
 
+``--precise N`` scores the predictor against precise labels on N held-out subnets measured on the whole
+validation split (scripts/predictor_holdout.py; resumable, its files under ``--precise-out``).
+
 Usage: python scripts/bench_predictor.py --run /work/runs/default --studies OUT/*/study.db [--folds 5]
        [--repeats 3] [--seed 0] [--only random] [--held-out predictor] [--retest 40 --val-images 2000
-       --bn-images 1000] [--json FILE]
+       --bn-images 1000] [--precise 72 --precise-out DIR] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -35,11 +40,15 @@ import torch
 from scipy.stats import kendalltau
 
 from nas4dyn.api import load_supernet_file
+from nas4dyn.errors import Nas4dynError
 from nas4dyn.search.candidate_costs import CandidateCosts
 from nas4dyn.search.encoding import budget, decode
 from nas4dyn.search.outputs import completed
 from nas4dyn.search.predictor import GBM_PARAMS, Featurizer, Samples, SubnetPredictor, rates_of
 from nas4dyn.search.predictor_features import FEATURE_SETS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from predictor_holdout import precise_table, run_precise  # noqa: E402
 
 
 @dataclass
@@ -217,6 +226,52 @@ def retest(run: str, trials: list, n: int, val_images: int, bn_images: int, seed
             "accuracy": acc.tolist()}
 
 
+def optimism(featurizer: Featurizer, path: str, cautions: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)) -> dict[str, Any]:
+    """The predictor strategy's optimism on its own proposals (a ``--strategy predictor`` study at ``path``):
+    each round refitted as the search fitted it (the trials measured before the round), its proposals predicted
+    by the MLP and LightGBM; how far the predictions exceed the measured accuracy, whether the two models'
+    disagreement marks the over-ratings, and the bias and τ of ``--predictor-caution`` values."""
+    from scipy.stats import spearmanr
+
+    from nas4dyn.search.predictor_strategy import PREDICTED_ATTR, ROUND_ATTR
+
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{path}")
+    trials = sorted(completed(study), key=lambda t: t.number)
+    rounds = [v for k, v in sorted(study.user_attrs.items()) if k.startswith(ROUND_ATTR)]
+    recorded, mlp, gbm, measured = [], [], [], []
+    for r in rounds:
+        test = [t for t in trials[r["measured"]:r["measured"] + r["enqueued"]] if PREDICTED_ATTR in t.user_attrs]
+        model = SubnetPredictor("gbm", seed=r["round"])
+        model._fit(featurizer.samples(trials[:r["measured"]]), "gbm")
+        data = featurizer.samples(test)
+        for kind, out in (("mlp", mlp), ("gbm", gbm)):
+            model.chosen = kind
+            out += model.predict_x(data.x, data.exit_mask, data.gate_mask).accuracy.tolist()
+        recorded += [t.user_attrs[PREDICTED_ATTR]["accuracy"] for t in test]
+        measured += data.accuracy.tolist()
+    mlp_a, gbm_a, y = np.asarray(mlp), np.asarray(gbm), np.asarray(measured)
+    ensemble, half_gap = (mlp_a + gbm_a) / 2, np.abs(mlp_a - gbm_a) / 2
+    out: dict[str, Any] = {"proposals": len(y), "rounds": len(rounds),
+                           "recorded_bias": float(np.mean(np.asarray(recorded) - y)),
+                           "spearman_gap_vs_gbm_error": float(spearmanr(half_gap, gbm_a - y).statistic),
+                           "spearman_gap_vs_ensemble_error": float(spearmanr(half_gap, ensemble - y).statistic)}
+    for name, base in (("gbm", gbm_a), ("ensemble", ensemble)):
+        out[name] = [{"caution": c, "bias": float(np.mean(base - c * half_gap - y)),
+                      "tau": float(kendalltau(base - c * half_gap, y).statistic)} for c in cautions]
+    return out
+
+
+def optimism_table(result: dict[str, Any]) -> str:
+    lines = [f"{result['proposals']} proposals of {result['rounds']} rounds; predicted at the time "
+             f"{100 * result['recorded_bias']:+.2f} points above measured on average; half the MLP/LightGBM gap "
+             f"rank-correlates with LightGBM's error at {result['spearman_gap_vs_gbm_error']:.3f}, with the "
+             f"ensemble's at {result['spearman_gap_vs_ensemble_error']:.3f}", "",
+             "| model | --predictor-caution | mean bias (points) | τ vs measured |", "|---|---|---|---|"]
+    for name in ("gbm", "ensemble"):
+        lines += [f"| {name} | {r['caution']:g} | {100 * r['bias']:+.2f} | {r['tau']:.3f} |" for r in result[name]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="the run the studies searched (its supernet gives the MACs)")
@@ -229,9 +284,19 @@ def main() -> None:
     ap.add_argument("--retest", type=int, default=0, help="measure this many trials again on two disjoint subsets")
     ap.add_argument("--val-images", type=int, default=2000, help="--retest: validation images per subset")
     ap.add_argument("--bn-images", type=int, default=1000, help="--retest: BN recalibration images (as the studies)")
-    ap.add_argument("--skip-kfold", action="store_true", help="only --retest")
+    ap.add_argument("--precise", type=int, default=0, help="score on this many held-out subnets measured on the "
+                    "whole validation split (half random, half as the predictor strategy proposes)")
+    ap.add_argument("--precise-out", help="--precise: directory of its plan and measurements (resumable)")
+    ap.add_argument("--precise-no-measure", action="store_true", help="--precise: score what is measured so far")
+    ap.add_argument("--precise-curve", action="store_true", help="--precise: also τ of fits on fewer trials")
+    ap.add_argument("--candidates", type=int, default=10_000, help="--precise: predictor queries for the proposals")
+    ap.add_argument("--optimism", help="the predictor-strategy study whose path contains this: its optimism on its "
+                    "proposals, refitted round by round, and what --predictor-caution does to it")
+    ap.add_argument("--skip-kfold", action="store_true", help="only --retest / --precise / --optimism")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
+    if args.precise and not args.precise_out:
+        ap.error("--precise needs --precise-out DIR (its measurements are kept there, and reused on a restart)")
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     net, _ = load_supernet_file(f"{args.run}/supernet.pt")
@@ -248,6 +313,24 @@ def main() -> None:
         print(f"## retest: {r['subnets']} subnets on two disjoint {r['val_images']}-image validation subsets: "
               f"Kendall tau {r['tau']:.3f}, RMS difference {100 * r['rmse_between']:.2f} points; tau against the "
               f"studies' measurement {r['tau_vs_study'][0]:.3f} / {r['tau_vs_study'][1]:.3f}\n", flush=True)
+    if args.precise:
+        studies = [optuna.load_study(study_name=None, storage=f"sqlite:///{p}") for p in args.studies]
+        try:
+            out["precise"] = run_precise(args, trials, studies)
+        except Nas4dynError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"## {out['precise']['subnets_measured']} held-out subnets, predictors fitted on the studies' "
+              f"{len(trials)} trials, against "
+              f"labels on the whole {out['precise']['val_images']}-image validation split\n\n"
+              f"{precise_table(out['precise'])}\n", flush=True)
+    if args.optimism:
+        path = next((p for p in args.studies if args.optimism in p), None)
+        if path is None:
+            print(f"error: --optimism {args.optimism}: no --studies path contains it", file=sys.stderr)
+            sys.exit(2)
+        out["optimism"] = optimism(featurizers["extended"], path)
+        print(f"## optimism of {path}\n\n{optimism_table(out['optimism'])}\n", flush=True)
     if not args.skip_kfold:
         out["kfold"] = evaluate(pool, featurizers, args.folds, args.repeats, args.seed)
         print(f"## {len(pool)} trials, {args.repeats}x {args.folds}-fold\n\n{table(out['kfold'])}\n", flush=True)

@@ -11,7 +11,7 @@ from nas4dyn.search import SearchConfig, run_search
 from nas4dyn.errors import ConfigError
 from nas4dyn.search.candidate_costs import CandidateCosts, fit_exit_shares
 from nas4dyn.search.outputs import completed
-from nas4dyn.search.predictor import Featurizer, SubnetPredictor, rates_of
+from nas4dyn.search.predictor import Featurizer, Samples, SubnetPredictor, rates_of
 from nas4dyn.search.predictor_features import cost_limit
 from nas4dyn.search.predictor_strategy import PREDICTED_ATTR, ROUND_ATTR
 from nas4dyn.search.runner import default_objectives
@@ -144,3 +144,57 @@ def test_ray_backend_runs_the_predictor_strategy(run_dir, tmp_path):
 def test_default_objectives_are_latency_with_a_table_else_macs():
     assert default_objectives("lut.json") == "accuracy:max,latency_ms:min"
     assert default_objectives(None) == "accuracy:max,macs_expected:min"
+
+
+def test_caution_lowers_accuracy_by_half_the_models_disagreement():
+    rng = np.random.default_rng(0)
+    n = 40
+    x = rng.standard_normal((n, 5)).astype(np.float32)
+    exit_mask = np.ones((n, 2), dtype=bool)  # one exit position and the final classifier
+    exits = np.tile([0.4, 0.6], (n, 1))
+    data = Samples(x, 0.8 + 0.05 * np.tanh(x[:, 0] + x[:, 1] * x[:, 2]), exits, exit_mask, np.zeros((n, 0)),
+                   np.zeros((n, 0), dtype=bool), np.full(n, np.nan))
+    plain, cautious = SubnetPredictor("gbm", epochs=60), SubnetPredictor("gbm", epochs=60, caution=1.0)
+    plain._fit(data, "mlp")  # the MLP alone: without caution no LightGBM is fitted
+    cautious._fit(data, "mlp")  # with it, LightGBM too: the disagreement needs both
+    assert plain._gbm is None and cautious._gbm is not None
+    got = {}
+    for kind in ("mlp", "gbm", "ensemble"):
+        cautious.chosen = kind
+        cautious.caution = 0.0
+        got[kind] = cautious.predict_x(x, exit_mask, data.gate_mask).accuracy
+    assert np.array_equal(got["mlp"], plain.predict_x(x, exit_mask, data.gate_mask).accuracy)  # same seeds
+    half_gap = np.abs(got["mlp"] - got["gbm"]) / 2
+    assert half_gap.max() > 1e-4
+    cautious.caution = 1.0
+    for kind in ("mlp", "gbm", "ensemble"):
+        cautious.chosen = kind
+        lowered = cautious.predict_x(x, exit_mask, data.gate_mask).accuracy
+        assert lowered == pytest.approx(np.clip(got[kind] - half_gap, 0, 1), abs=1e-6)
+    assert lowered == pytest.approx(np.minimum(got["mlp"], got["gbm"]), abs=1e-6)  # the ensemble: the lower one
+
+
+def test_negative_predictor_caution_is_refused_before_any_trial(run_dir, tmp_path, capsys):
+    code = main(["search", "--run", str(run_dir), "--out", str(tmp_path / "s"), "--trials", "12", *PREDICTOR,
+                 "--predictor-caution", "-1"])
+    assert code == 2 and "--predictor-caution -1" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_cautious_search_records_the_lower_rating_and_bench_refits_it(run_dir, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_predictor
+
+    run_search(SearchConfig(run_dir=str(run_dir), out_dir=str(tmp_path), trials=12, strategy="predictor", warmup=8,
+                            round_size=4, candidates=200, predictor="ensemble", predictor_caution=1.0, seed=0,
+                            bn_images=64, progress=False))
+    ctx = load_context(run_dir, SearchSettings(parse_objectives("accuracy:max,macs_expected:min"), bn_images=64))
+    featurizer = Featurizer(ctx.net.space, CandidateCosts(ctx.net))
+    result = bench_predictor.optimism(featurizer, str(tmp_path / "study.db"), cautions=(0.0, 1.0))
+    assert result["proposals"] == 4 and result["rounds"] == 1
+    # The refit reproduces the search's fit: its ensemble at caution 1 (the lower of the two models) is what the
+    # search recorded for each proposal.
+    assert result["ensemble"][1]["bias"] == pytest.approx(result["recorded_bias"], abs=1e-9)
+    assert result["ensemble"][1]["bias"] <= result["ensemble"][0]["bias"]

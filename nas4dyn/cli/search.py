@@ -56,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--predictor", default="auto", choices=("auto", "mlp", "gbm", "ensemble"),
                    help="--strategy predictor: accuracy model (auto: the best out-of-fold Kendall tau of mlp, gbm "
                    "and their mean, ensemble, per round)")
+    p.add_argument("--predictor-caution", type=float, default=0.0,
+                   help="--strategy predictor: rate candidates by the predicted accuracy minus this times half the "
+                   "MLP / LightGBM disagreement (1: the ensemble's rating becomes the lower of the two; 0: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         data_root=args.data_root, static=args.static, population=args.population, seed=args.seed,
         bn_images=args.bn_images, val_images=args.val_images, batch_size=args.batch_size,
         progress=not args.no_progress, strategy=args.strategy, warmup=args.warmup, round_size=args.round_size,
-        candidates=args.candidates, predictor=args.predictor,
+        candidates=args.candidates, predictor=args.predictor, predictor_caution=args.predictor_caution,
     ))
     print(f"study {summary.study} in {summary.storage}: {summary.complete} completed, {summary.failed} failed"
           + (f" ({summary.orphaned} of a killed run)" if summary.orphaned else ""))

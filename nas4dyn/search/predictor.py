@@ -17,6 +17,11 @@ the limit their exit budget set; median 0.90 on the default run), and :func:`rat
 shares onto that cost: calibration meets the budget, so the budget, not the MLP, pins down the expected cost
 (offline, scripts/bench_predictor.py: median expected-MAC error 2.9% -> 1.5% out of fold).
 
+``caution`` > 0 lowers every predicted accuracy by ``caution`` × half the two models' disagreement
+(``|mlp - gbm| / 2``; at 1 the ensemble's prediction becomes the lower of the two): where the models disagree the
+search's pick is most often an over-rating (the predictor strategy's proposals of the session-13 run: the
+disagreement rank-correlates 0.71 with LightGBM's error; scripts/bench_predictor.py, docs/BENCHMARKS.md "Search").
+
 ``kind="auto"`` picks, per fit, the model whose out-of-fold predictions rank the measured trials best (Kendall
 τ over K folds) and reports that τ and the RMSE; the search shows it in its progress bar.
 """
@@ -81,6 +86,7 @@ class SubnetPredictor:
     epochs: int = 300
     members: int = 2
     gbm_params: dict[str, Any] = field(default_factory=dict)  # overrides of the accuracy model's LightGBM params
+    caution: float = 0.0  # predicted accuracy minus caution x |mlp - gbm| / 2 (see the module docstring)
     chosen: str = ""  # the model that predicts accuracy after fit ("mlp", "gbm" or "ensemble")
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> {"tau", "rmse"} out of fold
     _mlps: list[_MLP] = field(default_factory=list)
@@ -138,7 +144,8 @@ class SubnetPredictor:
     def _fit(self, data: Samples, kind: str) -> None:
         self._fit_mlps(data)
         self._fit_share(data)
-        self._gbm = self._lgbm(data.x, data.accuracy, **self.gbm_params) if kind != "mlp" else None
+        fit_gbm = kind != "mlp" or self.caution > 0  # the disagreement needs both models
+        self._gbm = self._lgbm(data.x, data.accuracy, **self.gbm_params) if fit_gbm else None
         self.chosen = kind
 
     def cross_validate_kinds(self, data: Samples, kinds: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -192,11 +199,12 @@ class SubnetPredictor:
         outs = torch.stack([mlp(xt) for mlp in self._mlps]).mean(0)
         exits = torch.softmax(outs[:, 1:1 + n_exit].masked_fill(~emask, -1e9), 1).numpy()
         gates = torch.sigmoid(outs[:, 1 + n_exit:]).numpy() * gate_mask
-        accuracy = outs[:, 0].numpy() * acc_std + acc_mean
-        if self.chosen == "gbm":
-            accuracy = self._gbm.predict(x)
-        elif self.chosen == "ensemble":
-            accuracy = (accuracy + self._gbm.predict(x)) / 2
+        accuracy = mlp_accuracy = outs[:, 0].numpy() * acc_std + acc_mean
+        if self._gbm is not None:
+            gbm_accuracy = self._gbm.predict(x)
+            accuracy = {"mlp": mlp_accuracy, "gbm": gbm_accuracy,
+                        "ensemble": (mlp_accuracy + gbm_accuracy) / 2}[self.chosen]
+            accuracy = accuracy - self.caution * np.abs(mlp_accuracy - gbm_accuracy) / 2
         share = self._share.predict(x) if hasattr(self._share, "predict") else np.full(len(x), self._share)
         share = np.where(exit_mask[:, :-1].any(1), np.clip(share, 0.05, 1.0), 1.0)
         return Prediction(np.clip(accuracy, 0.0, 1.0), exits, gates, share)

@@ -52,6 +52,7 @@ class PredictorSettings:
     candidates: int = 10_000  # predictor queries per round
     population: int = 100  # of the candidate NSGA-II
     kind: str = "auto"  # mlp | gbm | ensemble | auto (by out-of-fold Kendall tau)
+    caution: float = 0.0  # predicted accuracy minus caution x the models' half disagreement (SubnetPredictor)
     seed: Optional[int] = None
 
 
@@ -155,7 +156,8 @@ def run_predictor_search(study: optuna.Study, ctx: TrialContext, target: int, se
         number = len([k for k in study.user_attrs if k.startswith(ROUND_ATTR)])
         trials = outputs.completed(study)
         start = time.perf_counter()
-        predictor = SubnetPredictor(settings.kind, seed=number if settings.seed is None else settings.seed + number)
+        predictor = SubnetPredictor(settings.kind, seed=number if settings.seed is None else settings.seed + number,
+                                    caution=settings.caution)
         predictor.fit(featurizer.samples(trials))
         fitted, cpu = time.perf_counter(), time.process_time()
         seed = None if settings.seed is None else settings.seed + 1000 + number

@@ -56,7 +56,8 @@ class SearchConfig:
     warmup: int = 40  # --strategy predictor: measured trials before the first fit
     round_size: int = 10  # --strategy predictor: trials measured per round
     candidates: int = 10_000  # --strategy predictor: predictor queries per round
-    predictor: str = "auto"  # mlp | gbm | auto
+    predictor: str = "auto"  # mlp | gbm | ensemble | auto
+    predictor_caution: float = 0.0  # --strategy predictor: accuracy minus this x the models' half disagreement
 
 
 def default_objectives(latency_table: Optional[str]) -> str:
@@ -116,6 +117,8 @@ def _check(config: SearchConfig) -> None:
         for name, low in (("warmup", MIN_TRIALS), ("round_size", 1), ("candidates", 1)):
             if getattr(config, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be {low} or more")
+        if not config.predictor_caution >= 0:
+            raise ConfigError(f"--predictor-caution {config.predictor_caution}: must be 0 (off) or more, e.g. 1")
         if config.trials <= config.warmup:
             log.warning(f"--strategy predictor with --trials {config.trials} <= --warmup {config.warmup}: every "
                         "trial is a random warm-up trial and no predictor is fitted; raise --trials or lower --warmup")
@@ -138,7 +141,7 @@ def _check(config: SearchConfig) -> None:
 
 def predictor_settings(config: SearchConfig) -> PredictorSettings:
     return PredictorSettings(warmup=config.warmup, round_size=config.round_size, candidates=config.candidates,
-                             kind=config.predictor, seed=config.seed)
+                             kind=config.predictor, caution=config.predictor_caution, seed=config.seed)
 
 
 def _batches_digest(batches: list) -> str:

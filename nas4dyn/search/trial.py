@@ -189,20 +189,38 @@ def _per_exit(parts: list[Part], units: np.ndarray, num_exits: int, gated: list[
 def evaluate_arch(ctx: TrialContext, arch: Arch, batches: Batches, exit_budget: float = 1.0) -> TrialResult:
     """Recalibrate BN for ``arch`` (fixed training subset), measure every exit on ``batches``, calibrate the
     thresholds (limits: the search's constraints on expected metrics and ``exit_budget``), and report."""
+    return evaluate_arch_subsets(ctx, arch, batches, {"all": None}, exit_budget)["all"]
+
+
+def evaluate_arch_subsets(ctx: TrialContext, arch: Arch, batches: Batches, subsets: dict[str, Optional[np.ndarray]],
+                          exit_budget: float = 1.0) -> dict[str, TrialResult]:
+    """:func:`evaluate_arch` for several subsets of the images of ``batches`` (row indices into their
+    concatenation; None: all) with one BN recalibration and one validation pass: each subset's thresholds are
+    calibrated on that subset alone, as a trial measuring only those images would calibrate them."""
     net, space = ctx.net, ctx.net.space
     recalibrate_bn(net, arch, ctx.bn_batches, n_images=ctx.settings.bn_images)
     conf, correct, units = _validation_pass(net, arch, batches)
     layout = arch_layout(space, arch)
     gated = gated_slots(layout)
-    num_exits = len(arch.exits)
     parts = {"macs_expected": mac_parts(net.extract(arch), arch, layout, space.input_channels)}
     if ctx.latency is not None:
         parts["latency_ms"] = ctx.latency.table.parts(arch)
-    costs = {metric: _per_exit(p, units, num_exits, gated) for metric, p in parts.items()}
+    costs = {metric: _per_exit(p, units, len(arch.exits), gated) for metric, p in parts.items()}
     if ctx.latency is not None:  # the table's fitted end-to-end correction, a * table_sum + b
         a, b = ctx.latency.table.correction
         costs["latency_ms"] = a * costs["latency_ms"] + b
-    outcomes = ExitOutcomes(conf, correct, costs)
+    results = {}
+    for name, rows in subsets.items():
+        take = slice(None) if rows is None else np.asarray(rows)
+        outcomes = ExitOutcomes(conf[take], correct[take], {metric: c[take] for metric, c in costs.items()})
+        results[name] = _calibrated(ctx, arch, outcomes, units[take], gated, parts["macs_expected"], exit_budget)
+    return results
+
+
+def _calibrated(ctx: TrialContext, arch: Arch, outcomes: ExitOutcomes, units: np.ndarray, gated: list[BlockSlot],
+                macs_parts: list[Part], exit_budget: float) -> TrialResult:
+    """Calibrate the exit thresholds on ``outcomes`` and report the metrics they give."""
+    num_exits = len(arch.exits)
     metric = budget_metric(ctx.settings.objectives)
     limits = [c for c in ctx.settings.constraints if c.metric in EXPECTED_METRICS]
     if num_exits:
@@ -212,7 +230,7 @@ def evaluate_arch(ctx: TrialContext, arch: Arch, batches: Batches, exit_budget: 
     exits = outcomes.exits_for(thresholds[None, :])[0]
     paths = SamplePaths(exits, units, num_exits, gated)
     rows = np.arange(len(exits))
-    macs_parts = parts["macs_expected"]
+    costs, correct = outcomes.costs, outcomes.correct
     metrics: dict[str, Any] = {
         "accuracy": float(correct[rows, exits].mean()),
         "macs_max": int(full_cost(macs_parts)),
