@@ -95,8 +95,10 @@ def test_imported_table_equals_a_direct_profile_within_noise(bundle_run, tmp_pat
     ratios = np.array([lv_i[1] / lv_d[1] for key in direct.levels if key[0] != "exit"
                        for lv_i, lv_d in zip(imported.levels[key], direct.levels[key])])
     assert 0.67 < np.median(ratios) < 1.5, np.median(ratios)
+    # The entries along the largest subnet, not its corrected prediction: the correction is fitted on 3 tiny
+    # subnets of a few microseconds each, and one disturbed timing can double its slope on either side.
     arch = direct.space.max_arch()
-    assert 0.67 < LatencyModel(imported).predict(arch) / LatencyModel(direct).predict(arch) < 1.5
+    assert 0.67 < LatencyModel(imported).path_sum(arch) / LatencyModel(direct).path_sum(arch) < 1.5
     assert imported.validation["static"]["n"] == direct.validation["static"]["n"]
 
 
@@ -194,8 +196,8 @@ def test_onnxruntime_bundle_runs_without_torch_and_imports_like_a_direct_profile
     assert imported.levels.keys() == direct.levels.keys()
     paths = [[(r["exit_index"], r["units"]) for r in t.validation["records"]] for t in (imported, direct)]
     assert paths[0] == paths[1]
-    arch = direct.space.max_arch()
-    assert 0.5 < LatencyModel(imported).predict(arch) / LatencyModel(direct).predict(arch) < 2.0
+    arch = direct.space.max_arch()  # its entries, as above
+    assert 0.5 < LatencyModel(imported).path_sum(arch) / LatencyModel(direct).path_sum(arch) < 2.0
 
 
 def test_timings_of_another_runtime_are_refused(ort_bundle_run, bundle_run, tmp_path, capsys):
