@@ -16,6 +16,11 @@ MACs ÷ dynamic MACs), the export issue's measure; goal >= 0.8 for routing and E
 Usage: python scripts/bench_mechanisms.py --run RUN_DIR [--threads 1] [--repeats 5] [--samples 200] [--write]
 (RUN_DIR: `nas4dyn train --space fmnist_dynamic_all --data fashion-mnist --preset quick --out RUN_DIR`).
 With --write the table replaces the "Dynamic mechanisms" section of docs/BENCHMARKS.md.
+
+       python scripts/bench_mechanisms.py --run RUN_DIR --front OUT [--backbones 16] [--gated-every 2]
+              [--lock FILE --timing-cpu 1]
+(any trained run): the measured accuracy-latency front by mechanism, see scripts/mechanism_front.py;
+OUT/front_timed.json, OUT/front.png and a Markdown table on stdout.
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nas4dyn  # noqa: E402
 from bench_export import backbone, load_images, timed_passes  # noqa: E402
-from benchlib import machine_line, replace_section  # noqa: E402
+from benchlib import machine_line, replace_section, timing_cpu  # noqa: E402
+from mechanism_front import front_table, measure_front, plot_front  # noqa: E402
 from nas4dyn.api import load_supernet_file  # noqa: E402
 from nas4dyn.data import load_data, make_loader  # noqa: E402
 from nas4dyn.export.measure import realized_macs  # noqa: E402
@@ -89,13 +95,24 @@ def dfs_option_shares(net, arch: Arch, loader) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="a trained fmnist_dynamic_all run directory")
+    ap.add_argument("--run", required=True, help="a trained fmnist_dynamic_all run directory (--front: any run)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="timing rounds (passes over the timed images)")
     ap.add_argument("--samples", type=int, default=200, help="test images timed at batch 1")
     ap.add_argument("--write", action="store_true", help="write the table into docs/BENCHMARKS.md")
+    front = ap.add_argument_group("the measured front by mechanism (--front)")
+    front.add_argument("--front", type=Path, metavar="OUT", help="measure the front of any trained run into OUT")
+    front.add_argument("--backbones", type=int, default=16, help="static backbones over the MAC range")
+    front.add_argument("--gated-every", type=int, default=2, help="gate variants on every k-th backbone")
+    front.add_argument("--val-images", type=int, default=2000, help="validation images for exit thresholds")
+    front.add_argument("--bn-images", type=int, default=1000)
+    front.add_argument("--seed", type=int, default=0)
+    front.add_argument("--lock", help="flock this file while timing (a shared measurement core)")
+    front.add_argument("--timing-cpu", type=int, help="time on this CPU only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.front:
+        return front_mode(args)
     load_start = os.getloadavg()[0]
     net, info = load_supernet_file(Path(args.run) / "supernet.pt")
     if net.space.name != SPACE:
@@ -169,6 +186,21 @@ def main() -> None:
     out.write_text(json.dumps(rows, indent=1, default=str))
     if args.write:
         replace_section(Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md", "Dynamic mechanisms", table)
+
+
+def front_mode(args: argparse.Namespace) -> None:
+    load_start = os.getloadavg()[0]
+    rows = measure_front(Path(args.run), args.front, args.backbones, args.gated_every, args.val_images,
+                         args.bn_images, args.samples, args.repeats, args.seed, timing_cpu(args.lock, args.timing_cpu))
+    plot_front(rows, args.front / "front.png", f"{Path(args.run).name}: test accuracy vs measured latency")
+    cmd = (f"python scripts/bench_mechanisms.py --run {args.run} --front {args.front} --backbones {args.backbones} "
+           f"--gated-every {args.gated_every} --val-images {args.val_images} --bn-images {args.bn_images} "
+           f"--samples {args.samples} --repeats {args.repeats} --threads {args.threads}"
+           + (f" --lock {args.lock}" if args.lock else "") + (f" --timing-cpu {args.timing_cpu}" if args.timing_cpu is not None else ""))
+    print(f"Command: `{cmd}` — {machine_line(args.threads)}; 1-minute load average {load_start:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end; {len(rows)} subnets, {args.samples} test images at batch 1, "
+          f"{args.repeats} interleaved rounds.\n")
+    print("\n".join(front_table(rows)))
 
 
 if __name__ == "__main__":

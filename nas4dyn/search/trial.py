@@ -107,12 +107,33 @@ def load_context(run_dir: str | Path, settings: SearchSettings, latency_table: O
         ConfigError: a latency metric without ``latency_table``, or a table of another space.
     """
     from nas4dyn.api import load_supernet_file
-    from nas4dyn.data import load_data
 
     path = Path(run_dir) / "supernet.pt"
     if not path.is_file():
         raise CheckpointError(f"--run {run_dir}: no supernet.pt here; train one with `nas4dyn train --out {run_dir}`")
     net, data_info = load_supernet_file(path)
+    bundle = load_run_data(net, data_info, path, data_root)
+    latency = _load_latency(latency_table, net, settings)
+    return TrialContext(
+        # NHWC, as in training: 1.3x the trials per minute of NCHW on the fmnist space (2 CPU cores).
+        net=net.to(memory_format=torch.channels_last),
+        settings=settings,
+        bn_batches=cached_batches(bundle.train_eval, settings.batch_size, settings.bn_images, settings.seed),
+        val_batches=cached_batches(bundle.val, settings.batch_size, settings.val_images, settings.seed),
+        latency=latency,
+        data_info=dict(data_info),
+    )
+
+
+def load_run_data(net: Supernet, data_info: dict[str, Any], path: Path, data_root: Optional[str] = None) -> Any:
+    """The data a run was trained on (its DataBundle, without augmentation), as the run read it.
+
+    Raises:
+        CheckpointError: ``data_info`` (of the supernet file ``path``) has no data description.
+        DataError: the data cannot be found or does not fit the supernet.
+    """
+    from nas4dyn.data import load_data
+
     dataset = data_info.get("dataset")
     if not dataset:
         raise CheckpointError(f"{path}: has no data description (data.dataset); re-save it with nas4dyn train")
@@ -125,16 +146,7 @@ def load_context(run_dir: str | Path, settings: SearchSettings, latency_table: O
         raise DataError(f"data {dataset}: {bundle.info.channels} channels / {bundle.info.num_classes} classes, but "
                         f"the supernet takes {net.space.input_channels} / {net.space.num_classes}; pass --data-root "
                         "holding the data the run was trained on")
-    latency = _load_latency(latency_table, net, settings)
-    return TrialContext(
-        # NHWC, as in training: 1.3x the trials per minute of NCHW on the fmnist space (2 CPU cores).
-        net=net.to(memory_format=torch.channels_last),
-        settings=settings,
-        bn_batches=cached_batches(bundle.train_eval, settings.batch_size, settings.bn_images, settings.seed),
-        val_batches=cached_batches(bundle.val, settings.batch_size, settings.val_images, settings.seed),
-        latency=latency,
-        data_info=dict(data_info),
-    )
+    return bundle
 
 
 def _load_latency(latency_table: Optional[str], net: Supernet, settings: SearchSettings) -> Optional[LatencyModel]:
