@@ -49,6 +49,17 @@ def all_space() -> SearchSpace:
     return space_from_dict(data)
 
 
+def onnx_space() -> SearchSpace:
+    """:func:`all_space` less the gates model.onnx cannot carry (DFS, MBConv channel gates): width gates on a basic
+    and an MBConv stage, EMG gates, channel and skip gates, CIGT routing."""
+    data = all_space().to_dict()
+    data["name"] = "tiny_onnx"
+    data["stages"][0]["gates"] = ["none", "channel", "skip", "emg", "width"]
+    data["stages"][1]["gates"] = ["none", "skip", "width"]
+    data["stages"][2]["gates"] = ["none", "channel", "skip"]
+    return space_from_dict(data)
+
+
 @pytest.fixture(scope="session")
 def tiny_table():
     """A latency table of :func:`all_space`, measured with settings small enough for a test and large enough

@@ -1,5 +1,6 @@
-"""ONNX export beyond the basics of test_export: routed (CIGT) archs, refused gates, a manifest that cannot
-point outside its folder, and the README's deployment examples run in a process that cannot import nas4dyn."""
+"""ONNX export beyond the basics of test_export: routed (CIGT) archs, width and EMG gates, refused gates, a
+manifest that cannot point outside its folder, and the README's deployment examples run in a process that cannot
+import nas4dyn."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,11 @@ from nas4dyn.export.onnx import OnnxDynamicModel, check_onnx_exportable, export_
 from nas4dyn.export.pipeline import DEFAULT_FORMATS, _default_formats
 from nas4dyn.export.torchscript import save_torchscript
 from search_spaces.arch import Arch, ExitChoice
+from supernet.dynamic.emg import EMGGate
 from supernet.dynamic.heads import confidence
+from supernet.dynamic.width import WidthGate
 from tests.conftest import all_space, make_decisive
+from tests.test_export import between, calibrated
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 16
@@ -103,6 +107,77 @@ def test_routed_arch_exports_to_onnx_and_agrees_with_the_model(routed, exported)
         assert one_exit[0] == ref_exit[i] and np.abs(one_logits[0] - ref_logits[i].numpy()).max() <= 1e-4
 
 
+@pytest.fixture(scope="module")
+def width_emg():
+    """A decisive supernet of :func:`all_space` whose width gates (a basic and an MBConv stage) and EMG gates
+    split the images, an arch with both and two exits, the images, and its exported model."""
+    space = all_space()
+    torch.manual_seed(0)
+    net = make_decisive(nas4dyn.build_supernet(space))
+    arch = space.validate(dataclasses.replace(
+        space.max_arch(), gates=(("width", "emg"), ("width", "width"), ("none", "none")),
+        exits=(ExitChoice(0, 0, 0.5), ExitChoice(1, 1, 0.5))))
+    images = torch.rand(48, 1, RES, RES, generator=torch.Generator().manual_seed(1))
+    x = (images - 0.5) / 0.25
+    width_logits: dict[torch.nn.Module, torch.Tensor] = {}
+    small_means: dict[torch.nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: width_logits.__setitem__(m, o))
+             for m in net.modules() if isinstance(m, WidthGate)]
+    hooks += [m.register_forward_pre_hook(lambda m, i: small_means.__setitem__(m, m.small_response(*i).mean((2, 3))))
+              for m in net.modules() if isinstance(m, EMGGate)]
+    net.set_active(dataclasses.replace(arch, exits=()))
+    with torch.no_grad():
+        net.forward_all(x)
+        for gate, logits in width_logits.items():  # sharper, and each width's mean logit equal: widths vary
+            gate.fc2.weight.mul_(10.0)
+            gate.fc2.bias.copy_(-(10.0 * (logits - gate.fc2.bias)).mean(0))
+        for gate, means in small_means.items():  # each filter's large kernel for about half of the images
+            gate.threshold[: means.shape[1]] = between(means)
+    for h in hooks:
+        h.remove()
+    arch = calibrated(net, arch, x)
+    return net, arch, images, nas4dyn.export_subnet(net, arch, {"mean": [0.5], "std": [0.25]})
+
+
+def test_width_and_emg_gates_export_to_onnx_and_agree_with_model_ts(width_emg, tmp_path):
+    """model.onnx of an arch with width gates (basic and MBConv blocks) and EMG gates gives model.ts's logits
+    and exits at batch 48 (samples taking different widths, filters and exits) and at batch 1."""
+    net, arch, images, model = width_emg
+    check_onnx_exportable(net.space, arch)
+    export_onnx(model, tmp_path, RES)
+    scripted = save_torchscript(model, tmp_path / "model.ts")
+    with torch.no_grad():
+        ref_logits, ref_exit = scripted.forward_with_exits(images)
+        decisions = model.gate_decisions(images)
+        net.set_active(arch)
+        sup_logits, sup_exit = net.forward_with_exits((images - 0.5) / 0.25)
+    assert torch.equal(sup_exit, ref_exit) and (sup_logits - ref_logits).abs().max() <= 1e-4
+    onnx_model = OnnxDynamicModel(tmp_path)
+    logits, exit_index = onnx_model.forward_with_exits(images.numpy())
+    assert np.array_equal(exit_index, ref_exit.numpy()) and np.abs(logits - ref_logits.numpy()).max() <= 1e-4
+    # meaningful only if samples took different exits, and each width gate and EMG block decided differently
+    assert len(set(ref_exit.tolist())) >= 2
+    start = 0
+    for kind, size in zip(model.gate_kinds, model.gate_sizes):
+        block = decisions[:, start : start + size]
+        start += size
+        if kind == "width":  # the filter mask of the chosen width: its count of filters on
+            assert len(set(block.sum(1).tolist())) >= 2
+        else:
+            rate = block.float().mean(0)
+            assert ((rate > 0) & (rate < 1)).any()
+    for i in range(8):  # batch 1: the graph's branches for a single sample
+        one_logits, one_exit = onnx_model.forward_with_exits(images[i : i + 1].numpy())
+        assert one_exit[0] == ref_exit[i] and np.abs(one_logits[0] - ref_logits[i].numpy()).max() <= 1e-4
+
+
+def test_dfs_gates_are_refused_in_one_line():
+    space = all_space()
+    arch = dataclasses.replace(space.max_arch(), gates=(("none", "dfs"), ("none", "none"), ("none", "none")))
+    with pytest.raises(ConfigError, match=r"block 0\.1: gate kind 'dfs' has no ONNX translation.*--format torchscript"):
+        check_onnx_exportable(space, arch)
+
+
 def test_mbconv_channel_gates_are_refused_in_one_line(tmp_path):
     space = nas4dyn.load_space("tiny")
     arch = dataclasses.replace(space.max_arch(), gates=(("none", "none"), ("channel", "none"), ("none", "none")))
@@ -148,8 +223,6 @@ def readme_examples() -> list[str]:
 def test_readme_deployment_examples_run_without_nas4dyn(tiny_net, tmp_path):
     """Both README examples, as written, in `python -I` from a copy of an export folder outside the repository
     with every project import blocked: predictions and exits equal model.ts's in this process."""
-    from tests.test_export import calibrated
-
     images = torch.rand(40, 1, RES, RES, generator=torch.Generator().manual_seed(2))
     arch = Arch("tiny", RES, (1, 2, 1), ((3,), (3, 3), (3,)), ((8,), (3, 3), (16,)),
                 (("channel",), ("skip", "skip"), ("channel",)), (ExitChoice(0, 0, 0.5), ExitChoice(1, 1, 0.5)))

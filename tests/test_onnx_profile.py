@@ -1,6 +1,8 @@
-"""ONNX Runtime latency tables: the pieces compute what the parts compute, and the tiny space's table is sane."""
+"""ONNX Runtime latency tables: the pieces compute what the parts compute, the tiny space's table is sane, and a
+table of a space whose every gate exports to ONNX (width and EMG gates too) covers it and drives a search."""
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -9,11 +11,15 @@ import pytest
 import torch
 
 import nas4dyn
+from nas4dyn.api import save_supernet
+from nas4dyn.cli.main import main
 from nas4dyn.cost.latency import LatencyModel, LatencyTable
 from nas4dyn.cost.onnx_parts import OnnxPieces
 from nas4dyn.cost.profiler import profile_space, subnet_samples, table_items
 from nas4dyn.cost.settings import ProfileSettings
+from nas4dyn.data import load_data
 from supernet.network import Supernet
+from tests.conftest import make_decisive, onnx_space
 
 SETTINGS = ProfileSettings(repeats=3, calibrate=3, validate=3, runtime="onnxruntime")
 
@@ -37,10 +43,10 @@ class RecordingPieces(OnnxPieces):
         return item
 
 
+@pytest.mark.parametrize("space", [nas4dyn.load_space("tiny"), onnx_space()], ids=["tiny", "width_emg_cigt"])
 @torch.inference_mode()
-def test_each_onnx_piece_computes_what_its_torch_part_computes():
+def test_each_onnx_piece_computes_what_its_torch_part_computes(space):
     torch.manual_seed(0)
-    space = nas4dyn.load_space("tiny")
     net = Supernet(space).eval()
     x = torch.rand(1, space.input_channels, max(space.resolutions), max(space.resolutions))
     pieces = RecordingPieces(threads=1)
@@ -112,3 +118,27 @@ def test_onnxruntime_tables_need_the_cpu(monkeypatch):
         ProfileSettings(runtime="onnxruntime", device="cuda").check()
     with pytest.raises(nas4dyn.ConfigError, match="--runtime 'tensorrt'"):
         ProfileSettings(runtime="tensorrt").check()
+
+
+def test_an_onnxruntime_table_of_a_space_with_width_and_emg_gates_covers_it_and_drives_a_search(tmp_path, capsys):
+    space = onnx_space()
+    torch.set_num_threads(1)
+    table = profile_space(space, SETTINGS, progress=False)
+    assert table.missing_gates() == []
+    net = Supernet(space)
+    blocks = {key: levels for key, levels in table.levels.items() if key[0] == "block"}
+    for (_, _, s, first, k, w, gate, _), levels in blocks.items():
+        if gate == "width":  # timed at each width the gate picks from
+            width = net.block(s, 0 if first else 1).extract(k, w, "width", 0, 0)
+            assert [level for level, _ in levels] == [float(h) for h in width.hiddens]
+    gates = {(key[2], key[6]) for key in blocks}
+    assert {(0, "width"), (1, "width"), (0, "emg")} <= gates
+    table.save(tmp_path / "lut.json")
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    save_supernet(run / "supernet.pt", make_decisive(nas4dyn.build_supernet(space)), load_data("synthetic").info.to_dict())
+    out = tmp_path / "search"
+    assert main(["search", "--run", str(run), "--out", str(out), "--trials", "3", "--latency-table",
+                 str(tmp_path / "lut.json"), "--objectives", "accuracy:max,latency_ms:min", "--bn-images", "64",
+                 "--threads", "1", "--no-progress"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "pareto.json").read_text())  # trials of the space completed, latency predicted

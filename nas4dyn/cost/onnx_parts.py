@@ -7,7 +7,8 @@ Every table entry and every end-to-end subnet becomes an ONNX model written with
 - stem: the input normalisation and resize, then the stem;
 - gater: the channel gater on the resized images;
 - block: one gate state (channel gates narrow their convs with Gather, fed with the gate logits; a forced skip
-  gate's ``If``; a routed block's router and path ``If`` nodes);
+  gate's ``If``; a routed block's router, a width-gated block's gate, and their branch ``If`` nodes; an EMG
+  block's centre kernels and the full kernels of its forced filters);
 - exit: an exit not taken — head, confidence test, and the ``If`` that runs the rest of the network on the
   samples still running, with their gather and the scatter back into place;
 - classifier: the final head;
@@ -15,8 +16,8 @@ Every table entry and every end-to-end subnet becomes an ONNX model written with
   thresholds and gates fixed.
 
 Inputs keep a symbolic batch dimension as in ``model.onnx``, so onnxruntime optimises a piece as it does the
-exported graph. Gate kinds without an ONNX translation (EMG, DFS, width, MBConv channel gates) get no entries,
-and random subnets are drawn among the archs that export.
+exported graph. Gate kinds without an ONNX translation (DFS, MBConv channel gates) get no entries, and random
+subnets are drawn among the archs that export.
 
 The ONNX translation lives in the export layer above; the profiler imports it (only when it times
 onnxruntime) so that a table times exactly what export writes rather than a second translation of the parts.
@@ -36,7 +37,7 @@ from nas4dyn.export.onnx import build_onnx, make_model, normalised_input
 from nas4dyn.export.onnx_graph import GraphBuilder, onnx_refusal
 from nas4dyn.export.runtime import ExportedModel
 from search_spaces.arch import Arch
-from supernet.dynamic.cigt import RoutedBlock
+from supernet.dynamic.choice import OneOfBlock
 from supernet.subnet import SubNet
 
 _NEVER_LEAVES = 2.0  # confidence lies in [0, 1]: no sample leaves at an exit with this threshold
@@ -99,7 +100,7 @@ class OnnxPieces:
 
     def _piece(self, kind: str, module: Any, inputs: tuple[torch.Tensor, ...], nested: bool) -> tuple[Any, int]:
         """(ONNX model of the piece, how many of ``inputs`` it takes)."""
-        g = GraphBuilder({module: list(module(*inputs).shape[1:])} if isinstance(module, RoutedBlock) else {})
+        g = GraphBuilder({module: list(module(*inputs).shape[1:])} if isinstance(module, OneOfBlock) else {})
         gated = kind == "block" and block_gate(module) == "channel"
         names = ["x" if kind in ("stem", "gater", "call") else "h"] + (["gates"] if gated else [])
         types = _OUTPUTS[kind]

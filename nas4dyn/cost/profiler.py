@@ -18,7 +18,6 @@ count pinned, items in shuffled interleaved rounds. Every item is a deployable p
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import random
@@ -208,7 +207,7 @@ def _block_variants(net: Supernet, s: int, b: int, k: int, w: int, settings: Pro
         out[(gate, 1)] = {on: forced_block(blk, torch.arange(units, device=dev) < on, batch) for on in levels}
     for paths in (p for p in st.paths if p > 1):  # routed stages are ungated
         copies = [net.block(s, b, i).extract(k, w, "none", 0, 0) for i in range(paths)]
-        routed = RoutedBlock(copy.deepcopy(net.routers[f"{s}_{b}"]), copies, paths).eval()
+        routed = RoutedBlock(net.routers[f"{s}_{b}"].sliced(paths), copies, paths).eval()  # as extracted
         out[("none", paths)] = {0: forced_block(routed, torch.zeros(0, dtype=torch.bool, device=dev), batch)}
     return out
 

@@ -27,7 +27,7 @@ from nas4dyn.export.runtime import ExportedModel
 from nas4dyn.io import atomic_write, atomic_write_json
 from search_spaces.arch import Arch
 from search_spaces.space import SearchSpace
-from supernet.dynamic.cigt import RoutedBlock
+from supernet.dynamic.choice import OneOfBlock
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,11 @@ def check_onnx_exportable(space: SearchSpace, arch: Arch) -> None:
 
 
 @torch.no_grad()
-def _routed_shapes(model: ExportedModel) -> dict[torch.nn.Module, list[int]]:
-    """C x H x W of every routed block's output, read off a forward pass at the arch's resolution."""
+def _one_of_shapes(model: ExportedModel) -> dict[torch.nn.Module, list[int]]:
+    """C x H x W of every routed or width-gated block's output, read off a forward pass at the arch's resolution."""
     shapes: dict[torch.nn.Module, list[int]] = {}
     hooks = [m.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, list(o.shape[1:])))
-             for m in model.subnet.modules() if isinstance(m, RoutedBlock)]
+             for m in model.subnet.modules() if isinstance(m, OneOfBlock)]
     try:
         if hooks:
             model.subnet.forward_all(torch.zeros(1, model.channels, model.resolution, model.resolution))
@@ -95,7 +95,7 @@ def build_onnx(model: ExportedModel, input_resolution: Optional[int] = None) -> 
     """
     sub = model.subnet
     res = int(input_resolution or model.resolution)
-    g = GraphBuilder(_routed_shapes(model))
+    g = GraphBuilder(_one_of_shapes(model))
     c = model.channels
     x = normalised_input(g, "x", model.mean.numpy(), model.std.numpy(), res, sub.resolution)
     gates = g.gater(x, sub.gater) if sub.gater is not None else None

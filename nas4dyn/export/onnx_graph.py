@@ -8,11 +8,17 @@ flow, not whatever a tracer keeps (:mod:`nas4dyn.export.onnx` assembles the whol
   (grouped gates: each filter's decision is its group's, gathered from the group columns);
 - skip gates: an ``If`` node runs the branch on the whole batch, on the gathered samples whose gate is on
   (scattered back into place), or on no sample;
-- CIGT routed blocks: the router's argmax picks a path per sample; each path runs (inside an ``If``) only on
-  the samples routed to it, gathered and scattered back.
+- CIGT routed blocks and width gates (:class:`~supernet.dynamic.choice.OneOfBlock`): the router's or width
+  gate's argmax picks a branch per sample (a path, or the block at one of its widths); each branch runs
+  (inside an ``If``) only on the samples that picked it, gathered and scattered back (at batch 1: one runs);
+- EMG gates (basic blocks): the centre kernel's response of every filter decides; the full kernel runs only
+  for the filters on for some sample (Gather, as channel gates), and each sample takes, per filter, the full
+  or the centre response (Where), scattered over the centre responses.
 
 MBConv channel gates are refused: ONNX ``Conv`` fixes its ``group`` count in the graph, so the depthwise conv
 cannot be narrowed to the active filters at run time, and computing every filter then masking would not skip.
+DFS gates are refused too: their int8 branch would need ONNX's quantized ops with the supernet's quantization
+points, which nothing here writes yet.
 """
 from __future__ import annotations
 
@@ -27,10 +33,14 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from nas4dyn.errors import ConfigError
+from supernet.dynamic.choice import OneOfBlock
 from supernet.dynamic.cigt import RoutedBlock
+from supernet.dynamic.gates import SkipGate
+from supernet.dynamic.width import WidthGatedBlock
 from supernet.static_blocks import StaticBasicBlock, StaticBlock, StaticMBConvBlock
 
-ONNX_GATES = ("none", "channel", "skip")  # gate kinds with an ONNX translation (channel: basic blocks only)
+# Gate kinds with an ONNX translation (channel: basic blocks only; EMG exists on basic blocks only).
+ONNX_GATES = ("none", "channel", "skip", "width", "emg")
 _ACT_OPS = {nn.ReLU: "Relu", nn.Hardswish: "HardSwish"}
 
 
@@ -58,14 +68,14 @@ def onnx_refusal(gate: str, block_type: str) -> Optional[str]:
 class GraphBuilder:
     """Collects nodes and initializers; :meth:`if_` writes an ``If`` node from two branch builders.
 
-    ``routed_shapes`` maps each :class:`RoutedBlock` to its output's C x H x W (the graph's spatial sizes are
-    fixed: it resizes its input to the arch's resolution first).
+    ``one_of_shapes`` maps each :class:`OneOfBlock` (routed or width-gated block) to its output's C x H x W (the
+    graph's spatial sizes are fixed: it resizes its input to the arch's resolution first).
     """
 
-    def __init__(self, routed_shapes: Optional[dict[nn.Module, Sequence[int]]] = None) -> None:
+    def __init__(self, one_of_shapes: Optional[dict[nn.Module, Sequence[int]]] = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self.routed_shapes = routed_shapes or {}
+        self.one_of_shapes = one_of_shapes or {}
         self._count = 0
 
     def name(self, hint: str) -> str:
@@ -188,7 +198,11 @@ class GraphBuilder:
             ConfigError: a gate the graph cannot carry (see :func:`onnx_refusal`).
         """
         if isinstance(blk, RoutedBlock):
-            return self.routed(x, blk, gates)
+            r = blk.router
+            h = self.op("Relu", [self.linear(self.pooled(x), r.fc1, r.bn)])
+            return self.one_of(x, blk, self.linear(h, r.fc2, r.balance, rows=blk.num_paths), gates)
+        if isinstance(blk, WidthGatedBlock):  # its branches are ungated blocks at each width
+            return self.one_of(x, blk, self.gate_logits(x, blk.gate), None)
         if not isinstance(blk, (StaticBasicBlock, StaticMBConvBlock)):
             raise TypeError(f"no ONNX translation for block {type(blk).__name__}")
         refusal = onnx_refusal(blk.gate_kind, "basic" if isinstance(blk, StaticBasicBlock) else "mbconv")
@@ -223,7 +237,10 @@ class GraphBuilder:
 
     def basic(self, x: str, blk: StaticBasicBlock, maskf: Optional[str]) -> str:
         short = self.sequential(x, blk.shortcut)
-        if maskf is None:
+        if blk.gate_kind == "emg":
+            h = self.op("Relu", [self.emg_conv1(x, blk)])
+            h = self.conv(h, self.const(blk.w2.numpy(), "w"), self.const(blk.b2.numpy(), "b"), blk.conv2)
+        elif maskf is None:
             h = self.op("Relu", [self.conv_bn(x, blk.conv1, blk.bn1)])
             h = self.conv_bn(h, blk.conv2, blk.bn2)
         else:
@@ -239,17 +256,42 @@ class GraphBuilder:
             h = self.conv(h, w2g, self.const(b2, "b"), blk.conv2)
         return self.op("Relu", [self.op("Add", [short, h])])
 
+    def emg_conv1(self, x: str, blk: StaticBasicBlock) -> str:
+        """conv1 and its BatchNorm of an EMG block (:meth:`StaticBasicBlock.emg_conv1`): the centre kernel for
+        every filter, the full kernel only for the filters on for some sample (filter 0 when none is; every
+        sample then takes its centre response)."""
+        b1 = self.const(blk.b1.numpy(), "b")
+        p = blk.padding - 1
+        small = self.op("Conv", [x, self.const(blk.small_weight.numpy(), "w"), b1], strides=[blk.stride] * 2,
+                        pads=[p] * 4)
+        mean = self.op("ReduceMean", [small], axes=[2, 3], keepdims=0)
+        margin = self.op("Mul", [self.op("Sub", [mean, self.const(blk.emg_threshold.numpy())]),
+                                 self.const(blk.emg_sign.numpy())])
+        gates = self.op("Greater", [margin, self.const(0.0)])
+        on = self.active_filters(self.op("Cast", [gates], to=TensorProto.FLOAT), blk.w1.shape[0])
+        large = self.op("Conv", [x, self.op("Gather", [self.const(blk.w1.numpy(), "w"), on], axis=0),
+                                 self.op("Gather", [b1, on], axis=0)],
+                        strides=[blk.stride] * 2, pads=[blk.padding] * 4)
+        picked = self.op("Where", [self.op("Unsqueeze", [self.op("Gather", [gates, on], axis=1), self.ints([2, 3])]),
+                                   large, self.op("Gather", [small, on], axis=1)])
+        # Filters are the second axis; ScatterND replaces slices of the first, hence the transposes.
+        swap = [1, 0, 2, 3]
+        out = self.scatter_rows(self.op("Transpose", [small], perm=swap), on, self.op("Transpose", [picked], perm=swap))
+        return self.op("Transpose", [out], perm=swap)
+
     def mbconv(self, x: str, blk: StaticMBConvBlock) -> str:
         h = self.act(self.conv_bn(x, blk.expand, blk.bn1), blk.act)
         h = self.act(self.conv_bn(h, blk.dw, blk.bn2), blk.act)
         h = self.conv_bn(h, blk.project, blk.bn3)
         return self.op("Add", [h, x]) if blk.residual else h
 
+    def gate_logits(self, x: str, gate: SkipGate) -> str:
+        """N x outputs logits of a skip or width gate (its MLP on the pooled input)."""
+        return self.linear(self.op("Relu", [self.linear(self.pooled(x), gate.fc1)]), gate.fc2)
+
     def skipped(self, x: str, blk: StaticBlock) -> str:
         """Skip gate: run the branch on all samples, on the samples whose gate is on, or on none."""
-        gate = blk.skip_gate
-        h = self.op("Relu", [self.linear(self.pooled(x), gate.fc1)])
-        logit = self.op("Reshape", [self.linear(h, gate.fc2), self.ints([-1])])
+        logit = self.op("Reshape", [self.gate_logits(x, blk.skip_gate), self.ints([-1])])
         idx = self.rows(self.op("Greater", [logit, self.const(0.0)]))
         all_on = self.op("Equal", [self.op("Size", [idx]), self.op("Size", [logit])])
         image = [(TensorProto.FLOAT, 4)]
@@ -262,19 +304,19 @@ class GraphBuilder:
 
         return self.if_(all_on, lambda: [self.run(x, blk, None)], some_or_none, image)[0]
 
-    def routed(self, x: str, blk: RoutedBlock, gates: Optional[str]) -> str:
-        """CIGT: each path runs only on the samples its router sends there (at batch 1: one path runs)."""
-        r = blk.router
-        h = self.op("Relu", [self.linear(self.pooled(x), r.fc1, r.bn)])
-        choice = self.op("ArgMax", [self.linear(h, r.fc2, r.balance, rows=blk.num_paths)], axis=1, keepdims=0)
+    def one_of(self, x: str, blk: OneOfBlock, logits: str, gates: Optional[str]) -> str:
+        """A routed or width-gated block: each branch runs only on the samples whose ``logits`` (N x branches)
+        peak at it (at batch 1: one branch runs); ``gates`` reach the branches that read them."""
+        choice = self.op("ArgMax", [logits], axis=1, keepdims=0)
         n = self.op("Slice", [self.op("Shape", [x]), self.ints([0]), self.ints([1])])
-        out = self.op("ConstantOfShape", [self.op("Concat", [n, self.ints(list(self.routed_shapes[blk]))], axis=0)],
+        out = self.op("ConstantOfShape", [self.op("Concat", [n, self.ints(list(self.one_of_shapes[blk]))], axis=0)],
                       value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]))
         for i, path in enumerate(blk.paths):
             idx = self.rows(self.op("Equal", [choice, self.ints(i)]))
 
             def ran(path: nn.Module = path, idx: str = idx, base: str = out) -> list[str]:
-                part_gates = None if gates is None else self.op("Gather", [gates, idx], axis=0)
+                reads = gates is not None and getattr(path, "gate_kind", "none") == "channel"
+                part_gates = self.op("Gather", [gates, idx], axis=0) if reads else None
                 return [self.scatter_rows(base, idx, self.block(self.op("Gather", [x, idx], axis=0), path, part_gates))]
 
             out = self.if_(self.nonempty(idx), ran, lambda base=out: [base], [(TensorProto.FLOAT, 4)])[0]
