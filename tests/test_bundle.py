@@ -1,5 +1,5 @@
 """Profiling bundles: bundle -> run.py on a "device" that cannot import nas4dyn (nor torch, for an onnxruntime
-bundle) -> import, against a direct profile."""
+bundle, here of a space with width and EMG gates) -> import, against a direct profile."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +20,7 @@ from nas4dyn.cost.bundle import import_timings
 from nas4dyn.cost.latency import LatencyModel, LatencyTable
 from nas4dyn.cost.profiler import profile_space
 from nas4dyn.cost.settings import ProfileSettings
+from tests.conftest import onnx_space
 
 FLAGS = ["--repeats", "6", "--calibrate", "3", "--validate", "3"]
 SETTINGS = ProfileSettings(repeats=6, calibrate=3, validate=3)
@@ -171,29 +172,33 @@ def test_a_torchscript_bundle_on_a_device_without_torch_says_so(bundle_run, tmp_
 # ---- onnxruntime bundles: run.py needs only onnxruntime, numpy and the standard library ----------------------
 @pytest.fixture(scope="module")
 def ort_bundle_run(tmp_path_factory):
-    """(bundle dir, timings.json) of an onnxruntime bundle of the tiny space, run where torch cannot load."""
+    """(bundle dir, timings.json, space file) of an onnxruntime bundle of :func:`~tests.conftest.onnx_space` (width,
+    EMG, channel and skip gates, CIGT routing), run where torch cannot load."""
     root = tmp_path_factory.mktemp("ort_bundle")
-    bundle = root / "b"
-    assert main(["profile", "--space", "tiny", "--bundle", str(bundle), "--runtime", "onnxruntime", *FLAGS]) == 0
+    bundle, space_file = root / "b", root / "tiny_onnx.json"
+    space_file.write_text(json.dumps(onnx_space().to_dict()))
+    assert main(["profile", "--space", str(space_file), "--bundle", str(bundle), "--runtime", "onnxruntime",
+                 *FLAGS]) == 0
     proc = run_on_device(bundle, tmp_path_factory.mktemp("device"), "--out", str(root / "timings.json"),
                          "--no-progress", blocked=PROJECT + ("torch",))
     assert proc.returncode == 0, proc.stderr
-    return bundle, root / "timings.json"
+    return bundle, root / "timings.json", space_file
 
 
 def test_onnxruntime_bundle_runs_without_torch_and_imports_like_a_direct_profile(ort_bundle_run, tmp_path):
-    bundle, timings = ort_bundle_run
+    bundle, timings, space_file = ort_bundle_run
     assert (bundle / "inputs.npz").is_file() and not (bundle / "inputs.pt").exists()
     assert {p.suffix for p in (bundle / "pieces").iterdir()} == {".onnx"}
     out = tmp_path / "lut.json"
-    assert main(["profile", "--import", str(timings), "--out", str(out), "--space", "tiny", "--bundle", str(bundle),
-                 "--runtime", "onnxruntime"]) == 0
+    assert main(["profile", "--import", str(timings), "--out", str(out), "--space", str(space_file), "--bundle",
+                 str(bundle), "--runtime", "onnxruntime"]) == 0
     imported = LatencyTable.load(out)
     torch.set_num_threads(1)
-    direct = profile_space(nas4dyn.load_space("tiny"), dataclasses.replace(SETTINGS, runtime="onnxruntime"),
+    direct = profile_space(nas4dyn.load_space(space_file), dataclasses.replace(SETTINGS, runtime="onnxruntime"),
                            progress=False)
     assert imported.runtime == "onnxruntime" and imported.fingerprint == direct.fingerprint
-    assert imported.levels.keys() == direct.levels.keys()
+    assert imported.levels.keys() == direct.levels.keys() and imported.missing_gates() == []
+    assert {"width", "emg"} <= {key[6] for key in imported.levels if key[0] == "block"}
     paths = [[(r["exit_index"], r["units"]) for r in t.validation["records"]] for t in (imported, direct)]
     assert paths[0] == paths[1]
     arch = direct.space.max_arch()  # its entries, as above
@@ -201,7 +206,7 @@ def test_onnxruntime_bundle_runs_without_torch_and_imports_like_a_direct_profile
 
 
 def test_timings_of_another_runtime_are_refused(ort_bundle_run, bundle_run, tmp_path, capsys):
-    _, ort_timings = ort_bundle_run
+    ort_timings = ort_bundle_run[1]
     _, ts_timings = bundle_run
     out = str(tmp_path / "l.json")
     assert "not 'torchscript'" in _bad_import(["profile", "--import", str(ort_timings), "--out", out, "--runtime",
