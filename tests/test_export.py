@@ -407,7 +407,7 @@ def test_cli_export_rejects_bad_input(run_dir, arch, extra, words):
 
 
 def test_every_gate_kind_exports_through_torchscript():
-    """Gate kinds without an ONNX translation (EMG, DFS, routed paths) still export exactly to model.ts."""
+    """Every gate kind exports exactly to model.ts (DFS too, which has no ONNX translation)."""
     import random
 
     space = nas4dyn.load_space("fmnist_dynamic_all")
