@@ -142,3 +142,12 @@ def test_an_onnxruntime_table_of_a_space_with_width_and_emg_gates_covers_it_and_
                  str(tmp_path / "lut.json"), "--objectives", "accuracy:max,latency_ms:min", "--bn-images", "64",
                  "--threads", "1", "--no-progress"]) == 0, capsys.readouterr().err
     assert json.loads((out / "pareto.json").read_text())  # trials of the space completed, latency predicted
+
+
+@pytest.mark.parametrize("name", ["fmnist", "cifar"])
+def test_onnxruntime_pieces_carry_every_gate_of_the_default_spaces(name):
+    """So an onnxruntime table of fmnist or cifar has entries for every gate kind they allow, and search takes it."""
+    space = nas4dyn.load_space(name)
+    pieces = OnnxPieces(threads=1)
+    assert all(pieces.supports(g, st.block) for s, st in enumerate(space.stages) for b in range(st.max_depth)
+               for g in space.allowed_gates(s, b))
