@@ -23,8 +23,14 @@ images (for the speed-up). Reported: the median over reps of the per-rep ratios 
 The set-up runs wherever the process runs; with ``--lock`` the timing takes the lock file (flock) and pins
 itself to ``--timing-cpu`` while it holds it.
 
-Usage: python scripts/bench_overhead.py [--space fmnist] [--run DIR] [--path-samples 32] [--repeats 30]
-       [--batch 32] [--lock /work/out/core1.lock --timing-cpu 1] [--json OUT]
+Before / after a code change in one process: ``--save DIR`` (run from the old checkout, a copy of this script
+beside its code) writes the exported models and exits; ``--baseline DIR`` (repeatable) then times each saved
+model as "<mechanism> (<DIR's name>)" in the same reps, against the same twins (a TorchScript file carries its
+own code).
+
+Usage: python scripts/bench_overhead.py [--space fmnist] [--run DIR] [--kinds channel,skip,...] [--path-samples 32]
+       [--repeats 30] [--batch 32] [--lock /work/out/core1.lock --timing-cpu 1] [--json OUT]
+       [--save DIR | --baseline DIR]
 """
 from __future__ import annotations
 
@@ -57,6 +63,7 @@ from supernet.dynamic.dfs import ActRange  # noqa: E402
 from supernet.network import Supernet  # noqa: E402
 
 GATE_KINDS = ("channel", "skip", "width", "emg", "dfs")
+MECHANISMS = ("exits",) + GATE_KINDS + ("routing",)
 GOALS = {"exits": 1.05, "skip gates": 1.05, "width gates": 1.05}  # the others: 1.10
 
 
@@ -169,18 +176,33 @@ def main() -> None:
     ap.add_argument("--lock", help="a lock file to hold (flock) while timing")
     ap.add_argument("--timing-cpu", type=int, help="the CPU to pin the timing to")
     ap.add_argument("--json", help="write the per-rep figures here")
+    ap.add_argument("--kinds", default=",".join(MECHANISMS), help="mechanisms timed, comma-separated")
+    ap.add_argument("--save", help="write the exported models to this directory and exit (no timing)")
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="also time the models --save wrote to this directory (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     net, variants, test, mean, std, weights, source = calibrated(args.space, args.run, 1000, args.path_samples)
+    kinds = {k if k in ("exits", "routing") else f"{k} gates" for k in args.kinds.split(",")}
+    variants = {name: arch for name, arch in variants.items() if name in kinds}
     models, twins = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, arch in {"static": backbone(net.space), **variants}.items():
-            save_torchscript(nas4dyn.export_subnet(net, arch, {"mean": mean, "std": std}), Path(tmp) / "m.ts")
-            models[name] = load_exported(Path(tmp) / "m.ts")
-    for name, arch in variants.items():
+            path = Path(args.save or tmp) / f"{name.replace(' ', '_')}.ts"
+            save_torchscript(nas4dyn.export_subnet(net, arch, {"mean": mean, "std": std}), path)
+            models[name] = load_exported(path)
+    if args.save:
+        return
+    for name, arch in list(variants.items()):
         twins[name] = path_twins(net, arch, mean, std, test)
         check_twins(models[name], *twins[name], test, twin_tolerance(name))
         print(f"{name}: {len(twins[name][1])} distinct paths", flush=True)
+        for folder in map(Path, args.baseline):
+            saved, label = folder / f"{name.replace(' ', '_')}.ts", f"{name} ({folder.name})"
+            if saved.exists():  # the same arch and weights, so it must fit the same twins
+                models[label] = load_exported(saved)
+                check_twins(models[label], *twins[name], test, twin_tolerance(name))
+                variants[label], twins[label] = arch, twins[name]
     macs = {name: realized_macs(m, test, 1) for name, m in models.items()}
     batches = (1, args.batch)
     with timing_cpu(args.lock, args.timing_cpu), torch.no_grad():

@@ -26,11 +26,9 @@ def _active_filters(mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
     With every filter off the branch still produces BN's constant output, so one filter is kept and
     masked to zero: the result equals computing all filters and multiplying by the gates.
     """
-    keep = (mask[0] if mask.shape[0] == 1 else mask.any(0)).nonzero().squeeze(1)
+    keep = mask.any(0).nonzero().squeeze(1)
     if keep.numel() == 0:
         return torch.zeros(1, dtype=torch.long, device=mask.device), True
-    if mask.shape[0] == 1:  # one sample: its own filters, none of them off
-        return keep, False
     return keep, not bool(mask.index_select(1, keep).all())
 
 
@@ -78,6 +76,8 @@ class StaticBlock(nn.Module):
                              else torch.zeros(0, dtype=torch.long))
         self.skip_gate = skip_gate
         self.dfs_gate = dfs_gate
+        # Set by ``SubNet`` on per-filter channel-gated blocks: where its batch-1 path keeps their open filters.
+        self.keep_slot = -1
         self.stride, self.padding = 1, 0  # of the first k x k conv; set by subclasses
         # EMG blocks replace these with the per-filter thresholds and signs (see StaticBasicBlock) and the centre
         # of their first conv's BatchNorm-folded kernel.
@@ -138,6 +138,18 @@ class StaticBlock(nn.Module):
     def run(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def run_filters(self, x: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """The channel-gated branch narrowed to the filters ``keep`` (their BatchNorm-folded convs gathered),
+        hidden activations multiplied by ``scale`` (N x len(keep)) when some kept filter is off for some sample."""
+        raise NotImplementedError
+
+    def run_kept(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """A per-filter channel-gated block on one sample whose open filters are ``keep`` (ascending; at batch 1
+        ``SubNet`` finds them for all such blocks at once)."""
+        if keep.numel() == 0:  # every filter closed: as ``_active_filters``, one filter computed and zeroed
+            return self.run_filters(x, torch.zeros(1, dtype=torch.long, device=x.device), x.new_zeros(1, 1))
+        return self.run_filters(x, keep, None)
+
     def post(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -187,8 +199,10 @@ class StaticBlock(nn.Module):
         if self.gate_kind == "none":
             return self.run(x, None)
         if self.gate_kind == "channel":
-            if x.shape[0] == 1 and self.subset_powers.numel() > 0:
-                return self.run_subset(x, self.subset_code(gate_logits))
+            if x.shape[0] == 1:  # one sample: its own filters, none of them off
+                if self.subset_powers.numel() > 0:
+                    return self.run_subset(x, self.subset_code(gate_logits))
+                return self.run_kept(x, self.channel_mask(gate_logits)[0].nonzero().squeeze(1))
             return self.run(x, self.channel_mask(gate_logits))
         dfs_gate = self.dfs_gate
         if dfs_gate is not None and x.shape[0] == 1:  # one sample: one host read, then only its option runs
@@ -294,11 +308,15 @@ class StaticBasicBlock(StaticBlock):
             h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         else:
             keep, partial = _active_filters(mask)
-            h = F.relu(F.conv2d(x, self.w1.index_select(0, keep), self.b1.index_select(0, keep), self.stride,
-                                self.padding))
-            if partial:
-                h = h * mask.index_select(1, keep).to(h.dtype)[:, :, None, None]
-            h = F.conv2d(h, self.w2.index_select(1, keep), self.b2, 1, self.padding)
+            return self.run_filters(x, keep, mask.index_select(1, keep).to(x.dtype) if partial else None)
+        return F.relu(self.shortcut(x) + h)
+
+    def run_filters(self, x: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        h = F.relu(F.conv2d(x, self.w1.index_select(0, keep), self.b1.index_select(0, keep), self.stride,
+                            self.padding))
+        if scale is not None:
+            h = h * scale[:, :, None, None]
+        h = F.conv2d(h, self.w2.index_select(1, keep), self.b2, 1, self.padding)
         return F.relu(self.shortcut(x) + h)
 
 
@@ -342,10 +360,14 @@ class StaticMBConvBlock(StaticBlock):
             h = self.bn3(self.project(h))
         else:
             keep, partial = _active_filters(mask)
-            h = self.act(F.conv2d(x, self.w1.index_select(0, keep), self.b1.index_select(0, keep)))
-            w, b = self.w2.index_select(0, keep), self.b2.index_select(0, keep)
-            h = self.act(F.conv2d(h, w, b, self.stride, self.padding, 1, keep.numel()))
-            if partial:
-                h = h * mask.index_select(1, keep).to(h.dtype)[:, :, None, None]
-            h = F.conv2d(h, self.w3.index_select(1, keep), self.b3)
+            return self.run_filters(x, keep, mask.index_select(1, keep).to(x.dtype) if partial else None)
+        return h + x if self.residual else h
+
+    def run_filters(self, x: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        h = self.act(F.conv2d(x, self.w1.index_select(0, keep), self.b1.index_select(0, keep)))
+        w, b = self.w2.index_select(0, keep), self.b2.index_select(0, keep)
+        h = self.act(F.conv2d(h, w, b, self.stride, self.padding, 1, keep.numel()))
+        if scale is not None:
+            h = h * scale[:, :, None, None]
+        h = F.conv2d(h, self.w3.index_select(1, keep), self.b3)
         return h + x if self.residual else h

@@ -30,7 +30,9 @@ class GlobalGater(nn.Module):
         nn.init.constant_(self.fc2.bias, 1.0)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)))
+        # mean over H, W: what adaptive_avg_pool2d(., 1) computes (the same kernel, the same values) without that
+        # wrapper's call and a flatten; the gater runs once per image in exported models, where calls count.
+        return F.relu(self.fc1(self.features(x).mean([-1, -2])))
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None,
                 groups: torch.Tensor | None = None) -> torch.Tensor:
