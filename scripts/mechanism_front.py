@@ -113,9 +113,10 @@ def dominated(point: dict, others: list[dict]) -> Optional[dict]:
 
 
 def measure_front(run: Path, out: Path, backbones: int, gated_every: int, val_images: Optional[int],
-                  bn_images: int, test_images: int, rounds: int, seed: int, timing: Any) -> list[dict]:
+                  bn_images: int, test_images: int, rounds: int, seed: int, timing: Any, pool: int = 400) -> list[dict]:
     """Evaluate (or reload from OUT/front.json) every variant, then time them all interleaved inside the
-    ``timing`` context (the lock and core of the measurement); the rows, each with ``ms``."""
+    ``timing`` context (the lock and core of the measurement); the rows, each with ``ms``. ``pool``: random
+    static subnets the backbones are picked from."""
     settings = SearchSettings(parse_objectives("accuracy:max,macs_expected:min"), bn_images=bn_images,
                               val_images=val_images, seed=seed)
     ctx = load_context(run, settings)
@@ -124,7 +125,7 @@ def measure_front(run: Path, out: Path, backbones: int, gated_every: int, val_im
     space = net.space
     bundle = load_run_data(net, info, run / "supernet.pt")
     test_loader = make_loader(bundle.test, 500)
-    plan = variants(space, spread_backbones(space, backbones, seed), gated_every, space.exits.thresholds[-1])
+    plan = variants(space, spread_backbones(space, backbones, seed, pool), gated_every, space.exits.thresholds[-1])
     out.mkdir(parents=True, exist_ok=True)
     (out / "models").mkdir(exist_ok=True)
     rows_path = out / "front.json"

@@ -19,7 +19,7 @@ import mechanism_front  # noqa: E402
 
 def _front(run: Path, out: Path) -> list[dict]:
     return mechanism_front.measure_front(run, out, backbones=2, gated_every=2, val_images=40, bn_images=32,
-                                         test_images=4, rounds=1, seed=0, timing=contextlib.nullcontext())
+                                         test_images=4, rounds=1, seed=0, timing=contextlib.nullcontext(), pool=40)
 
 
 def test_front_of_a_run_by_mechanism_and_a_rerun_only_times(run_dir, tmp_path, monkeypatch):
