@@ -77,5 +77,6 @@ def main() -> None:
                 (dc, dm), (tc, tm) = ops["dynamic"][op], ops["twins"].get(op, (0.0, 0.0))
                 print(f"{op:40s} calls/img {dc:5.1f} vs {tc:5.1f}   ms/img {dm:.3f} vs {tm:.3f}")
 
+
 if __name__ == "__main__":
     main()

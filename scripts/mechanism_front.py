@@ -14,6 +14,7 @@ is missing (the timing always runs anew: times of separate runs do not compare).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -30,7 +31,7 @@ from nas4dyn.data import make_loader
 from nas4dyn.export.measure import collect, measure_latencies, unnormalised
 from nas4dyn.export.runtime import export_subnet
 from nas4dyn.export.torchscript import load_exported, save_torchscript
-from nas4dyn.io import atomic_write_text
+from nas4dyn.io import atomic_write, atomic_write_json
 from nas4dyn.search.objectives import parse_objectives
 from nas4dyn.search.trial import SearchSettings, evaluate_arch, load_context, load_run_data
 from nas4dyn.train.evaluation import accuracy_and_rates
@@ -63,10 +64,9 @@ def spread_backbones(space, count: int, seed: int, pool: int = 400) -> list[Arch
     rng = random.Random(seed)
     res = max(space.resolutions)
     net = nas4dyn.build_supernet(space)
-    cands = {space.max_arch(), space.min_arch()}
-    cands |= {a for a in (space.sample(rng, dynamic=False) for _ in range(pool))}
-    cands = [Arch(a.space, res, a.depths, a.kernels, a.widths, a.gates) for a in cands]
-    macs = {a: nas4dyn.count_macs(net, a).macs_max for a in set(cands)}
+    drawn = [space.max_arch(), space.min_arch()] + [space.sample(rng, dynamic=False) for _ in range(pool)]
+    macs = {a: nas4dyn.count_macs(net, a).macs_max
+            for a in {Arch(a.space, res, a.depths, a.kernels, a.widths, a.gates) for a in drawn}}
     ordered = sorted(macs, key=lambda a: (macs[a], str(a.to_dict())))
     logs = np.log([macs[a] for a in ordered])
     picked: list[Arch] = []
@@ -145,7 +145,7 @@ def measure_front(run: Path, out: Path, backbones: int, gated_every: int, val_im
                    "macs_max": trial.metrics["macs_max"], "exit_rates": trial.metrics["exit_rates"],
                    "gate_rates": trial.metrics["gate_rates"], "model": model_path.name}
             done[v.name] = row
-            atomic_write_text(rows_path, json.dumps(list(done.values()), indent=1))
+            atomic_write_json(rows_path, list(done.values()))
         rows.append(row)
     images, _ = collect(unnormalised(make_loader(bundle.test, 256), bundle.info.mean, bundle.info.std), test_images)
     models = [load_exported(out / "models" / r["model"]) for r in rows]
@@ -158,7 +158,7 @@ def measure_front(run: Path, out: Path, backbones: int, gated_every: int, val_im
         r["on_front"] = dominated(r, rows) is None
         beaten_by = dominated(r, reference)
         r["beaten_by"] = None if beaten_by is None else beaten_by["name"]
-    atomic_write_text(out / "front_timed.json", json.dumps(rows, indent=1))
+    atomic_write_json(out / "front_timed.json", rows)
     return rows
 
 
@@ -182,10 +182,10 @@ def plot_front(rows: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def front_table(rows: list[dict]) -> list[str]:
