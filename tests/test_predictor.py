@@ -13,7 +13,8 @@ from nas4dyn.search.candidate_costs import CandidateCosts, fit_exit_shares
 from nas4dyn.search.outputs import completed
 from nas4dyn.search.predictor import Featurizer, Samples, SubnetPredictor, rates_of
 from nas4dyn.search.predictor_features import cost_limit
-from nas4dyn.search.predictor_strategy import PREDICTED_ATTR, ROUND_ATTR
+from nas4dyn.search.predictor_strategy import (PREDICTED_ATTR, ROUND_ATTR, PredictorSettings, elites,
+                                               query_candidates)
 from nas4dyn.search.runner import default_objectives
 from nas4dyn.search.trial import SearchSettings, load_context
 from nas4dyn.search.objectives import parse_objectives
@@ -88,6 +89,19 @@ def test_predictor_fits_predicts_and_costs_candidates_like_trials(run_dir, tmp_p
     traced = costs.traced
     assert [costs.macs_max(a) for a in archs] == pytest.approx([t.user_attrs["metrics"]["macs_max"] for t in trials])
     assert costs.traced == traced  # every piece is memoised now: no subnet is traced again
+
+    # The candidate NSGA-II starts from the measured elites: the measured front first, then the next ranks.
+    reference = {"accuracy": 1.0, "macs_expected": 2 * max(t.user_attrs["metrics"]["macs_expected"] for t in trials)}
+    losses = [(1 - t.user_attrs["metrics"]["accuracy"], t.user_attrs["metrics"]["macs_expected"]) for t in trials]
+    front = [t.params for t, a in zip(trials, losses)
+             if not any(b[0] <= a[0] and b[1] <= a[1] and b != a for b in losses)]
+    parents = elites(trials, ctx, reference, len(front) + 2)
+    assert len(parents) == len(front) + 2 and all(p in front for p in parents[:len(front)])
+    assert all(p in [t.params for t in trials] for p in parents)
+    candidates = query_candidates(ctx, predictor, featurizer, costs, PredictorSettings(candidates=30, population=10),
+                                  0, parents)
+    first = min(len(parents), 10)  # the first generation: population 10
+    assert len(candidates) == 30 and [c.params for c in candidates[:first]] == parents[:first]
 
 
 def test_fit_exit_shares_meets_the_cost_target_within_valid_shares():
