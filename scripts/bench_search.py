@@ -4,8 +4,8 @@
    the same budget of measured trials (same seeds, fresh studies, same validation measurements); the
    predictor's candidates per minute, its out-of-fold Kendall tau per round, and its tau / RMSE on the trials it
    proposed (predicted before they were measured) and, out of fold, on the random studies' trials. With
-   --heldout, the same hypervolumes of each study's front measured again on the validation images no trial
-   saw (scripts/search_heldout.py).
+   --heldout, the same hypervolumes of each study's best trials measured again on the validation images no
+   trial saw (scripts/search_heldout.py).
 2. (unless --no-extras) NSGA-II against random with the reference point's accuracy (the smallest static
    subnet's) as a constraint, which tells NSGA-II the region the hypervolume counts (random search ignores
    constraints, so its unconstrained studies serve both comparisons); the best static subnet (a static search;
@@ -261,6 +261,7 @@ def hv_table(hv: dict[str, list[float]], seeds: list[int]) -> list[str]:
 
 
 def ratios(hv: dict[str, list[float]]) -> str:
+    """The goal ratios of the strategies' mean hypervolumes, as one sentence."""
     return (f"Predictor ÷ random (goal ≥ 1.3×): **{show(ratio(hv, 'predictor', 'random'))}**; predictor ÷ NSGA-II "
             f"(goal ≥ 1.15×): **{show(ratio(hv, 'predictor', 'nsga2'))}**; NSGA-II ÷ random: "
             f"**{show(ratio(hv, 'nsga2', 'random'))}**")
@@ -288,9 +289,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="studies run at once, one process each")
     ap.add_argument("--reuse", action="store_true", help="keep studies in --out that already hold --trials trials")
     ap.add_argument("--write", action="store_true", help="write the results into docs/BENCHMARKS.md")
-    ap.add_argument("--heldout", action="store_true", help="also re-measure each study's front on the validation "
-                    "images its trials did not see (needs --val-images below the split's size)")
+    ap.add_argument("--heldout", action="store_true", help="also re-measure each study's best trials on the "
+                    "validation images its trials did not see (needs --val-images below the split's size)")
     args = ap.parse_args()
+    if args.heldout and not args.val_images:
+        ap.error("--heldout needs --val-images N: with the whole validation split measured, no image is held out")
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = SearchSettings(parse_objectives(OBJECTIVES), bn_images=args.bn_images, val_images=args.val_images)
