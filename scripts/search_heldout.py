@@ -53,7 +53,8 @@ def heldout_hypervolumes(run: str, studies: dict[str, optuna.Study], objectives:
     measurements are kept in ``cache`` (json), so a rerun measures only what is new.
 
     Raises:
-        ConfigError: the studies measured the whole validation split (nothing is held out).
+        ConfigError: the studies measured the whole validation split (nothing is held out), or ``cache`` holds
+            measurements of another run or settings.
     """
     settings = SearchSettings(parse_objectives(objectives), bn_images=bn_images, val_images=None)
     ctx = load_context(run, settings, data_root=data_root)
@@ -62,14 +63,19 @@ def heldout_hypervolumes(run: str, studies: dict[str, optuna.Study], objectives:
         raise ConfigError(f"--heldout: the studies measured all {total} validation images; run them with "
                           "--val-images below that to hold some out")
     rest = np.setdiff1d(np.arange(total), np.asarray(subset_indices(total, val_images, settings.seed)))
-    measured: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
+    setup = {"run": str(Path(run).resolve()), "bn_images": bn_images, "val_images": val_images}
+    stored = json.loads(cache.read_text()) if cache.is_file() else {"setup": setup, "measured": {}}
+    if stored.get("setup") != setup:
+        raise ConfigError(f"{cache} holds held-out measurements of another run or settings ({stored.get('setup')}); "
+                          "pass another --out")
+    measured: dict[str, Any] = stored["measured"]
 
     def remeasure(arch: dict[str, Any], exit_budget: float) -> dict[str, Any]:
         key = json.dumps([arch, round(exit_budget, 6)], sort_keys=True)
         if key not in measured:
             measured[key] = evaluate_arch_subsets(ctx, Arch.from_dict(arch), ctx.val_batches, {"rest": rest},
                                                   exit_budget=exit_budget)["rest"].metrics
-            atomic_write_json(cache, measured)
+            atomic_write_json(cache, stored)
         return measured[key]
 
     # The reference point as the studies' (the smallest static subnet's error), on the held-out images.

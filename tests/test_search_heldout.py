@@ -1,6 +1,6 @@
 """bench_search --heldout (scripts/search_heldout.py): a study's measured front is its non-dominated trials, each
 measured again on the validation images no trial saw, once (a rerun reads its cache) — so is the reference
-point's smallest subnet — and studies that saw the whole split are refused."""
+point's smallest subnet — and studies that saw the whole split, or a cache of other settings, are refused."""
 from __future__ import annotations
 
 import sys
@@ -52,3 +52,5 @@ def test_fronts_remeasured_on_unseen_validation_images_once(run_dir, tmp_path, m
     assert again == {"a": hv["a"], "b": hv["a"]} and len(calls) == measured  # all from the cache
     with pytest.raises(ConfigError, match="--val-images"):
         search_heldout.heldout_hypervolumes(str(run_dir), {"a": study}, OBJECTIVES, reference, 32, None, cache)
+    with pytest.raises(ConfigError, match="another run or settings"):  # not mixed with other measurements
+        search_heldout.heldout_hypervolumes(str(run_dir), {"a": study}, OBJECTIVES, reference, 64, 30, cache)
