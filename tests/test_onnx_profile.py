@@ -17,6 +17,7 @@ from nas4dyn.cost.latency import LatencyModel, LatencyTable
 from nas4dyn.cost.onnx_parts import OnnxPieces
 from nas4dyn.cost.profiler import profile_space, subnet_samples, table_items
 from nas4dyn.cost.settings import ProfileSettings
+from nas4dyn.cost.timing import OnnxPiece
 from nas4dyn.data import load_data
 from supernet.network import Supernet
 from tests.conftest import make_decisive, onnx_space
@@ -118,6 +119,29 @@ def test_onnxruntime_tables_need_the_cpu(monkeypatch):
         ProfileSettings(runtime="onnxruntime", device="cuda").check()
     with pytest.raises(nas4dyn.ConfigError, match="--runtime 'tensorrt'"):
         ProfileSettings(runtime="tensorrt").check()
+
+
+def test_an_onnx_piece_takes_turns_over_its_sessions():
+    """A dynamic graph runs at one of two speeds per onnxruntime session: a piece's calls spread over
+    OnnxPiece.SESSIONS sessions of its model, one call each in turn."""
+    x = torch.rand(1, 1, 4, 4)
+    item = OnnxPieces(threads=1).call_item(x)  # an Identity piece
+    piece = item.module
+    assert np.array_equal(item()[0], x.numpy())  # the first call makes the sessions
+    runs = [0] * OnnxPiece.SESSIONS
+
+    class Counting:
+        def __init__(self, session, i):
+            self.session, self.i = session, i
+
+        def run(self, *args):
+            runs[self.i] += 1
+            return self.session.run(*args)
+
+    assert len({id(s) for s in piece._sessions}) == OnnxPiece.SESSIONS > 1
+    piece._sessions = [Counting(s, i) for i, s in enumerate(piece._sessions)]
+    assert all(np.array_equal(item()[0], x.numpy()) for _ in range(2 * OnnxPiece.SESSIONS))
+    assert runs == [2] * OnnxPiece.SESSIONS
 
 
 def test_an_onnxruntime_table_of_a_space_with_width_and_emg_gates_covers_it_and_drives_a_search(tmp_path, capsys):
