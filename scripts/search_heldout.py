@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 import numpy as np
 import optuna
-from optuna.study._multi_objective import _fast_non_domination_rank
 from optuna.trial import FrozenTrial
 from tqdm import tqdm
 
@@ -22,7 +21,7 @@ from nas4dyn.errors import ConfigError
 from nas4dyn.io import atomic_write_json
 from nas4dyn.search.encoding import budget
 from nas4dyn.search.objectives import parse_objectives
-from nas4dyn.search.outputs import completed, feasible, hypervolume, normalised_losses
+from nas4dyn.search.outputs import by_rank, completed, hypervolume
 from nas4dyn.search.trial import SearchSettings, evaluate_arch_subsets, load_context
 from search_spaces.arch import Arch
 
@@ -36,12 +35,7 @@ def measured_front(study: optuna.Study, objectives: str, reference: dict[str, fl
                    ranks: int = 1) -> list[FrozenTrial]:
     """The study's feasible completed trials in its first ``ranks`` non-dominated fronts (1: the trials no other
     one dominates) on their measured metrics."""
-    trials = [t for t in completed(study) if feasible(t)]
-    if not trials:
-        return []
-    rank = _fast_non_domination_rank(normalised_losses([t.user_attrs["metrics"] for t in trials],
-                                                       parse_objectives(objectives), reference))
-    return [t for t, r in zip(trials, rank) if r < ranks]
+    return [t for t, r in by_rank(completed(study), parse_objectives(objectives), reference) if r < ranks]
 
 
 def heldout_hypervolumes(run: str, studies: dict[str, optuna.Study], objectives: str, reference: dict[str, float],

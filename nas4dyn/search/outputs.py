@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import optuna
 from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG hypervolume
+from optuna.study._multi_objective import _fast_non_domination_rank
 from optuna.trial import FrozenTrial, TrialState
 
 from nas4dyn.io import atomic_write, atomic_write_json, atomic_write_text
@@ -83,6 +84,18 @@ def hypervolume(metrics: Sequence[dict[str, Any]], objectives: Sequence[Objectiv
     losses = normalised_losses(metrics, objectives, reference)
     losses = losses[np.all(losses < ref, axis=1)]
     return float(compute_hypervolume(losses, ref)) if len(losses) else 0.0
+
+
+def by_rank(trials: Sequence[FrozenTrial], objectives: Sequence[Objective],
+            reference: dict[str, float]) -> list[tuple[FrozenTrial, int]]:
+    """The feasible ones of ``trials`` with their non-domination rank on their measured metrics (0: no other one
+    dominates them), best first, ties in the given order."""
+    good = [t for t in trials if feasible(t)]
+    if not good:
+        return []
+    losses = normalised_losses([t.user_attrs["metrics"] for t in good], objectives, reference)
+    ranks = _fast_non_domination_rank(losses)
+    return [(good[i], int(ranks[i])) for i in np.argsort(ranks, kind="stable")]
 
 
 def study_hypervolume(study: optuna.Study, objectives: Sequence[Objective], reference: dict[str, float]) -> float:

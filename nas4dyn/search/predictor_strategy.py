@@ -145,12 +145,8 @@ def elites(trials: list[optuna.trial.FrozenTrial], ctx: TrialContext, reference:
            k: int) -> list[dict[str, Any]]:
     """Parameters of the ``k`` best measured feasible trials, by non-domination rank of their measured metrics
     (ties in trial order)."""
-    good = [t for t in trials if outputs.feasible(t) and t.params]
-    if not good:
-        return []
-    losses = outputs.normalised_losses([t.user_attrs["metrics"] for t in good], ctx.settings.objectives, reference)
-    ranks = _fast_non_domination_rank(losses)
-    return [good[i].params for i in np.argsort(ranks, kind="stable")[:k]]
+    return [t.params for t, _ in outputs.by_rank([t for t in trials if t.params], ctx.settings.objectives,
+                                                   reference)[:k]]
 
 
 def run_predictor_search(study: optuna.Study, ctx: TrialContext, target: int, settings: PredictorSettings,
