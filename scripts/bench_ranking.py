@@ -6,12 +6,15 @@ nearest to evenly spaced log-MAC targets between them) are each trained from scr
 for every subnet, standard augmentation), and their validation accuracy is compared with the accuracy they
 inherit from the trained supernet (weights taken as they are, BatchNorm recalibrated on training images, as
 every search trial does). Reports Kendall τ between the two rankings and the mean gap (inherited − scratch).
+With ``--scratch-seeds N`` each subnet is trained N times (seeds ``seed`` .. ``seed + N - 1``) and ranked by its
+mean; the scratch side's own agreement (τ between the rankings of two seeds) is reported too: the ceiling any
+inherited ranking can be shown to reach against these labels.
 
 Training from scratch is the expensive part: each subnet's result is stored in OUT/scratch.json as soon as it
 is done (keyed by arch and recipe), so a rerun continues and the inherited side can be redone for another run.
 
 Usage: python scripts/bench_ranking.py --run runs/NAME [--subnets 8] [--epochs 3] [--train-images N]
-       [--val-images N] [--out /tmp/bench_ranking] [--threads 1] [--write]
+       [--val-images N] [--scratch-seeds 1] [--out /tmp/bench_ranking] [--threads 1] [--write]
 """
 from __future__ import annotations
 
@@ -63,13 +66,14 @@ def accuracy(model: nn.Module, batches: list) -> float:
     return hits / sum(len(y) for _, y in batches)
 
 
-def train_scratch(space: Any, arch: Arch, args: argparse.Namespace, bundle: Any, val: list) -> dict[str, Any]:
-    """The recipe: fresh weights (seed fixed), Adam lr 3e-3 cosine to 0 (a short budget: SGD at lr 0.1 reached
+def train_scratch(space: Any, arch: Arch, args: argparse.Namespace, seed: int, bundle: Any,
+                  val: list) -> dict[str, Any]:
+    """The recipe: fresh weights (``seed``), Adam lr 3e-3 cosine to 0 (a short budget: SGD at lr 0.1 reached
     about 50% in 46 steps), weight decay 5e-5, batch 128, label smoothing 0.1, ``args.epochs`` epochs over the same
     ``args.train_images`` augmented training images."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = nas4dyn.build_supernet(space).extract(arch)
-    loader = make_loader(bundle.train, 128, shuffle=True, seed=args.seed, drop_last=True, limit=args.train_images)
+    loader = make_loader(bundle.train, 128, shuffle=True, seed=seed, drop_last=True, limit=args.train_images)
     steps = args.epochs * len(loader)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=5e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -100,13 +104,17 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, help="training images per epoch (default: the whole split)")
     ap.add_argument("--val-images", type=int, help="validation images (default: the whole split)")
     ap.add_argument("--bn-images", type=int, default=2000)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="picks the subnets, and the first scratch seed")
+    ap.add_argument("--scratch-seeds", type=int, default=1,
+                    help="trainings from scratch per subnet (ranked by their mean)")
     ap.add_argument("--out", default="/tmp/bench_ranking")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write", action="store_true", help="write the results into docs/BENCHMARKS.md")
     args = ap.parse_args()
     if args.subnets < 3:
         raise SystemExit("--subnets: at least 3 (the smallest, the largest and one between)")
+    if args.scratch_seeds < 1:
+        raise SystemExit("--scratch-seeds: at least 1")
     torch.set_num_threads(args.threads)
     settings = SearchSettings(parse_objectives("accuracy:max,macs_expected:min"), static=True,
                               bn_images=args.bn_images, val_images=args.val_images)
@@ -121,28 +129,48 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cache_path = out / "scratch.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+
+    def scratch_key(arch: Arch, seed: int) -> str:
+        return json.dumps({"arch": arch.to_dict(), "recipe": {**recipe, "seed": seed}}, sort_keys=True)
+
+    for seed in range(args.seed, args.seed + args.scratch_seeds):  # seed by seed: a cut-short run has whole seeds
+        for arch, macs in archs:
+            if (key := scratch_key(arch, seed)) not in cache:
+                cache[key] = train_scratch(space, arch, args, seed, bundle, ctx.val_batches)
+                atomic_write_json(cache_path, cache)
+                print(f"scratch seed {seed}, {macs / 1e6:.2f} MMACs: {cache[key]['accuracy']:.4f} in "
+                      f"{cache[key]['seconds'] / 60:.1f} min", flush=True)
     rows = []
     for arch, macs in archs:
-        key = json.dumps({"arch": arch.to_dict(), "recipe": recipe}, sort_keys=True)
-        if key not in cache:
-            cache[key] = train_scratch(space, arch, args, bundle, ctx.val_batches)
-            atomic_write_json(cache_path, cache)
+        runs = [cache[scratch_key(arch, seed)] for seed in range(args.seed, args.seed + args.scratch_seeds)]
         inherited = evaluate_arch(ctx, arch, ctx.val_batches).metrics["accuracy"]
-        rows.append({"arch": arch.to_dict(), "macs": macs, "scratch": cache[key]["accuracy"],
-                     "scratch_s": cache[key]["seconds"], "inherited": inherited})
-        print(f"{macs / 1e6:7.2f} MMACs: scratch {cache[key]['accuracy']:.4f}, inherited {inherited:.4f}", flush=True)
+        seeds = [r["accuracy"] for r in runs]
+        rows.append({"arch": arch.to_dict(), "macs": macs, "scratch": float(np.mean(seeds)), "scratch_seeds": seeds,
+                     "scratch_s": float(np.mean([r["seconds"] for r in runs])), "inherited": inherited})
+        print(f"{macs / 1e6:7.2f} MMACs: scratch {np.mean(seeds):.4f} {seeds}, inherited {inherited:.4f}", flush=True)
     scratch = np.array([r["scratch"] for r in rows])
     inherited = np.array([r["inherited"] for r in rows])
     tau = float(kendalltau(inherited, scratch).statistic)
     gap = float(np.mean(inherited - scratch))
-    atomic_write_json(out / "ranking.json", {"rows": rows, "tau": tau, "gap": gap, "recipe": recipe})
+    # The labels' own agreement: tau between two scratch seeds' rankings, averaged over the pairs of seeds.
+    pairs = [(a, b) for a in range(args.scratch_seeds) for b in range(a + 1, args.scratch_seeds)]
+    self_tau = (float(np.mean([kendalltau([r["scratch_seeds"][a] for r in rows],
+                                          [r["scratch_seeds"][b] for r in rows]).statistic for a, b in pairs]))
+                if pairs else None)
+    seed_sd = (float(np.mean([np.std(r["scratch_seeds"], ddof=1) for r in rows])) if pairs else None)
+    atomic_write_json(out / "ranking.json", {"rows": rows, "tau": tau, "gap": gap, "scratch_self_tau": self_tau,
+                                             "scratch_seed_sd": seed_sd, "recipe": recipe})
 
     cmd = (f"python scripts/bench_ranking.py --run {args.run} --subnets {args.subnets} --epochs {args.epochs}"
            + (f" --train-images {args.train_images}" if args.train_images else "")
            + (f" --val-images {args.val_images}" if args.val_images else "")
-           + f" --seed {args.seed} --threads {args.threads}" + (" --write" if args.write else ""))
-    table = [f"| {r['macs'] / 1e6:.2f} | {r['scratch']:.4f} | {r['inherited']:.4f} | {r['inherited'] - r['scratch']:+.4f} "
-             f"| {r['scratch_s'] / 60:.1f} |" for r in rows]
+           + f" --seed {args.seed}" + (f" --scratch-seeds {args.scratch_seeds}" if args.scratch_seeds > 1 else "")
+           + f" --threads {args.threads}" + (" --write" if args.write else ""))
+    table = [f"| {r['macs'] / 1e6:.2f} | {r['scratch']:.4f} | {' / '.join(f'{a:.4f}' for a in r['scratch_seeds'])} "
+             f"| {r['inherited']:.4f} | {r['inherited'] - r['scratch']:+.4f} | {r['scratch_s'] / 60:.1f} |" for r in rows]
+    noise = ("" if self_tau is None else
+             f" The scratch side against itself (τ between two seeds' rankings, mean over pairs): **{self_tau:.3f}**; "
+             f"seed-to-seed standard deviation of a subnet's scratch accuracy: {seed_sd * 100:.2f} points.")
     body = "\n".join([
         f"Command: `{cmd}` — {machine_line(args.threads)}; run `{args.run}` ({ctx.data_info['dataset']}); "
         f"1-minute load average {os.getloadavg()[0]:.1f} at the end (above ~2, other jobs shared the 2 cores).",
@@ -153,12 +181,13 @@ def main() -> None:
         f"(BatchNorm recalibrated on {args.bn_images} training images); both on "
         f"{args.val_images or 'all'} validation images:",
         "",
-        "| MMACs | scratch val acc | inherited val acc | inherited − scratch | scratch training (min) |",
-        "|---|---|---|---|---|",
+        "| MMACs | scratch val acc (mean) | per seed | inherited val acc | inherited − scratch "
+        "| scratch training (min per seed) |",
+        "|---|---|---|---|---|---|",
         *table,
         "",
         f"Kendall τ (inherited vs scratch ranking; goal ≥ 0.7): **{tau:.3f}**; mean gap inherited − scratch (goal ≥ "
-        f"−0.01): **{gap * 100:+.2f} points** (median {statistics.median(inherited - scratch) * 100:+.2f}).",
+        f"−0.01): **{gap * 100:+.2f} points** (median {statistics.median(inherited - scratch) * 100:+.2f}).{noise}",
     ])
     print(body)
     if args.write:
