@@ -193,7 +193,8 @@ def main() -> None:
             built[kind] = dynamic, index, twins, pieces_per_image(kind, exported.subnet, norm)
     print(f"{net.space.name}, {weights}; {source} images; {machine_line(1)}; {args.images} images, "
           f"{args.repeats} rounds on CPU {args.timing_cpu}")
-    print("| mechanism | dynamic ms/img | twins ms/img | gap ms/img | piece: calls/img, ms/img (µs/call) | rest ms/img |")
+    print("| mechanism | dynamic ms/img | twins ms/img | gap ms/img | piece: calls/img, ms/img (µs/call) "
+          "| rest ms/img |")
     print("|---|---|---|---|---|---|")
     with timing_cpu(args.lock, args.timing_cpu):
         for kind, (dynamic, index, twins, pieces) in built.items():

@@ -167,7 +167,8 @@ def main() -> None:
            + f" --seed {args.seed}" + (f" --scratch-seeds {args.scratch_seeds}" if args.scratch_seeds > 1 else "")
            + f" --threads {args.threads}" + (" --write" if args.write else ""))
     table = [f"| {r['macs'] / 1e6:.2f} | {r['scratch']:.4f} | {' / '.join(f'{a:.4f}' for a in r['scratch_seeds'])} "
-             f"| {r['inherited']:.4f} | {r['inherited'] - r['scratch']:+.4f} | {r['scratch_s'] / 60:.1f} |" for r in rows]
+             f"| {r['inherited']:.4f} | {r['inherited'] - r['scratch']:+.4f} | {r['scratch_s'] / 60:.1f} |"
+             for r in rows]
     noise = ("" if self_tau is None else
              f" The scratch side against itself (τ between two seeds' rankings, mean over pairs): **{self_tau:.3f}**; "
              f"seed-to-seed standard deviation of a subnet's scratch accuracy: {seed_sd * 100:.2f} points.")
@@ -186,8 +187,8 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *table,
         "",
-        f"Kendall τ (inherited vs scratch ranking; goal ≥ 0.7): **{tau:.3f}**; mean gap inherited − scratch (goal ≥ "
-        f"−0.01): **{gap * 100:+.2f} points** (median {statistics.median(inherited - scratch) * 100:+.2f}).{noise}",
+        f"Kendall τ (inherited vs scratch ranking; goal ≥ 0.7): **{tau:.3f}**; mean gap inherited − scratch "
+        f"(goal ≥ −0.01): **{gap * 100:+.2f} points** (median {statistics.median(inherited - scratch) * 100:+.2f}).{noise}",
     ])
     print(body)
     if args.write:
