@@ -188,7 +188,8 @@ def main() -> None:
         *table,
         "",
         f"Kendall τ (inherited vs scratch ranking; goal ≥ 0.7): **{tau:.3f}**; mean gap inherited − scratch "
-        f"(goal ≥ −0.01): **{gap * 100:+.2f} points** (median {statistics.median(inherited - scratch) * 100:+.2f}).{noise}",
+        f"(goal ≥ −0.01): **{gap * 100:+.2f} points** (median {statistics.median(inherited - scratch) * 100:+.2f})."
+        + noise,
     ])
     print(body)
     if args.write:
