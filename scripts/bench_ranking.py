@@ -178,7 +178,8 @@ def main() -> None:
         "",
         f"{len(rows)} static subnets over the space's MAC range, each trained from scratch with one recipe "
         f"({args.epochs} epochs over {args.train_images or 'all'} augmented training images, Adam lr 3e-3 "
-        "cosine, batch 128, label smoothing 0.1, seed fixed) against the accuracy inherited from the supernet "
+        f"cosine, batch 128, label smoothing 0.1; seeds {args.seed}..{args.seed + args.scratch_seeds - 1}, ranked by "
+        "their mean) against the accuracy inherited from the supernet "
         f"(BatchNorm recalibrated on {args.bn_images} training images); both on "
         f"{args.val_images or 'all'} validation images:",
         "",
