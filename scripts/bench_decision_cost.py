@@ -1,16 +1,16 @@
-"""Where a gated export's time beyond its static path goes, timed: the per-image decision work of channel, width and
-DFS gates, each piece timed alone at the image's own inputs, beside the gap (dynamic − path twins) it explains.
+"""Where a gated export's time beyond its static path goes, in place: each image's export is timed beside the same
+export with its decision heads replaced by the image's own decisions as constants ("decided"), and beside the
+frozen static twin of its path (scripts/path_overhead.py).
 
-For each mechanism (bench_overhead's calibrated variant of bench_export's backbone) the export is timed at batch 1
-against the frozen static twins of each image's path (scripts/path_overhead.py), and in the same rounds, image by
-image, the pieces the export adds, each scripted and frozen as the export is and fed the tensors it meets in the
-export (captured from the eager subnet, which computes the same values):
-- channel gates: the gater (its convs and MLP), the open-filter decision (:meth:`SubNet.open_filters`), and per
-  gated block the three weight gathers of ``run_filters`` (w1 and b1 by output filter, w2 by input channel);
-- width gates: per gated block the head and its host read (``WidthGatedBlock.choose_one``);
-- DFS gates: per gated block the head and its host read (as ``StaticBlock.forward`` at batch 1).
-"rest" is the gap the pieces leave: the interpreter's branch selection, calls and whatever the pieces cost less
-alone than inside the model. Medians over ``--repeats`` rounds of the per-image means.
+- dynamic − decided: what computing the decisions costs inside the model — channel gates: the gater (its convs
+  and MLP); width and DFS gates: each gated block's head MLP (its pooling sum, two matmuls, the ReLU).
+- decided − twin: what running a decided path costs beyond the static path — channel gates: the open-filter
+  decision (:meth:`SubNet.open_filters`: compare, cumsum, gathers, one host read) and the 27 weight gathers of
+  the narrowed convs; width and DFS gates: each head's argmax and host read, and the branch selection.
+The decided models are the export's own code (scripted and frozen as it is); only the decision modules are
+swapped for constants of the same shape, so the rest runs the same ops. Mechanisms: bench_overhead's calibrated
+variants of bench_export's backbone. Timing at batch 1, per image the three calls in a shuffled order, medians
+over ``--repeats`` rounds of the per-image means.
 
 Usage: python scripts/bench_decision_cost.py [--run DIR | --space fmnist] [--kinds channel,width,dfs]
        [--images 32] [--repeats 20] [--lock /work/out/core1.lock --timing-cpu 1]
@@ -18,12 +18,12 @@ Usage: python scripts/bench_decision_cost.py [--run DIR | --space fmnist] [--kin
 from __future__ import annotations
 
 import argparse
+import copy
+import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -32,136 +32,91 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nas4dyn  # noqa: E402
 from bench_overhead import calibrated, twin_tolerance  # noqa: E402
 from benchlib import machine_line, timing_cpu  # noqa: E402
-from nas4dyn.export.torchscript import load_exported, save_torchscript  # noqa: E402
 from path_overhead import check_twins, path_twins  # noqa: E402
+from nas4dyn.export.runtime import ExportedModel  # noqa: E402
 from supernet.dynamic.width import WidthGatedBlock  # noqa: E402
 from supernet.scripting import freeze_scripted  # noqa: E402
-from supernet.static_blocks import StaticBasicBlock  # noqa: E402
-from supernet.subnet import SubNet, resize  # noqa: E402
+from supernet.subnet import resize  # noqa: E402
 
 
-class WidthDecision(nn.Module):
-    def __init__(self, block: WidthGatedBlock):
+class ConstantGate(nn.Module):
+    """Stands in for a gate head (skip / width / DFS) or the global gater: returns ``logits`` (1 x options) for
+    any input, through every method the export calls on them."""
+
+    def __init__(self, logits: torch.Tensor):
         super().__init__()
-        self.block = block
-
-    def forward(self, h: torch.Tensor) -> int:
-        return self.block.choose_one(h)
-
-
-class DFSDecision(nn.Module):
-    def __init__(self, gate: nn.Module):
-        super().__init__()
-        self.gate = gate
-
-    def forward(self, h: torch.Tensor) -> int:
-        return int(self.gate.one_sample_logits(h).argmax())
-
-
-class Gater(nn.Module):
-    def __init__(self, gater: nn.Module):
-        super().__init__()
-        self.gater = gater
+        self.register_buffer("value", logits.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gater(x)
+        return self.value.expand(x.shape[0], -1)
 
+    @torch.jit.export
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(x.shape[0], -1)
 
-class OpenFilters(nn.Module):
-    def __init__(self, subnet: SubNet):
-        super().__init__()
-        self.subnet = subnet
-
-    def forward(self, gates: torch.Tensor) -> list[torch.Tensor]:
-        return self.subnet.open_filters(gates)
-
-
-class Gathers(nn.Module):
-    """The weight gathers of ``StaticBasicBlock.run_filters`` for the open filters ``keep``."""
-
-    def __init__(self, block: StaticBasicBlock):
-        super().__init__()
-        self.w1, self.b1, self.w2 = block.w1, block.b1, block.w2
-
-    def forward(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.w1.index_select(0, keep), self.b1.index_select(0, keep), self.w2.index_select(1, keep)
-
-
-Piece = tuple[str, Callable[..., Any], tuple]  # (name, frozen module, its input for this image)
+    @torch.jit.export
+    def one_sample_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value
 
 
 @torch.no_grad()
-def pieces_per_image(kind: str, subnet: SubNet, images: torch.Tensor) -> list[list[Piece]]:
-    """For each image (normalised, batch 1), the decision pieces the export runs for it, with their inputs."""
-    frozen: dict[int, Callable] = {}
+def decided(exported: ExportedModel, kind: str, image: torch.Tensor) -> nn.Module:
+    """A copy of ``exported`` whose decision modules return what they return for ``image`` (in [0, 1])."""
+    model = copy.deepcopy(exported)
+    sub = model.subnet
+    x = resize((image - model.mean) / model.std, sub.resolution)
+    if kind == "channel gates":
+        sub.gater = ConstantGate(sub.gater(x))
+        return model
+    heads = []  # (block, attribute holding its head)
+    for seg in sub.segments:
+        for blk in seg.blocks:
+            if kind == "width gates" and isinstance(blk, WidthGatedBlock):
+                heads.append((blk, "gate"))
+            elif kind == "dfs gates" and getattr(blk, "dfs_gate", None) is not None:
+                heads.append((blk, "dfs_gate"))
+    seen: dict[nn.Module, torch.Tensor] = {}
 
-    def script(key: nn.Module, wrap: Callable[[], nn.Module]) -> Callable:
-        if id(key) not in frozen:
-            frozen[id(key)] = freeze_scripted(wrap().eval(), ())
-        return frozen[id(key)]
+    def record(mod: nn.Module, args: tuple) -> None:  # returns None: a pre-hook's result would replace the input
+        seen.setdefault(mod, args[0])
 
-    seen: list[list[tuple[nn.Module, torch.Tensor]]] = []  # per image: (block, its input) in the order run
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen[-1].append((mod, args[0])))
-             for seg in subnet.segments for m in seg.blocks]
+    hooks = [blk.register_forward_pre_hook(record) for blk, _ in heads]
     try:
-        for i in range(len(images)):
-            seen.append([])
-            subnet(images[i : i + 1])
+        sub(x)
     finally:  # before scripting: TorchScript would try to compile the hooks
         for h in hooks:
             h.remove()
-    out = []
-    for i, inputs in enumerate(seen):
-        pieces: list[Piece] = []
-        if kind == "channel gates":
-            x = resize(images[i : i + 1], subnet.resolution)  # the gater's input (SubNet._prepare)
-            gates = subnet.gater(x)
-            pieces.append(("gater", script(subnet.gater, lambda: Gater(subnet.gater)), (x,)))
-            pieces.append(("open_filters", script(subnet, lambda: OpenFilters(subnet)), (gates,)))
-            keeps = subnet.open_filters(gates)
-            left = int(subnet.forward_with_exits(images[i : i + 1])[1])
-            # Slotted blocks run through run_kept, which the hooks do not see; every block before the exit runs.
-            for blk in (b for seg in subnet.segments[: left + 1] for b in seg.blocks):
-                if getattr(blk, "keep_slot", -1) >= 0:
-                    if not isinstance(blk, StaticBasicBlock):
-                        raise SystemExit(f"channel gates: gathers timed for basic blocks only, not {type(blk)}")
-                    pieces.append(("weight gathers", script(blk, lambda: Gathers(blk)), (keeps[blk.keep_slot],)))
-        for blk, h in inputs:
-            if kind == "width gates" and isinstance(blk, WidthGatedBlock):
-                pieces.append(("width head + host read", script(blk, lambda: WidthDecision(blk)), (h,)))
-            elif kind == "dfs gates" and getattr(blk, "dfs_gate", None) is not None:
-                pieces.append(("DFS head + host read", script(blk, lambda: DFSDecision(blk.dfs_gate)), (h,)))
-        out.append(pieces)
-    return out
+    for blk, attr in heads:
+        if blk in seen:  # blocks the image does not reach keep their heads: they do not run
+            setattr(blk, attr, ConstantGate(getattr(blk, attr).one_sample_logits(seen[blk])))
+    return model
 
 
-def _timed(fn: Callable, *args: Any) -> float:
+def _timed(fn, x: torch.Tensor) -> float:
     start = time.perf_counter()
-    fn(*args)
+    fn(x)
     return time.perf_counter() - start
 
 
 @torch.no_grad()
-def time_rounds(dynamic: Callable, index: list[int], twins: list, images: torch.Tensor,
-                pieces: list[list[Piece]], repeats: int) -> dict[str, list[float]]:
-    """Per round, ms per image of the dynamic model, of the twins and of each piece name (summed over its calls)."""
-    names = list(dict.fromkeys(name for p in pieces for name, _, _ in p))
+def time_rounds(models: dict[str, list], index: list[int], images: torch.Tensor, repeats: int
+                ) -> dict[str, list[float]]:
+    """Per round, ms per image of each kind of model (``models[name][index[i]]`` runs image i)."""
+    order = random.Random(0)
     for _ in range(3):  # warm-up: TorchScript optimises a graph after its first calls
         for i in range(len(images)):
-            dynamic(images[i : i + 1]), twins[index[i]](images[i : i + 1])
-            for _, fn, args in pieces[i]:
-                fn(*args)
-    rounds: dict[str, list[float]] = {k: [] for k in ["dynamic", "twins", *names]}
+            for name in models:
+                models[name][index[i]](images[i : i + 1])
+    rounds: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
-        total = dict.fromkeys(rounds, 0.0)
+        total = dict.fromkeys(models, 0.0)
         for i in range(len(images)):
-            x = images[i : i + 1]
-            total["dynamic"] += _timed(dynamic, x)
-            total["twins"] += _timed(twins[index[i]], x)
-            for name, fn, args in pieces[i]:
-                total[name] += _timed(fn, *args)
-        for k, v in total.items():
-            rounds[k].append(v * 1e3 / len(images))
+            names = list(models)
+            order.shuffle(names)
+            for name in names:
+                total[name] += _timed(models[name][index[i]], images[i : i + 1])
+        for name, t in total.items():
+            rounds[name].append(t * 1e3 / len(images))
     return rounds
 
 
@@ -181,33 +136,31 @@ def main() -> None:
         raise SystemExit(f"--kinds: {', '.join(unknown)} not timed here (channel, width, dfs)")
     torch.set_num_threads(1)
     net, variants, test, mean, std, weights, source = calibrated(args.space, args.run, 1000, args.images)
-    norm = (test - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     built = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in kinds:
-            exported = nas4dyn.export_subnet(net, variants[kind], {"mean": mean, "std": std})
-            save_torchscript(exported, Path(tmp) / "m.ts")
-            dynamic = load_exported(Path(tmp) / "m.ts")
-            index, twins = path_twins(net, variants[kind], mean, std, test)
-            check_twins(dynamic, index, twins, test, twin_tolerance(kind))
-            built[kind] = dynamic, index, twins, pieces_per_image(kind, exported.subnet, norm)
+    for kind in kinds:
+        exported = nas4dyn.export_subnet(net, variants[kind], {"mean": mean, "std": std})
+        dynamic = freeze_scripted(exported, ())
+        index, twins = path_twins(net, variants[kind], mean, std, test)
+        check_twins(dynamic, index, twins, test, twin_tolerance(kind))
+        first = {t: index.index(t) for t in range(len(twins))}  # one image per path decides its decided model
+        fixed = [freeze_scripted(decided(exported, kind, test[first[t]]), ()) for t in range(len(twins))]
+        check_twins(dynamic, index, fixed, test, twin_tolerance(kind))
+        built[kind] = {"dynamic": [dynamic] * len(twins), "decided": fixed, "twin": twins}, index
+        print(f"{kind}: {len(twins)} distinct paths", flush=True)
     print(f"{net.space.name}, {weights}; {source} images; {machine_line(1)}; {args.images} images, "
           f"{args.repeats} rounds on CPU {args.timing_cpu}")
-    print("| mechanism | dynamic ms/img | twins ms/img | gap ms/img | piece: calls/img, ms/img (µs/call) "
-          "| rest ms/img |")
-    print("|---|---|---|---|---|---|")
+    print("| mechanism | dynamic ms/img | decided ms/img | twin ms/img | deciding (dynamic − decided) "
+          "| running decided (decided − twin) | overhead (dynamic ÷ twin) |")
+    print("|---|---|---|---|---|---|---|")
     with timing_cpu(args.lock, args.timing_cpu):
-        for kind, (dynamic, index, twins, pieces) in built.items():
-            rounds = time_rounds(dynamic, index, twins, test, pieces, args.repeats)
+        for kind, (models, index) in built.items():
+            rounds = time_rounds(models, index, test, args.repeats)
             med = {k: statistics.median(v) for k, v in rounds.items()}
-            gap = statistics.median(d - t for d, t in zip(rounds["dynamic"], rounds["twins"]))
-            parts = []
-            for name in list(rounds)[2:]:
-                calls = sum(1 for p in pieces for n, _, _ in p if n == name) / len(pieces)
-                parts.append(f"{name}: {calls:.1f}, {med[name]:.3f} ({med[name] / calls * 1e3:.1f})")
-            rest = gap - sum(med[name] for name in list(rounds)[2:])
-            print(f"| {kind} | {med['dynamic']:.3f} | {med['twins']:.3f} | {gap:.3f} | {'; '.join(parts)} "
-                  f"| {rest:.3f} |", flush=True)
+            deciding = statistics.median(d - f for d, f in zip(rounds["dynamic"], rounds["decided"]))
+            running = statistics.median(f - t for f, t in zip(rounds["decided"], rounds["twin"]))
+            ratio = statistics.median(d / t for d, t in zip(rounds["dynamic"], rounds["twin"]))
+            print(f"| {kind} | {med['dynamic']:.3f} | {med['decided']:.3f} | {med['twin']:.3f} | {deciding:.3f} "
+                  f"| {running:.3f} | {ratio:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
