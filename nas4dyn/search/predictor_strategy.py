@@ -117,14 +117,12 @@ def proposal_bias(trials: Sequence[optuna.trial.FrozenTrial], last: int = BIAS_W
 
 
 def select(candidates: list[Candidate], measured: list[dict[str, Any]], ctx: TrialContext,
-           reference: dict[str, float], k: int, seen: set, accuracy_shift: float = 0.0) -> list[Candidate]:
+           reference: dict[str, float], k: int, seen: set, rng: np.random.Generator,
+           accuracy_shift: float = 0.0) -> list[Candidate]:
     """``k`` new predicted-feasible candidates, greedily by predicted hypervolume gain over the measured
     front (normalised as the study's hypervolume), each predicted accuracy moved by ``accuracy_shift``; when no
-    candidate adds any, the rest are the best-ranked candidates that lack the least accuracy to add some
-    (:func:`accuracy_lacking`)."""
+    candidate adds any, the rest come at random from the predicted non-dominated front."""
     objectives = ctx.settings.objectives
-    metrics = [o.metric for o in objectives]
-    accuracy = metrics.index("accuracy") if "accuracy" in metrics else None
     pool, keys = [], set()
     for c in candidates:
         key = _key(c.arch, c.params)
@@ -154,21 +152,10 @@ def select(candidates: list[Candidate], measured: list[dict[str, Any]], ctx: Tri
             break
         picked.append(best)
         base = np.vstack([base, losses[best:best + 1]])
-    rest = [i for i in front if i not in picked]  # by rank; with accuracy an objective, the near misses first
-    if accuracy is not None:
-        rest.sort(key=lambda i: accuracy_lacking(losses[i], base, accuracy))
+    rest = [i for i in front if i not in picked and ranks[i] == ranks[front[0]]]  # the predicted front
+    rng.shuffle(rest)
     picked += rest[:k - len(picked)]
     return [pool[i] for i in picked]
-
-
-def accuracy_lacking(loss: np.ndarray, front: np.ndarray, axis: int) -> float:
-    """How much lower the normalised loss ``loss`` must be along ``axis`` (the accuracy) to add hypervolume over
-    ``front`` (inside the unit reference box): the near misses, whose predictions are least far from paying off."""
-    others = [j for j in range(len(loss)) if j != axis]
-    if np.any(loss[others] >= 1.0):
-        return np.inf  # no accuracy brings a point outside the box on another objective into it
-    covering = front[np.all(front[:, others] <= loss[others], axis=1)]  # the points at most as costly
-    return float(max([loss[axis] - 1.0, *(loss[axis] - covering[:, axis])]))
 
 
 def elites(trials: list[optuna.trial.FrozenTrial], ctx: TrialContext, reference: dict[str, float],
@@ -187,6 +174,7 @@ def run_predictor_search(study: optuna.Study, ctx: TrialContext, target: int, se
     space = ctx.net.space
     costs = CandidateCosts(ctx.net, ctx.latency)
     featurizer = Featurizer(space, costs, budget_metric(ctx.settings.objectives))
+    rng = np.random.default_rng(settings.seed)
     while (done := count(study, TrialState.COMPLETE)) < target:
         waiting = count(study, TrialState.WAITING)
         if done < settings.warmup:  # enqueued trials (a new study's corners) go first, then random ones
@@ -212,7 +200,7 @@ def run_predictor_search(study: optuna.Study, ctx: TrialContext, target: int, se
                 if t.state != TrialState.FAIL and t.params}
         measured = [t.user_attrs["metrics"] for t in trials if outputs.feasible(t)]
         bias = proposal_bias(trials)
-        picks = select(candidates, measured, ctx, reference, min(settings.round_size, target - done), seen,
+        picks = select(candidates, measured, ctx, reference, min(settings.round_size, target - done), seen, rng,
                        bias)
         if not picks:
             log.warning("round %d: every candidate the predictor proposes is measured already or predicted "
