@@ -2,13 +2,9 @@
 trials, a killed predictor search resumes keeping every measured trial, and the Ray backend runs it."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import optuna
 import pytest
-
-import nas4dyn
 
 from nas4dyn.cli.main import main
 from nas4dyn.search import SearchConfig, run_search
@@ -17,8 +13,8 @@ from nas4dyn.search.candidate_costs import CandidateCosts, fit_exit_shares
 from nas4dyn.search.outputs import completed
 from nas4dyn.search.predictor import Featurizer, Samples, SubnetPredictor, rates_of
 from nas4dyn.search.predictor_features import cost_limit
-from nas4dyn.search.predictor_strategy import (PREDICTED_ATTR, ROUND_ATTR, Candidate, PredictorSettings, elites,
-                                               proposal_bias, query_candidates, select)
+from nas4dyn.search.predictor_strategy import (PREDICTED_ATTR, ROUND_ATTR, PredictorSettings, elites,
+                                               query_candidates)
 from nas4dyn.search.runner import default_objectives
 from nas4dyn.search.trial import SearchSettings, load_context
 from nas4dyn.search.objectives import parse_objectives
@@ -216,30 +212,3 @@ def test_cautious_search_records_the_lower_rating_and_bench_refits_it(run_dir, t
     # search recorded for each proposal.
     assert result["ensemble"][1]["bias"] == pytest.approx(result["recorded_bias"], abs=1e-9)
     assert result["ensemble"][1]["bias"] <= result["ensemble"][0]["bias"]
-
-
-def test_selection_moves_predictions_by_the_proposals_measured_bias():
-    space = nas4dyn.load_space("fmnist")
-    cheap, accurate = space.min_arch(), space.max_arch()
-    objectives = parse_objectives("accuracy:max,macs_expected:min")
-    ctx = SimpleNamespace(settings=SimpleNamespace(objectives=objectives))
-    reference = {"accuracy": 0.1, "macs_expected": 100.0}  # counted above 90% accuracy and below 100 MACs
-    measured = [{"accuracy": 0.92, "macs_expected": 50.0}]
-    pool = [Candidate({}, cheap, {"accuracy": 0.905, "macs_expected": 5.0}, 0.0),  # just above the reference
-            Candidate({}, accurate, {"accuracy": 0.94, "macs_expected": 95.0}, 0.0)]
-
-    def pick(shift: float) -> Arch:
-        return select(pool, measured, ctx, reference, 1, set(), np.random.default_rng(0), shift)[0].arch
-
-    assert pick(0.0) == cheap  # the larger predicted gain
-    assert pick(-0.01) == accurate  # one point lower, the cheap one falls below the reference accuracy
-
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    assert proposal_bias(study.trials) == 0.0
-    for number, (predicted, got) in enumerate([(0.9, 0.5), (0.95, 0.93), (0.91, 0.90), (None, 0.2)]):
-        attrs = {"metrics": {"accuracy": got}}
-        if predicted is not None:
-            attrs[PREDICTED_ATTR] = {"accuracy": predicted}
-        study.add_trial(optuna.trial.create_trial(values=[got, 1.0], user_attrs=attrs))
-    assert proposal_bias(study.trials, last=2) == pytest.approx(-0.015)  # the latest two proposals only
-    assert proposal_bias(study.trials) == pytest.approx((-0.4 - 0.02 - 0.01) / 3)

@@ -6,12 +6,9 @@
    runs Optuna's NSGA-II in memory for ``candidates`` candidates scored by the predictor (accuracy, exit and gate
    rates) and the cost tables (:mod:`nas4dyn.search.candidate_costs`), its first generation the best measured
    trials (a first generation drawn at random led it to subnets far from any measured one, where the predictor
-   over-rates them: 0.94x plain NSGA-II's hypervolume over 3 seeds on fmnist, 1.12x from the elites), then picks
-   ``round_size`` new candidates greedily by predicted hypervolume gain over the measured front, and enqueues
-   them in the study with their predictions (user attribute ``nas4dyn:predicted``). The gains are computed with
-   the predicted accuracies moved by the predictor's mean error on its latest measured proposals
-   (:func:`proposal_bias`): the candidates it ranks best are the ones it over-rates most (about 1 point on fmnist,
-   where a third of the proposals then measured below the hypervolume's reference accuracy).
+   over-rates them: 0.94x plain NSGA-II's hypervolume over 3 seeds on fmnist, 1.12x from the elites), then picks ``round_size`` new candidates
+   greedily by predicted hypervolume gain over the measured front, and enqueues them in the study with their
+   predictions (user attribute ``nas4dyn:predicted``).
 3. The enqueued candidates are measured as ordinary trials by the backend (this process, or Ray workers in
    parallel), so the storage, ``--trials`` and resuming work as for ``--strategy measure``: a killed run leaves
    its enqueued candidates WAITING and a rerun measures them before fitting again.
@@ -46,7 +43,6 @@ log = logging.getLogger(__name__)
 PREDICTED_ATTR = "nas4dyn:predicted"
 ROUND_ATTR = "nas4dyn:predictor_round."
 Measure = Callable[[int], None]  # measure trials until the study holds this many completed ones
-BIAS_WINDOW = 20  # latest proposals the selection's accuracy correction averages (the error shrinks as rounds go)
 
 
 @dataclass(frozen=True)
@@ -105,23 +101,11 @@ def query_candidates(ctx: TrialContext, predictor: SubnetPredictor, featurizer: 
     return out
 
 
-def proposal_bias(trials: Sequence[optuna.trial.FrozenTrial], last: int = BIAS_WINDOW) -> float:
-    """Mean measured − predicted accuracy over the ``last`` completed trials (by number) the predictor proposed
-    (0 before any): what :func:`select` adds to the predicted accuracies."""
-    proposed = sorted((t for t in trials if PREDICTED_ATTR in t.user_attrs and "metrics" in t.user_attrs),
-                      key=lambda t: t.number)[-last:]
-    if not proposed:
-        return 0.0
-    return float(np.mean([t.user_attrs["metrics"]["accuracy"] - t.user_attrs[PREDICTED_ATTR]["accuracy"]
-                          for t in proposed]))
-
-
 def select(candidates: list[Candidate], measured: list[dict[str, Any]], ctx: TrialContext,
-           reference: dict[str, float], k: int, seen: set, rng: np.random.Generator,
-           accuracy_shift: float = 0.0) -> list[Candidate]:
+           reference: dict[str, float], k: int, seen: set, rng: np.random.Generator) -> list[Candidate]:
     """``k`` new predicted-feasible candidates, greedily by predicted hypervolume gain over the measured
-    front (normalised as the study's hypervolume), each predicted accuracy moved by ``accuracy_shift``; when no
-    candidate adds any, the rest come at random from the predicted non-dominated front."""
+    front (normalised as the study's hypervolume); when no candidate adds any, the rest come at random from
+    the predicted non-dominated front."""
     objectives = ctx.settings.objectives
     pool, keys = [], set()
     for c in candidates:
@@ -131,8 +115,7 @@ def select(candidates: list[Candidate], measured: list[dict[str, Any]], ctx: Tri
             pool.append(c)
     if not pool:
         return []
-    shifted = [{**c.metrics, "accuracy": c.metrics["accuracy"] + accuracy_shift} for c in pool]
-    losses = outputs.normalised_losses(shifted, objectives, reference)
+    losses = outputs.normalised_losses([c.metrics for c in pool], objectives, reference)
     ranks = _fast_non_domination_rank(losses, n_below=k * 20)
     front = list(np.argsort(ranks, kind="stable")[:k * 20])  # the best-ranked candidates; the gains are among them
     ref = np.ones(len(objectives))
@@ -199,9 +182,7 @@ def run_predictor_search(study: optuna.Study, ctx: TrialContext, target: int, se
         seen = {_key(decode(space, t.params), t.params) for t in study.get_trials(deepcopy=False)
                 if t.state != TrialState.FAIL and t.params}
         measured = [t.user_attrs["metrics"] for t in trials if outputs.feasible(t)]
-        bias = proposal_bias(trials)
-        picks = select(candidates, measured, ctx, reference, min(settings.round_size, target - done), seen, rng,
-                       bias)
+        picks = select(candidates, measured, ctx, reference, min(settings.round_size, target - done), seen, rng)
         if not picks:
             log.warning("round %d: every candidate the predictor proposes is measured already or predicted "
                         "infeasible; sampling at random instead", number)
@@ -213,7 +194,7 @@ def run_predictor_search(study: optuna.Study, ctx: TrialContext, target: int, se
         info = {"round": number, "measured": done, "model": predictor.chosen, "scores": predictor.scores,
                 "candidates": len(candidates), "fit_s": fitted - start, "search_s": searched - fitted,
                 "search_cpu_s": cpu,  # this process's CPU time: the rate on a machine others share
-                "enqueued": len(picks), "traced": costs.traced, "accuracy_shift": bias}
+                "enqueued": len(picks), "traced": costs.traced}
         study.set_user_attr(f"{ROUND_ATTR}{number:03d}", info)
         note = (f"round {number}: {len(candidates)} candidates in {searched - fitted:.0f} s, predictor "
                 f"{predictor.chosen} tau {predictor.tau:.2f}")
