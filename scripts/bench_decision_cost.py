@@ -10,10 +10,10 @@ frozen static twin of its path (scripts/path_overhead.py).
 The decided models are the export's own code (scripted and frozen as it is); only the decision modules are
 swapped for constants of the same shape, so the rest runs the same ops. Mechanisms: bench_overhead's calibrated
 variants of bench_export's backbone. Timing at batch 1, per image the three models in a shuffled order, each
-called twice and timed the second time: with one frozen copy of the weights per path model (2.7 MB each on
-fmnist, ~65 models against a 32 MB L3 cache) a model called once per round would be timed loading its weights
-from memory, which a deployed model, called image after image, does not. Medians over ``--repeats`` rounds of
-the per-image means.
+called twice and timed the second time, so that its weights are in cache as a deployed model's are (each path
+model holds its own frozen copy: 2.7 MB each on fmnist, ~65 models against a 32 MB L3 cache). Medians over
+``--repeats`` rounds of the per-image means. This harness times every model ~1.5x slower than bench_overhead
+does (docs/BENCHMARKS.md, session 17; cause not found): read the split, not the absolute times.
 
 Usage: python scripts/bench_decision_cost.py [--run DIR | --space fmnist] [--kinds channel,width,dfs]
        [--images 32] [--repeats 20] [--lock /work/out/core1.lock --timing-cpu 1]
