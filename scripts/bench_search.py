@@ -36,7 +36,7 @@ import torch
 from optuna.trial import FrozenTrial
 from scipy.stats import kendalltau
 
-from benchlib import machine_line, replace_section
+from benchlib import end_with_parent, machine_line, replace_section
 from nas4dyn.cost.macs import count_macs
 from nas4dyn.data import load_data
 from nas4dyn.search import SearchConfig, run_search
@@ -75,7 +75,8 @@ def run_studies(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> d
         for name, kw in specs.items():
             search(args, name, kw)
     else:  # spawned, not forked: a forked child of a process that ran OpenMP work can hang
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=end_with_parent) as pool:
             for future in [pool.submit(search, args, name, kw) for name, kw in specs.items()]:
                 future.result()
     return {name: optuna.load_study(study_name="search", storage=f"sqlite:///{Path(args.out) / name / 'study.db'}")
