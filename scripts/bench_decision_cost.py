@@ -25,7 +25,6 @@ import copy
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nas4dyn  # noqa: E402
 from bench_overhead import calibrated, twin_tolerance  # noqa: E402
 from benchlib import machine_line, timing_cpu  # noqa: E402
-from path_overhead import check_twins, path_twins  # noqa: E402
+from path_overhead import check_twins, path_twins, timed  # noqa: E402
 from nas4dyn.export.runtime import ExportedModel  # noqa: E402
 from supernet.dynamic.width import WidthGatedBlock  # noqa: E402
 from supernet.scripting import freeze_scripted  # noqa: E402
@@ -95,12 +94,6 @@ def decided(exported: ExportedModel, kind: str, image: torch.Tensor) -> nn.Modul
     return model
 
 
-def _timed(fn, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    fn(x)
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def time_rounds(models: dict[str, list], index: list[int], images: torch.Tensor, repeats: int
                 ) -> dict[str, list[float]]:
@@ -119,7 +112,7 @@ def time_rounds(models: dict[str, list], index: list[int], images: torch.Tensor,
             for name in names:
                 model, x = models[name][index[i]], images[i : i + 1]
                 model(x)  # untimed: its weights in cache, as a deployed model's are (see the module docstring)
-                total[name] += _timed(model, x)
+                total[name] += timed(model, x)
         for name, t in total.items():
             rounds[name].append(t * 1e3 / len(images))
     return rounds

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nas4dyn  # noqa: E402
 from bench_export import backbone, calibrate_exits, calibrate_gates, load_images  # noqa: E402
 from benchlib import machine_line, timing_cpu  # noqa: E402
-from path_overhead import check_twins, path_overhead, path_twins  # noqa: E402
+from path_overhead import check_twins, path_overhead, path_twins, timed  # noqa: E402
 from nas4dyn.export.measure import realized_macs  # noqa: E402
 from nas4dyn.export.torchscript import load_exported, save_torchscript  # noqa: E402
 from nas4dyn.train.sampling import gated  # noqa: E402
@@ -149,16 +149,10 @@ def calibrated(space_name: str, run: str | None, n_val: int, n_test: int
     return net, variants_of(net, norm), test, mean, std, weights, source
 
 
-def _timed(model: nn.Module, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    model(x)
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def static_ms(model: nn.Module, images: torch.Tensor, batch: int) -> float:
     """ms per image of ``model`` over ``images`` at ``batch`` (one pass)."""
-    return 1e3 * sum(_timed(model, images[i : i + batch]) for i in range(0, len(images), batch)) / len(images)
+    return 1e3 * sum(timed(model, images[i : i + batch]) for i in range(0, len(images), batch)) / len(images)
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:

@@ -133,7 +133,8 @@ def main() -> None:
     def scratch_key(arch: Arch, seed: int) -> str:
         return json.dumps({"arch": arch.to_dict(), "recipe": {**recipe, "seed": seed}}, sort_keys=True)
 
-    for seed in range(args.seed, args.seed + args.scratch_seeds):  # seed by seed: a cut-short run has whole seeds
+    scratch_seeds = range(args.seed, args.seed + args.scratch_seeds)
+    for seed in scratch_seeds:  # seed by seed: a cut-short run has whole seeds
         for arch, macs in archs:
             if (key := scratch_key(arch, seed)) not in cache:
                 cache[key] = train_scratch(space, arch, args, seed, bundle, ctx.val_batches)
@@ -142,7 +143,7 @@ def main() -> None:
                       f"{cache[key]['seconds'] / 60:.1f} min", flush=True)
     rows = []
     for arch, macs in archs:
-        runs = [cache[scratch_key(arch, seed)] for seed in range(args.seed, args.seed + args.scratch_seeds)]
+        runs = [cache[scratch_key(arch, seed)] for seed in scratch_seeds]
         inherited = evaluate_arch(ctx, arch, ctx.val_batches).metrics["accuracy"]
         seeds = [r["accuracy"] for r in runs]
         rows.append({"arch": arch.to_dict(), "macs": macs, "scratch": float(np.mean(seeds)), "scratch_seeds": seeds,

@@ -71,7 +71,8 @@ def check_twins(dynamic: nn.Module, index: list[int], twins: list[nn.Module], im
         assert err <= tolerance, f"the path twin of image {i} differs from the dynamic model by {err:.2e}"
 
 
-def _timed(fn, *args) -> float:
+def timed(fn, *args) -> float:
+    """Seconds one call ``fn(*args)`` takes."""
     start = time.perf_counter()
     fn(*args)
     return time.perf_counter() - start
@@ -104,10 +105,10 @@ def path_overhead(dynamic: nn.Module, index: list[int], twins: list[nn.Module], 
             order.shuffle(calls)
             for kind, group in calls:
                 if kind == "d":
-                    dyn += _timed(dynamic, x)
+                    dyn += timed(dynamic, x)
                 else:
                     t, rows = group
-                    twin += _timed(twins[t], x[rows] if len(rows) < len(x) else x)
+                    twin += timed(twins[t], x[rows] if len(rows) < len(x) else x)
         ratios.append(dyn / twin)
         dyn_ms.append(dyn * 1e3 / len(images))
         twin_ms.append(twin * 1e3 / len(images))
