@@ -6,9 +6,9 @@
    runs Optuna's NSGA-II in memory for ``candidates`` candidates scored by the predictor (accuracy, exit and gate
    rates) and the cost tables (:mod:`nas4dyn.search.candidate_costs`), its first generation the best measured
    trials (a first generation drawn at random led it to subnets far from any measured one, where the predictor
-   over-rates them: 0.94x plain NSGA-II's hypervolume over 3 seeds on fmnist, 1.12x from the elites), then picks ``round_size`` new candidates
-   greedily by predicted hypervolume gain over the measured front, and enqueues them in the study with their
-   predictions (user attribute ``nas4dyn:predicted``).
+   over-rates them: 0.94x plain NSGA-II's hypervolume over 3 seeds on fmnist, 1.12x from the elites), then picks
+   ``round_size`` new candidates greedily by predicted hypervolume gain over the measured front, and enqueues
+   them in the study with their predictions (user attribute ``nas4dyn:predicted``).
 3. The enqueued candidates are measured as ordinary trials by the backend (this process, or Ray workers in
    parallel), so the storage, ``--trials`` and resuming work as for ``--strategy measure``: a killed run leaves
    its enqueued candidates WAITING and a rerun measures them before fitting again.
